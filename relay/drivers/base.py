@@ -1,0 +1,59 @@
+"""The driver contract.
+
+A driver delivers one lead event to one kind of destination::
+
+    class EchoDriver(Driver):
+        type_name = "echo"
+        options_schema = EchoOptions        # marshmallow schema of its own YAML keys
+        secret_fields = frozenset({"token"})  # masked by `relay check-config`
+
+        def send(self, event: LeadEvent) -> DeliveryResult:
+            answer = self.http.request("POST", self.options["url"], body=..., timeout=self.timeout)
+            raise_for_status(answer)
+            return DeliveryResult(status_code=answer.status)
+
+``send`` either returns a :class:`DeliveryResult` or raises ``RetryableDeliveryError`` (with
+``retry_after`` when the destination said when) or ``PermanentDeliveryError`` with a message a
+person can act on. It never retries, sleeps, or swallows a failure: the delivery step decides.
+Drivers are built once per worker process and destination and must be thread-safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from marshmallow import Schema
+
+from relay.http import HttpClient, shared_client
+from relay.models import DeliveryResult, Destination, LeadEvent
+
+
+class Driver:
+    type_name: ClassVar[str]
+    options_schema: ClassVar[type[Schema]]
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+    #: The vendor's real API host; ``base_url`` in the YAML overrides it (tests, proxies).
+    default_base_url: ClassVar[str | None] = None
+
+    def __init__(self, destination: Destination, http: HttpClient | None = None) -> None:
+        self.destination = destination
+        self.options: dict[str, Any] = dict(destination.options)
+        self.timeout = destination.timeout
+        self._http = http
+
+    @property
+    def http(self) -> HttpClient:
+        return self._http or shared_client()
+
+    @property
+    def base_url(self) -> str:
+        url = self.destination.base_url or self.default_base_url
+        if not url:
+            raise ValueError(f"{self.type_name} driver has no base_url")
+        return url.rstrip("/")
+
+    def send(self, event: LeadEvent) -> DeliveryResult:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release pooled resources (database engines); HTTP pools are process-wide."""

@@ -1,0 +1,125 @@
+"""The outgoing HTTP client shared by the HTTP drivers: one pooled urllib3 manager per process.
+
+Redirects are never followed and urllib3's own retries are off: the relay's retry policy is
+the only one. Library errors are translated here into the relay's delivery errors, and HTTP
+statuses are classified here once (SPEC §4) so every driver answers the same way.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import urllib3
+
+from relay.errors import PermanentDeliveryError, RetryableDeliveryError
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+USER_AGENT = "KickoffLabs"
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def text(self, limit: int = 300) -> str:
+        return self.body[:limit].decode("utf-8", "replace")
+
+
+class HttpClient:
+    """A thin, pooled client. ``pool`` may be any urllib3 ``PoolManager`` (the SSRF guard
+    passes one whose connections check the address they connected to)."""
+
+    def __init__(self, pool: urllib3.PoolManager | None = None, maxsize: int = 8) -> None:
+        self._pool = pool or urllib3.PoolManager(num_pools=64, maxsize=maxsize, block=False)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> HttpResponse:
+        try:
+            response = self._pool.request(
+                method,
+                url,
+                body=body,
+                headers=dict(headers or {}),
+                timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
+                retries=False,
+                redirect=False,
+                preload_content=True,
+            )
+        except PermanentDeliveryError:
+            raise  # the SSRF guard refused the connected address
+        except urllib3.exceptions.TimeoutError as exc:
+            raise RetryableDeliveryError(f"timed out after {timeout:g}s: {exc}") from exc
+        except urllib3.exceptions.LocationParseError as exc:
+            raise PermanentDeliveryError(f"invalid URL: {exc}") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            reason = getattr(exc, "reason", None)
+            if isinstance(reason, PermanentDeliveryError):
+                raise reason from exc
+            raise RetryableDeliveryError(f"connection failed: {exc}") from exc
+        return HttpResponse(response.status, response.headers, response.data or b"")
+
+    def clear(self) -> None:
+        self._pool.clear()
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+def raise_for_status(response: HttpResponse, what: str = "destination") -> None:
+    """Classify an answer: 2xx returns; 408/425/429/5xx are retryable (``Retry-After`` kept);
+    410 is permanent and *gone*; every other status is permanent."""
+    status = response.status
+    if 200 <= status < 300:
+        return
+    snippet = response.text(200).strip()
+    message = f"{what} answered HTTP {status}" + (f": {snippet}" if snippet else "")
+    if status in RETRYABLE_STATUSES or status >= 500:
+        raise RetryableDeliveryError(
+            message, status, parse_retry_after(response.headers.get("Retry-After"))
+        )
+    raise PermanentDeliveryError(message, status, gone=status == 410)
+
+
+_local = threading.local()
+_clients: dict[int, HttpClient] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_client() -> HttpClient:
+    """The process's pooled client (created after fork, so prefork children get their own)."""
+    pid = os.getpid()
+    client = _clients.get(pid)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(pid)
+            if client is None:
+                _clients.clear()
+                client = _clients[pid] = HttpClient()
+    return client

@@ -1,0 +1,102 @@
+"""Small frozen values passed around inside leadrelay (only JSON crosses Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LeadEvent:
+    """One accepted lead event, as the workers see it.
+
+    ``name`` is the event name after the ``fraudulent`` alias; ``known`` is False for a name
+    outside the KickoffLabs catalogue (such events go only to destinations subscribed to ``*``).
+    ``payload`` is the normalised lead plus ``__event`` and its ``__…`` block, relayed as is.
+    """
+
+    event_id: str
+    source: str
+    name: str
+    payload: Mapping[str, Any]
+    known: bool = True
+    received_at: float = 0.0
+
+    @property
+    def campaign_id(self) -> str | None:
+        value = self.payload.get("campaign_id")
+        if value is None:
+            value = self.payload.get("list_id")
+        return None if value is None else str(value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "source": self.source,
+            "name": self.name,
+            "payload": dict(self.payload),
+            "known": self.known,
+            "received_at": self.received_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LeadEvent:
+        return cls(
+            event_id=data["event_id"],
+            source=data["source"],
+            name=data["name"],
+            payload=data["payload"],
+            known=data.get("known", True),
+            received_at=data.get("received_at", 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delays (seconds) before the 2nd, 3rd, … attempt: ``len(schedule) + 1`` attempts in all."""
+
+    schedule: tuple[float, ...] = (10, 60, 300, 1800, 7200, 21600, 43200, 43200)
+    jitter: float = 0.2
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.schedule) + 1
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``count`` deliveries per ``per_seconds``, shared by all workers."""
+
+    count: int
+    per_seconds: float
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A configured place to deliver to. ``options`` holds the driver's own validated keys."""
+
+    name: str
+    type: str
+    events: frozenset[str] = frozenset({"*"})
+    campaigns: frozenset[str] | None = None
+    where: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rate_limit: RateLimit | None = None
+    base_url: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # True for URLs registered through the subscription API: untrusted, SSRF-guarded.
+    untrusted: bool = False
+
+    def __hash__(self) -> int:  # mappings are not hashable; the name is unique
+        return hash(self.name)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What a successful send tells the delivery log."""
+
+    status_code: int | None = None
+    detail: str = ""
+    skipped: bool = False  # nothing to send (e.g. HubSpot and a lead without an email)
