@@ -309,7 +309,7 @@ class _GuardMixin:
         try:
             # The lookup urllib3 just made may differ from ours (DNS rebinding): what counts
             # is the address we are connected to.
-            self.guard.check_address(str(sock.getpeername()[0]))
+            self.guard._check(str(sock.getpeername()[0]), what=self._dns_host.strip("[]"))
         except BaseException:
             sock.close()
             raise
