@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -256,10 +258,24 @@ def test_a_killed_pooled_connection_is_replaced(postgres_url: str) -> None:  # n
         driver.close()
 
 
-def test_portable_path_matches_the_native_one(tmp_path: Path) -> None:
-    # Dialects without ON CONFLICT use select / update / insert; exercised here on SQLite.
-    url = f"sqlite:///{tmp_path / 'portable.db'}"
-    driver = make_driver(url)
+def test_concurrent_out_of_order_deliveries_converge_on_the_newest(
+    driver: DatabaseDriver, database_url: str, prefix: str
+) -> None:
+    times = [float(n) for n in range(1, 41)]
+    random.Random(7).shuffle(times)
+    events = [lead_event("score_change", at, contest_score=int(at)) for at in times]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(driver.send, events))
+
+    [lead] = rows(database_url, f"{prefix}leads")
+    assert (lead["last_event_received_at"], lead["contest_score"]) == (40.0, 40)
+    assert len(rows(database_url, f"{prefix}events")) == 40
+
+
+def test_portable_path_matches_the_native_one(database_url: str, prefix: str) -> None:
+    # Dialects without ON CONFLICT use select / update / insert; exercised on both databases.
+    url = database_url
+    driver = make_driver(url, table_prefix=prefix)
     driver._write_native = lambda conn, native, event_row, lead_row: (  # type: ignore[method-assign]
         driver._write_portable(conn, event_row, lead_row)
     )
@@ -270,7 +286,29 @@ def test_portable_path_matches_the_native_one(tmp_path: Path) -> None:
         assert driver.send(lead_event("deleted", 3000.0)).detail == "stored"
     finally:
         driver.close()
-    [lead] = rows(url, "relay_leads")
+    [lead] = rows(url, f"{prefix}leads")
     assert (lead["last_event"], lead["contest_score"]) == ("deleted", 0)
     assert lead["deleted_at"] is not None
-    assert len(rows(url, "relay_events")) == 3
+    assert len(rows(url, f"{prefix}events")) == 3
+
+
+def test_a_lock_timeout_is_retryable_and_the_retry_stores_once(
+    postgres_url: str,  # noqa: F811
+) -> None:
+    # A real transient server error (SQLSTATE 55P03): another session holds the leads table.
+    url = f"{postgres_url}?options=-c%20lock_timeout%3D200"
+    driver = make_driver(url, table_prefix="t_locked_")
+    event = lead_event("new_signup", 1000.0)
+    other = sa.create_engine(postgres_url)
+    try:
+        driver.send(lead_event("new_signup", 500.0, event_id="evt-first"))
+        with other.begin() as conn:
+            conn.execute(sa.text("LOCK TABLE t_locked_leads IN ACCESS EXCLUSIVE MODE"))
+            with pytest.raises(RetryableDeliveryError) as retry:
+                driver.send(event)
+        assert "LockNotAvailable" in retry.value.message
+        assert driver.send(event).detail == "stored"
+    finally:
+        driver.close()
+        other.dispose()
+    assert len(rows(postgres_url, "t_locked_events")) == 2
