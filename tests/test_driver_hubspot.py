@@ -160,8 +160,12 @@ def test_429_with_retry_after_is_retryable(vendor: VendorServer) -> None:
 def test_429_without_retry_after_uses_hubspot_rate_limit_headers(vendor: VendorServer) -> None:
     vendor.reply(
         429,
-        {"status": "error", "message": "You have reached your ten_secondly_rolling limit.",
-         "errorType": "RATE_LIMIT", "policyName": "TEN_SECONDLY_ROLLING"},
+        {
+            "status": "error",
+            "message": "You have reached your ten_secondly_rolling limit.",
+            "errorType": "RATE_LIMIT",
+            "policyName": "TEN_SECONDLY_ROLLING",
+        },
         headers={
             "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
             "X-HubSpot-RateLimit-Max": "100",
@@ -176,8 +180,12 @@ def test_429_without_retry_after_uses_hubspot_rate_limit_headers(vendor: VendorS
 def test_daily_limit_waits_an_hour(vendor: VendorServer) -> None:
     vendor.reply(
         429,
-        {"status": "error", "message": "You have reached your daily limit.",
-         "errorType": "RATE_LIMIT", "policyName": "DAILY"},
+        {
+            "status": "error",
+            "message": "You have reached your daily limit.",
+            "errorType": "RATE_LIMIT",
+            "policyName": "DAILY",
+        },
         headers={"X-HubSpot-RateLimit-Daily": "250000", "X-HubSpot-RateLimit-Daily-Remaining": "0"},
     )
     with pytest.raises(RetryableDeliveryError) as caught:
