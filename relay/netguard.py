@@ -216,7 +216,9 @@ class AddressGuard:
         literal = parse_ip_literal(host)
         if literal is not None:
             self._check(str(literal), what=host)
-            return
+            if not host.endswith("."):
+                return
+            # "8.8.8.8." is no literal for the C resolver but a name to look up: do that too.
         if _is_localhost_name(host) and not self.is_allowed(ipaddress.IPv4Address("127.0.0.1")):
             raise UnsafeURLError(
                 f"{host} is a loopback name; webhook URLs must point to a public address"

@@ -115,6 +115,12 @@ def test_public_literals_pass_without_a_dns_query(host: str) -> None:
     AddressGuard(resolver=no_dns).check_url(f"https://{host}/hook")
 
 
+def test_a_literal_with_a_trailing_dot_is_also_looked_up_as_a_name() -> None:
+    AddressGuard(resolver=resolving_to(PUBLIC_V4)).check_url("http://8.8.8.8./")
+    with pytest.raises(UnsafeURLError, match="8.8.8.8. resolves to 10.0.0.1"):
+        AddressGuard(resolver=resolving_to("10.0.0.1")).check_url("http://8.8.8.8./")
+
+
 def test_the_message_names_what_the_odd_spelling_really_is() -> None:
     with pytest.raises(UnsafeURLError) as info:
         AddressGuard().check_url("http://0x7f.1/")
