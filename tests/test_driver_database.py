@@ -312,3 +312,14 @@ def test_a_lock_timeout_is_retryable_and_the_retry_stores_once(
         driver.close()
         other.dispose()
     assert len(rows(postgres_url, "t_locked_events")) == 2
+
+
+def test_a_payload_that_is_not_json_is_permanent_and_not_echoed(tmp_path: Path) -> None:
+    driver = make_driver(f"sqlite:///{tmp_path / 'relay.db'}")
+    try:
+        with pytest.raises(PermanentDeliveryError) as refused:
+            driver.send(lead_event("new_signup", 1000.0, utm={"secret-ish": {1, 2}}))
+    finally:
+        driver.close()
+    assert "JSON" in refused.value.message
+    assert "ada@example.com" not in refused.value.message

@@ -205,7 +205,8 @@ class DatabaseDriver(Driver):
         social_id = lead_identity(payload)
         if social_id is None:
             raise PermanentDeliveryError(
-                "lead has none of social_id, id, email, phone_number: nothing to key it by"
+                f"destination {self.destination.name}: the lead has none of social_id, id, "
+                "email, phone_number to key its row by"
             )
         engine = self.engine
         try:
@@ -214,9 +215,11 @@ class DatabaseDriver(Driver):
                 outcome = self._write(conn, event, payload, social_id)
         except exc.DBAPIError as error:
             raise translate_error(error, self.destination.name) from error
-        except exc.SQLAlchemyError as error:  # not from the database: our statement or setup
+        except exc.SQLAlchemyError as error:  # not from the database: e.g. a value JSON refuses
+            # args[0] is the message alone; str(error) would append the lead's data.
+            first = str(error.args[0]).splitlines()[0] if error.args else ""
             raise PermanentDeliveryError(
-                f"destination {self.destination.name}: {type(error).__name__}: {error}"
+                f"destination {self.destination.name}: {type(error).__name__}: {first}"
             ) from error
         return DeliveryResult(detail=outcome)
 
