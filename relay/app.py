@@ -1,0 +1,93 @@
+"""The Flask app factory: ``create_app()`` builds the ingress (and, later, the APIs).
+
+The web side never imports Celery: it publishes tasks by name (:mod:`relay.taskqueue`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from relay.config import RelayConfig, load_config
+from relay.errors import IngressError, QueueUnavailable
+from relay.settings import Settings
+from relay.taskqueue import TaskQueue, connect
+
+log = logging.getLogger("relay.web")
+
+
+@dataclass
+class WebContext:
+    """What the request handlers share, kept in ``app.extensions["relay"]``."""
+
+    settings: Settings
+    config: RelayConfig
+    redis: redis.Redis
+    queue: TaskQueue
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the web app. ``test_config`` may carry ``RELAY_SETTINGS`` (a Settings),
+    ``RELAY_CONFIG_OBJECT`` (a RelayConfig) and ``RELAY_REDIS`` (a client, e.g. fakeredis)."""
+    app = Flask(__name__)
+    test_config = test_config or {}
+    settings: Settings = test_config.get("RELAY_SETTINGS") or Settings.from_env()
+    config: RelayConfig = test_config.get("RELAY_CONFIG_OBJECT") or load_config(
+        settings.config_path
+    )
+    client = test_config.get("RELAY_REDIS") or connect(settings.redis_url)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        MAX_FORM_PARTS=1000,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update({k: v for k, v in test_config.items() if not k.startswith("RELAY_")})
+    app.extensions["relay"] = WebContext(settings, config, client, TaskQueue(client))
+
+    from relay import ingress, ops
+
+    app.register_blueprint(ingress.bp)
+    app.register_blueprint(ops.bp)
+    if settings.dev_inbox:
+        from relay import devinbox
+
+        app.register_blueprint(devinbox.bp)
+    _register_error_handlers(app)
+    return app
+
+
+def error_response(status: int, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    response = jsonify({"error": message, "details": details})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(IngressError)
+    def _ingress_error(exc: IngressError) -> Response:
+        return error_response(exc.status_code, exc.message, exc.details)
+
+    @app.errorhandler(QueueUnavailable)
+    def _queue_down(exc: QueueUnavailable) -> Response:
+        log.error("queue unavailable: %s", exc)
+        return error_response(503, "the relay cannot store events right now; retry later",
+                              None, {"Retry-After": str(exc.retry_after)})
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return error_response(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        if isinstance(exc, redis.RedisError):
+            return _queue_down(QueueUnavailable(str(exc)))
+        log.exception("unhandled error")
+        return error_response(500, "internal error")

@@ -1,0 +1,178 @@
+"""The delivery step: one event to one destination, exactly as SPEC §4 says.
+
+claim → (gates: pause, circuit, rate limit) → driver.send → confirm. The driver only says what
+happened (a result, a retryable or a permanent error); this module decides: schedule the next
+attempt in Redis, or make a dead letter. Nothing waits in worker memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.drivers import Driver, driver_class
+from relay.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from relay.http import HttpClient
+from relay.models import Destination, LeadEvent
+from relay.retry import next_delay
+from relay.store import Attempt, DeliveryStore, Outcome
+from relay.taskqueue import DELIVER, TaskQueue
+
+log = logging.getLogger("relay.delivery")
+
+ERROR_TEXT_LIMIT = 500
+
+
+class Gate(Protocol):
+    """Decides whether a delivery may be attempted now (pause, circuit breaker, rate limit)."""
+
+    def hold_until(self, destination: Destination) -> float | None:
+        """None to go ahead; else the epoch time to park the delivery until."""
+        ...
+
+
+@dataclass
+class DriverCache:
+    """One driver per destination per process (drivers hold pools). Untrusted (API-registered)
+    destinations get the SSRF-guarded HTTP client."""
+
+    guarded_http: Callable[[], HttpClient] | None = None
+    _drivers: dict[str, tuple[Destination, Driver]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, destination: Destination) -> Driver:
+        cached = self._drivers.get(destination.name)
+        if cached is not None and cached[0] == destination:
+            return cached[1]
+        with self._lock:
+            http = None
+            if destination.untrusted:
+                if self.guarded_http is None:
+                    raise PermanentDeliveryError("no SSRF guard configured for API subscriptions")
+                http = self.guarded_http()
+            driver = driver_class(destination.type)(destination, http=http)
+            old = self._drivers.get(destination.name)
+            self._drivers[destination.name] = (destination, driver)
+        if old is not None:
+            old[1].close()
+        return driver
+
+    def close(self) -> None:
+        for _, driver in self._drivers.values():
+            driver.close()
+        self._drivers.clear()
+
+
+class Deliverer:
+    def __init__(
+        self,
+        store: DeliveryStore,
+        queue: TaskQueue,
+        drivers: DriverCache | None = None,
+        gates: tuple[Gate, ...] = (),
+        on_gone: Callable[[Destination], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.drivers = drivers or DriverCache()
+        self.gates = gates
+        self.on_gone = on_gone
+        self.rng = rng or random.Random()
+
+    def lease(self, destination: Destination) -> float:
+        # Long enough for connect + read timeouts; an expired lease lets another worker retry.
+        return destination.timeout * 2 + 10
+
+    def park(self, event: LeadEvent, destination: Destination, due: float,
+             pipe: object | None = None) -> None:
+        self.queue.park(DELIVER, [event.event_id, destination.name],
+                        f"('{event.event_id}', '{destination.name}')", due, pipe=pipe)  # type: ignore[arg-type]
+
+    def deliver(self, event: LeadEvent, destination: Destination) -> Outcome | str:
+        """Attempt one delivery now (or park it). Returns what happened, for logs and tests."""
+        for gate in self.gates:
+            until = gate.hold_until(destination)
+            if until is not None:
+                self.park(event, destination, until)
+                return "held"
+        claim = self.store.claim(event.event_id, destination.name, self.lease(destination))
+        if claim.status == "done":
+            return "already-" + claim.final_status
+        if claim.status == "busy":
+            # Someone else is sending it right now (or crashed doing so): look again after the
+            # lease, when it has either confirmed or lost its claim.
+            self.park(event, destination, claim.lease_until + 1)
+            return "busy"
+        driver_started = time.perf_counter()
+        try:
+            result = self.drivers.get(destination).send(event)
+        except RetryableDeliveryError as exc:
+            return self._failed(event, destination, claim.attempt, exc, driver_started)
+        except PermanentDeliveryError as exc:
+            return self._dead(event, destination, claim.attempt, exc, driver_started)
+        except Exception as exc:  # a driver bug: retry on schedule rather than lose the event
+            log.exception("driver %s crashed delivering %s", destination.type, event.event_id)
+            error = RetryableDeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+            return self._failed(event, destination, claim.attempt, error, driver_started)
+        status_code = result.status_code
+        outcome: Outcome = "skipped" if result.skipped else "delivered"
+        attempt = Attempt(destination.name, claim.attempt, "delivered", status_code,
+                          _ms(driver_started), result.detail or None, at=time.time())
+        self.store.confirm(event, attempt)
+        log.info("delivered", extra={"event_id": event.event_id,
+                                     "destination": destination.name,
+                                     "attempt": claim.attempt, "status": status_code,
+                                     "outcome": outcome})
+        return outcome
+
+    def _failed(self, event: LeadEvent, destination: Destination, attempt_no: int,
+                exc: RetryableDeliveryError, started: float) -> Outcome:
+        delay = next_delay(destination.retry, attempt_no, exc.retry_after, self.rng)
+        if delay is None:
+            reason = f"gave up after {attempt_no} attempts: {exc.message}"
+            return self._dead(event, destination, attempt_no,
+                              PermanentDeliveryError(reason, exc.status_code), started)
+        due = time.time() + delay
+        attempt = Attempt(destination.name, attempt_no, "retrying", exc.status_code,
+                          _ms(started), _cut(exc.message), next_attempt_at=due, at=time.time())
+        self.store.confirm(event, attempt,
+                           park=lambda pipe: self.park(event, destination, due, pipe))
+        log.warning("attempt failed, retrying", extra={
+            "event_id": event.event_id, "destination": destination.name,
+            "attempt": attempt_no, "status": exc.status_code, "retry_in": round(delay, 1),
+            "error": _cut(exc.message)})
+        return "retrying"
+
+    def _dead(self, event: LeadEvent, destination: Destination, attempt_no: int,
+              exc: DeliveryError, started: float) -> Outcome:
+        attempt = Attempt(destination.name, attempt_no, "dead", exc.status_code,
+                          _ms(started), _cut(exc.message), at=time.time())
+        self.store.confirm(event, attempt, dead_reason=_cut(exc.message))
+        log.error("dead letter", extra={
+            "event_id": event.event_id, "destination": destination.name,
+            "attempt": attempt_no, "status": exc.status_code, "error": _cut(exc.message)})
+        if isinstance(exc, PermanentDeliveryError) and exc.gone and self.on_gone is not None:
+            self.on_gone(destination)
+        return "dead"
+
+    def bury(self, event: LeadEvent, destination: Destination, reason: str) -> None:
+        """Make a dead letter without an attempt (e.g. the task kept killing its worker)."""
+        claim = self.store.claim(event.event_id, destination.name, self.lease(destination))
+        if claim.status == "done":
+            return
+        self.store.confirm(event, Attempt(destination.name, claim.attempt, "dead", None, None,
+                                          reason, at=time.time()), dead_reason=reason)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= ERROR_TEXT_LIMIT else text[:ERROR_TEXT_LIMIT] + "…"

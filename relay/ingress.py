@@ -1,0 +1,134 @@
+"""``POST /hooks/<source>``: validate, name, store in Redis, answer 202 (SPEC §3).
+
+The hot path of the product: everything here is measured by ``bench/ingress.py``. Dedupe and
+routing are the workers' job; the ingress only makes sure the event is safely queued.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from marshmallow import ValidationError
+
+from relay import forms
+from relay.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from relay.events import derive_event_id, event_id_from_header, is_known
+from relay.schemas import LeadSchema
+from relay.taskqueue import PROCESS_EVENT
+
+bp = Blueprint("ingress", __name__)
+_LEAD = LeadSchema()
+_JSON_TYPES = ("application/json",)
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_ID_HEADERS = ("Idempotency-Key", "webhook-id")
+
+
+@bp.post("/hooks/<source>")
+def receive(source: str) -> tuple[Response, int]:
+    ctx = current_app.extensions["relay"]
+    configured = ctx.config.sources.get(source)
+    if configured is None:
+        raise NotFound(f"unknown source {source!r}")
+    if configured.token is not None:
+        _check_token(configured.token)
+    payload = _read_payload(ctx.settings.max_body_bytes)
+    try:
+        lead = _LEAD.load(payload)
+    except ValidationError as exc:
+        raise ValidationFailed("not a valid lead event", exc.messages) from None
+    name: str = lead["__event"]
+    lead["__event"] = name
+    event_id = _event_id(source, name, lead)
+    event = {
+        "event_id": event_id,
+        "source": source,
+        "name": name,
+        "payload": lead,
+        "known": is_known(name),
+        "received_at": time.time(),
+    }
+    ctx.queue.publish(PROCESS_EVENT, [event], event_id)
+    return jsonify({"status": "accepted", "event_id": event_id}), 202
+
+
+def _check_token(expected: str) -> None:
+    given = request.args.get("token") or request.headers.get("X-Relay-Token") or ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("missing or wrong token (use ?token= or the X-Relay-Token header)")
+
+
+def _event_id(source: str, name: str, lead: dict[str, Any]) -> str:
+    for header in _ID_HEADERS:
+        key = request.headers.get(header)
+        if key:
+            if len(key) > 256 or not key.isprintable():
+                raise BadRequest(f"invalid {header} header")
+            return event_id_from_header(source, key)
+    return derive_event_id(source, name, lead)
+
+
+def _read_payload(limit: int) -> dict[str, Any]:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
+    mimetype = request.mimetype
+    if mimetype in _JSON_TYPES or (mimetype.startswith("application/") and
+                                   mimetype.endswith("+json")):
+        payload = _parse_json(request.get_data(cache=False))
+    elif mimetype in _FORM_TYPES:
+        payload = forms.decode(request.form.items(multi=True))
+        if not payload:
+            raise BadRequest("empty form body")
+    elif not mimetype:
+        raise UnsupportedMediaType(
+            "missing Content-Type: send application/json or application/x-www-form-urlencoded"
+        )
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {mimetype!r}: send application/json or "
+            "application/x-www-form-urlencoded"
+        )
+    return payload
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return result
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("empty body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        payload = json.loads(text, object_pairs_hook=_no_duplicate_keys,
+                             parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError is a ValueError
+        raise BadRequest(f"invalid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ValidationFailed("the body must be a JSON object", {"_schema": [type(payload).__name__]})
+    return payload

@@ -1,0 +1,24 @@
+"""Wiring: build the worker-side :class:`~relay.pipeline.Relay` from the environment."""
+
+from __future__ import annotations
+
+from relay.config import load_config
+from relay.delivery import DriverCache
+from relay.http import HttpClient
+from relay.pipeline import Relay
+from relay.settings import Settings
+from relay.taskqueue import connect
+
+
+def build_relay(settings: Settings | None = None) -> Relay:
+    settings = settings or Settings.from_env()
+    config = load_config(settings.config_path)
+    client = connect(settings.redis_url, timeout=10)
+
+    def guarded_http() -> HttpClient:
+        from relay.netguard import AddressGuard
+
+        return HttpClient(AddressGuard(settings.allowed_networks).pool_manager())
+
+    return Relay(settings, config, client, subscriptions=None,
+                 drivers=DriverCache(guarded_http=guarded_http))

@@ -1,0 +1,62 @@
+"""Process settings from the environment (SPEC §3). Everything but Redis has a default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from relay.durations import parse_duration
+from relay.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    config_path: str = "config/relay.yaml"
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1024 * 1024
+    allowed_networks: tuple[str, ...] = ()
+    # Celery: the broker's visibility timeout must exceed the task hard time limit, or a
+    # slow task is handed to a second worker while the first still runs it.
+    visibility_timeout: float = 300.0
+    task_time_limit: float = 120.0
+    max_task_runs: int = 3  # a task that kills its worker this often becomes a dead letter
+    retention: float = 7 * 86400.0  # event payloads, delivery log
+    scheduler_interval: float = 1.0
+    log_format: str = "text"
+    dev_inbox: bool = False
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        try:
+            settings = cls(
+                redis_url=env.get("RELAY_REDIS_URL") or DEFAULT_REDIS_URL,
+                config_path=env.get("RELAY_CONFIG") or "config/relay.yaml",
+                api_keys=_split(env.get("RELAY_API_KEYS")),
+                max_body_bytes=int(env.get("RELAY_MAX_BODY_BYTES") or 1024 * 1024),
+                allowed_networks=_split(env.get("RELAY_ALLOWED_NETWORKS")),
+                visibility_timeout=parse_duration(env.get("RELAY_VISIBILITY_TIMEOUT") or 300),
+                task_time_limit=parse_duration(env.get("RELAY_TASK_TIME_LIMIT") or 120),
+                max_task_runs=int(env.get("RELAY_MAX_TASK_RUNS") or 3),
+                retention=parse_duration(env.get("RELAY_RETENTION") or "7d"),
+                scheduler_interval=parse_duration(env.get("RELAY_SCHEDULER_INTERVAL") or 1),
+                log_format=(env.get("RELAY_LOG_FORMAT") or "text").lower(),
+                dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid environment setting: {exc}") from None
+        if settings.visibility_timeout <= settings.task_time_limit:
+            raise ConfigError(
+                "RELAY_VISIBILITY_TIMEOUT must be larger than RELAY_TASK_TIME_LIMIT "
+                f"({settings.visibility_timeout:g}s <= {settings.task_time_limit:g}s)"
+            )
+        return settings
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())

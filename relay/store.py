@@ -1,0 +1,285 @@
+"""Everything the relay keeps in Redis about events and deliveries.
+
+Keys (all under ``relay:``), each with the lifetime that bounds memory:
+
+========================  ======================================================  ===========
+``event:<id>``            hash: the event JSON, the task that admitted it,         retention
+                          duplicate count
+``seen:<id>``             dedupe marker (value: the admitting task id)             dedupe_window
+``delivery:<id>``         hash: destination -> delivery state JSON                 retention
+``log:<id>``              list: one JSON record per attempt (capped)               retention
+``dead``                  hash: ``<id>|<destination>`` -> dead letter JSON          until replayed
+``dead:index``            zset: ``<id>|<destination>`` by time of death             until replayed
+``stats:<destination>``   hash: delivered / failed / dead counters, last error     kept
+``runs:<task id>``        times a task started (worker-lost cap)                   1 day
+========================  ======================================================  ===========
+
+Delivery state moves ``pending → inflight → delivered | retrying | dead`` with
+claim-then-confirm: :meth:`DeliveryStore.claim` takes a lease atomically (a second claimant is
+told ``busy`` or ``done``), and the outcome is confirmed in one round trip that never turns a
+``delivered`` back into anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from relay.models import LeadEvent
+
+PREFIX = "relay:"
+DEAD_KEY = PREFIX + "dead"
+DEAD_INDEX = PREFIX + "dead:index"
+LOG_CAP = 100
+ERROR_TEXT_LIMIT = 500
+
+# KEYS: seen, event, delivery; ARGV: task id, window ms, event json, retention s, now
+_ADMIT = """
+local prev = redis.call('GET', KEYS[1])
+if not prev then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[2], 'event', ARGV[3], 'task', ARGV[1], 'admitted_at', ARGV[5],
+             'duplicates', 0)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  return 'new'
+elseif prev == ARGV[1] then
+  return 'redelivered'
+end
+redis.call('HINCRBY', KEYS[2], 'duplicates', 1)
+return 'duplicate'
+"""
+
+# KEYS: delivery hash; ARGV: destination, now, lease until, retention s
+_CLAIM = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local st = {status = 'pending', attempts = 0}
+if raw then st = cjson.decode(raw) end
+if st.status == 'delivered' or st.status == 'dead' then
+  return {'done', st.status, st.attempts}
+end
+if st.status == 'inflight' and tonumber(st.lease_until) > tonumber(ARGV[2]) then
+  return {'busy', tostring(st.lease_until), st.attempts}
+end
+st.attempts = st.attempts + 1
+st.status = 'inflight'
+st.lease_until = tonumber(ARGV[3])
+st.updated_at = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(st))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {'claimed', '', st.attempts}
+"""
+
+# KEYS: delivery hash; ARGV: destination, state json, retention s. Never downgrades 'delivered'.
+_CONFIRM = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw and cjson.decode(raw).status == 'delivered' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+Outcome = Literal["delivered", "retrying", "dead", "skipped"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    status: Literal["claimed", "done", "busy"]
+    attempt: int
+    lease_until: float = 0.0
+    final_status: str = ""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt, as the delivery log records it."""
+
+    destination: str
+    attempt: int
+    outcome: Outcome
+    status_code: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    next_attempt_at: float | None = None
+    at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def event_key(event_id: str) -> str:
+    return f"{PREFIX}event:{event_id}"
+
+
+def delivery_key(event_id: str) -> str:
+    return f"{PREFIX}delivery:{event_id}"
+
+
+def log_key(event_id: str) -> str:
+    return f"{PREFIX}log:{event_id}"
+
+
+def stats_key(destination: str) -> str:
+    return f"{PREFIX}stats:{destination}"
+
+
+def dead_id(event_id: str, destination: str) -> str:
+    return f"{event_id}|{destination}"
+
+
+class DeliveryStore:
+    def __init__(self, client: redis.Redis, retention: float = 7 * 86400) -> None:
+        self.redis = client
+        self.retention = int(retention)
+        self._admit = client.register_script(_ADMIT)
+        self._claim = client.register_script(_CLAIM)
+        self._confirm = client.register_script(_CONFIRM)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def admit(self, event: LeadEvent, task_id: str, dedupe_window: float) -> str:
+        """``new``, ``redelivered`` (the same task again after a crash) or ``duplicate``."""
+        result = self._admit(
+            keys=[f"{PREFIX}seen:{event.event_id}", event_key(event.event_id),
+                  delivery_key(event.event_id)],
+            args=[task_id, max(1, int(dedupe_window * 1000)), json.dumps(event.to_json()),
+                  self.retention, time.time()],
+        )
+        return result.decode() if isinstance(result, bytes) else str(result)
+
+    def load_event(self, event_id: str) -> LeadEvent | None:
+        raw = self.redis.hget(event_key(event_id), "event")
+        return LeadEvent.from_json(json.loads(raw)) if raw else None
+
+    def event_record(self, event_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(event_key(event_id))
+        if not raw:
+            return None
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        return {
+            "event": json.loads(record["event"]) if "event" in record else None,
+            "duplicates": int(record.get("duplicates", 0)),
+            "admitted_at": float(record.get("admitted_at", 0)),
+        }
+
+    def count_task_run(self, task_id: str) -> int:
+        """How many times this task has started (a task that kills its worker comes back)."""
+        key = f"{PREFIX}runs:{task_id}"
+        pipe = self.redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 86400)
+        runs, _ = pipe.execute()
+        return int(runs)
+
+    # -- deliveries -----------------------------------------------------------------------
+
+    def claim(self, event_id: str, destination: str, lease: float) -> Claim:
+        now = time.time()
+        status, extra, attempts = self._claim(
+            keys=[delivery_key(event_id)], args=[destination, now, now + lease, self.retention]
+        )
+        status = status.decode()
+        extra = extra.decode()
+        if status == "busy":
+            return Claim("busy", int(attempts), lease_until=float(extra))
+        if status == "done":
+            return Claim("done", int(attempts), final_status=extra)
+        return Claim("claimed", int(attempts))
+
+    def confirm(
+        self,
+        event: LeadEvent,
+        attempt: Attempt,
+        *,
+        park: Callable[[redis.client.Pipeline], None] | None = None,
+        dead_reason: str | None = None,
+    ) -> None:
+        """Record an attempt's outcome, its log line, counters and — for a retry — the parked
+        task, or — for a dead letter — the dead letter, in one round trip."""
+        state = {"status": attempt.outcome, "attempts": attempt.attempt, "updated_at": attempt.at}
+        if attempt.status_code is not None:
+            state["last_status"] = attempt.status_code
+        if attempt.error:
+            state["last_error"] = attempt.error
+        if attempt.next_attempt_at:
+            state["next_attempt_at"] = attempt.next_attempt_at
+        name = attempt.destination
+        pipe = self.redis.pipeline(transaction=True)
+        self._confirm(keys=[delivery_key(event.event_id)],
+                      args=[name, json.dumps(state), self.retention], client=pipe)
+        log = log_key(event.event_id)
+        pipe.rpush(log, json.dumps(attempt.to_json()))
+        pipe.ltrim(log, -LOG_CAP, -1)
+        pipe.expire(log, self.retention)
+        stats = stats_key(name)
+        if attempt.outcome in ("delivered", "skipped"):
+            pipe.hincrby(stats, "delivered", 1)
+            pipe.hset(stats, mapping={"consecutive_failures": 0, "last_success_at": attempt.at})
+        else:
+            pipe.hincrby(stats, "failed", 1)
+            pipe.hincrby(stats, "consecutive_failures", 1)
+            pipe.hset(stats, mapping={"last_error": attempt.error or "", "last_error_at": attempt.at})
+        if park is not None:
+            park(pipe)
+        if attempt.outcome == "dead":
+            pipe.hincrby(stats, "dead", 1)
+            key = dead_id(event.event_id, name)
+            pipe.hset(DEAD_KEY, key, json.dumps({
+                "event_id": event.event_id, "destination": name, "reason": dead_reason or "",
+                "attempts": attempt.attempt, "status_code": attempt.status_code,
+                "dead_at": attempt.at, "event": event.to_json(),
+            }))
+            pipe.zadd(DEAD_INDEX, {key: attempt.at})
+        pipe.execute()
+
+    def delivery_states(self, event_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.redis.hgetall(delivery_key(event_id))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def attempts(self, event_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.redis.lrange(log_key(event_id), 0, -1)]
+
+    def stats(self, destination: str) -> dict[str, str]:
+        raw = self.redis.hgetall(stats_key(destination))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    def dead_letters(self, destination: str | None = None, limit: int = 100,
+                     offset: int = 0) -> list[dict[str, Any]]:
+        """Newest first."""
+        ids = self.redis.zrevrange(DEAD_INDEX, 0, -1)
+        keys = [k.decode() for k in ids]
+        if destination:
+            keys = [k for k in keys if k.rsplit("|", 1)[1] == destination]
+        keys = keys[offset:offset + limit]
+        if not keys:
+            return []
+        records = self.redis.hmget(DEAD_KEY, keys)
+        return [json.loads(r) for r in records if r]
+
+    def take_dead_letter(self, event_id: str, destination: str) -> LeadEvent | None:
+        """Remove a dead letter for replay: the delivery becomes pending again and the event
+        record is restored (it may have expired). None when there is no such dead letter."""
+        key = dead_id(event_id, destination)
+        raw = self.redis.hget(DEAD_KEY, key)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        event = LeadEvent.from_json(record["event"])
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(DEAD_KEY, key)
+        pipe.zrem(DEAD_INDEX, key)
+        pipe.hset(event_key(event_id), "event", json.dumps(record["event"]))
+        pipe.expire(event_key(event_id), self.retention)
+        pipe.hset(delivery_key(event_id), destination,
+                  json.dumps({"status": "pending", "attempts": 0, "replayed_at": time.time()}))
+        pipe.expire(delivery_key(event_id), self.retention)
+        pipe.hincrby(stats_key(destination), "dead", -1)
+        results = pipe.execute()
+        return event if results[0] else None

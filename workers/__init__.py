@@ -1,0 +1,1 @@
+"""The Celery side of leadrelay: the app (``workers.celery_app``) and its tasks."""
