@@ -80,8 +80,10 @@ class DestinationSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    name = fields.String(required=True, validate=validate.Regexp(NAME_PATTERN, error=(
-        "use letters, digits, - and _ only")))
+    name = fields.String(
+        required=True,
+        validate=validate.Regexp(NAME_PATTERN, error=("use letters, digits, - and _ only")),
+    )
     type = fields.String(required=True, validate=validate.OneOf(sorted(REGISTRY)))
     events = fields.List(EventName(), load_default=lambda: ["*"], validate=validate.Length(min=1))
     campaigns = fields.List(fields.Raw(), load_default=None, allow_none=True)
@@ -108,6 +110,7 @@ class DestinationSchema(Schema):
 def substitute(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
     """Replace ``${VAR}`` (and ``${VAR:-default}``) in every string of the parsed YAML."""
     if isinstance(value, str):
+
         def replace(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in environ:
@@ -115,6 +118,7 @@ def substitute(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
             if default is not None:
                 return default
             raise ConfigError(f"{where or 'config'}: environment variable {name} is not set")
+
         return _VAR.sub(replace, value)
     if isinstance(value, list):
         return [substitute(item, environ, f"{where}[{i}]") for i, item in enumerate(value)]
@@ -126,7 +130,9 @@ def substitute(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> RelayConfig:
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> RelayConfig:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -136,8 +142,9 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     config = parse_config(raw, os.environ if environ is None else environ)
-    return RelayConfig(config.sources, config.destinations, config.warnings, str(path),
-                       config.secrets)
+    return RelayConfig(
+        config.sources, config.destinations, config.warnings, str(path), config.secrets
+    )
 
 
 def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
@@ -253,6 +260,7 @@ def _flatten(label: str, messages: Any, path: str = "") -> list[str]:
 
 def masked(config: RelayConfig) -> dict[str, Any]:
     """A printable view of the config with every secret replaced by ``***``."""
+
     def mask(value: Any) -> Any:
         return "***" if value else value
 
@@ -269,13 +277,21 @@ def masked(config: RelayConfig) -> dict[str, Any]:
             key: (mask(value) if key in secret else _mask_nested(key, value))
             for key, value in d.options.items()
         }
-        out["destinations"].append({
-            "name": d.name, "type": d.type, "events": sorted(d.events),
-            "campaigns": sorted(d.campaigns) if d.campaigns is not None else None,
-            "where": dict(d.where), "timeout": d.timeout, "retry": list(d.retry.schedule),
-            "rate_limit": d.rate_limit and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
-            "base_url": d.base_url, **options,
-        })
+        out["destinations"].append(
+            {
+                "name": d.name,
+                "type": d.type,
+                "events": sorted(d.events),
+                "campaigns": sorted(d.campaigns) if d.campaigns is not None else None,
+                "where": dict(d.where),
+                "timeout": d.timeout,
+                "retry": list(d.retry.schedule),
+                "rate_limit": d.rate_limit
+                and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
+                "base_url": d.base_url,
+                **options,
+            }
+        )
     return out
 
 

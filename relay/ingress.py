@@ -83,8 +83,9 @@ def _read_payload(limit: int) -> dict[str, Any]:
     if length is not None and length > limit:
         raise PayloadTooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
     mimetype = request.mimetype
-    if mimetype in _JSON_TYPES or (mimetype.startswith("application/") and
-                                   mimetype.endswith("+json")):
+    if mimetype in _JSON_TYPES or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    ):
         payload = _parse_json(request.get_data(cache=False))
     elif mimetype in _FORM_TYPES:
         payload = forms.decode(request.form.items(multi=True))
@@ -123,12 +124,15 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise BadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        payload = json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                             parse_constant=_reject_constant)
+        payload = json.loads(
+            text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant
+        )
     except RecursionError:
         raise BadRequest("JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise BadRequest(f"invalid JSON: {exc}") from None
     if not isinstance(payload, dict):
-        raise ValidationFailed("the body must be a JSON object", {"_schema": [type(payload).__name__]})
+        raise ValidationFailed(
+            "the body must be a JSON object", {"_schema": [type(payload).__name__]}
+        )
     return payload

@@ -13,10 +13,61 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, pre_load, vali
 
 from relay.events import LEAD_IDENTITY_FIELDS, canonical_event_name
 
-_INTEGERS = ["id", "campaign_id", "list_id", "rank", "rank_relative_position", "counter", "lead_count", "contest_score", "contest_score_rank", "contest_score_rank_relative_position", "referrals", "subscription_number"]
-_BOOLEANS = ["enhanced", "anonymous", "verified", "verified_email", "verified_phone_number", "waitlisted", "opted_out", "sms_opted_out", "fraudulent"]
-_STRINGS = ["social_id", "email", "phone_number", "first_name", "given_name", "family_name", "display_name", "avatar", "social_url", "when", "redirect_url", "thankyou_url", "status_url", "ip", "referrer"]
-_OBJECTS = ["unverified_leads", "verified_leads", "influence", "custom_fields", "utm", "unsubscribe_url", "__referral", "__fraudulent", "__score_change", "__tagged", "__reward_level"]
+_INTEGERS = [
+    "id",
+    "campaign_id",
+    "list_id",
+    "rank",
+    "rank_relative_position",
+    "counter",
+    "lead_count",
+    "contest_score",
+    "contest_score_rank",
+    "contest_score_rank_relative_position",
+    "referrals",
+    "subscription_number",
+]
+_BOOLEANS = [
+    "enhanced",
+    "anonymous",
+    "verified",
+    "verified_email",
+    "verified_phone_number",
+    "waitlisted",
+    "opted_out",
+    "sms_opted_out",
+    "fraudulent",
+]
+_STRINGS = [
+    "social_id",
+    "email",
+    "phone_number",
+    "first_name",
+    "given_name",
+    "family_name",
+    "display_name",
+    "avatar",
+    "social_url",
+    "when",
+    "redirect_url",
+    "thankyou_url",
+    "status_url",
+    "ip",
+    "referrer",
+]
+_OBJECTS = [
+    "unverified_leads",
+    "verified_leads",
+    "influence",
+    "custom_fields",
+    "utm",
+    "unsubscribe_url",
+    "__referral",
+    "__fraudulent",
+    "__score_change",
+    "__tagged",
+    "__reward_level",
+]
 _LISTS = ("completed_actions", "tags")
 _TYPED = frozenset(_INTEGERS + _BOOLEANS + list(_OBJECTS) + list(_LISTS))
 

@@ -145,10 +145,18 @@ class DeliveryStore:
     def admit(self, event: LeadEvent, task_id: str, dedupe_window: float) -> str:
         """``new``, ``redelivered`` (the same task again after a crash) or ``duplicate``."""
         result = self._admit(
-            keys=[f"{PREFIX}seen:{event.event_id}", event_key(event.event_id),
-                  delivery_key(event.event_id)],
-            args=[task_id, max(1, int(dedupe_window * 1000)), json.dumps(event.to_json()),
-                  self.retention, time.time()],
+            keys=[
+                f"{PREFIX}seen:{event.event_id}",
+                event_key(event.event_id),
+                delivery_key(event.event_id),
+            ],
+            args=[
+                task_id,
+                max(1, int(dedupe_window * 1000)),
+                json.dumps(event.to_json()),
+                self.retention,
+                time.time(),
+            ],
         )
         return result.decode() if isinstance(result, bytes) else str(result)
 
@@ -210,8 +218,11 @@ class DeliveryStore:
             state["next_attempt_at"] = attempt.next_attempt_at
         name = attempt.destination
         pipe = self.redis.pipeline(transaction=True)
-        self._confirm(keys=[delivery_key(event.event_id)],
-                      args=[name, json.dumps(state), self.retention], client=pipe)
+        self._confirm(
+            keys=[delivery_key(event.event_id)],
+            args=[name, json.dumps(state), self.retention],
+            client=pipe,
+        )
         log = log_key(event.event_id)
         pipe.rpush(log, json.dumps(attempt.to_json()))
         pipe.ltrim(log, -LOG_CAP, -1)
@@ -223,17 +234,29 @@ class DeliveryStore:
         else:
             pipe.hincrby(stats, "failed", 1)
             pipe.hincrby(stats, "consecutive_failures", 1)
-            pipe.hset(stats, mapping={"last_error": attempt.error or "", "last_error_at": attempt.at})
+            pipe.hset(
+                stats, mapping={"last_error": attempt.error or "", "last_error_at": attempt.at}
+            )
         if park is not None:
             park(pipe)
         if attempt.outcome == "dead":
             pipe.hincrby(stats, "dead", 1)
             key = dead_id(event.event_id, name)
-            pipe.hset(DEAD_KEY, key, json.dumps({
-                "event_id": event.event_id, "destination": name, "reason": dead_reason or "",
-                "attempts": attempt.attempt, "status_code": attempt.status_code,
-                "dead_at": attempt.at, "event": event.to_json(),
-            }))
+            pipe.hset(
+                DEAD_KEY,
+                key,
+                json.dumps(
+                    {
+                        "event_id": event.event_id,
+                        "destination": name,
+                        "reason": dead_reason or "",
+                        "attempts": attempt.attempt,
+                        "status_code": attempt.status_code,
+                        "dead_at": attempt.at,
+                        "event": event.to_json(),
+                    }
+                ),
+            )
             pipe.zadd(DEAD_INDEX, {key: attempt.at})
         pipe.execute()
 
@@ -250,14 +273,15 @@ class DeliveryStore:
 
     # -- dead letters ---------------------------------------------------------------------
 
-    def dead_letters(self, destination: str | None = None, limit: int = 100,
-                     offset: int = 0) -> list[dict[str, Any]]:
+    def dead_letters(
+        self, destination: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
         """Newest first."""
         ids = self.redis.zrevrange(DEAD_INDEX, 0, -1)
         keys = [k.decode() for k in ids]
         if destination:
             keys = [k for k in keys if k.rsplit("|", 1)[1] == destination]
-        keys = keys[offset:offset + limit]
+        keys = keys[offset : offset + limit]
         if not keys:
             return []
         records = self.redis.hmget(DEAD_KEY, keys)
@@ -277,8 +301,11 @@ class DeliveryStore:
         pipe.zrem(DEAD_INDEX, key)
         pipe.hset(event_key(event_id), "event", json.dumps(record["event"]))
         pipe.expire(event_key(event_id), self.retention)
-        pipe.hset(delivery_key(event_id), destination,
-                  json.dumps({"status": "pending", "attempts": 0, "replayed_at": time.time()}))
+        pipe.hset(
+            delivery_key(event_id),
+            destination,
+            json.dumps({"status": "pending", "attempts": 0, "replayed_at": time.time()}),
+        )
         pipe.expire(delivery_key(event_id), self.retention)
         pipe.hincrby(stats_key(destination), "dead", -1)
         results = pipe.execute()
