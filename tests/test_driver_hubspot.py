@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vendor_server import VendorServer, vendor_server  # noqa: F401
 
 from relay.drivers.hubspot import HubSpotDriver
 from relay.errors import PermanentDeliveryError, RetryableDeliveryError
 from relay.http import HttpClient
 from relay.models import Destination, LeadEvent
-from tests.vendor_server import VendorServer, vendor_server  # noqa: F401
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 UPSERT = "/crm/v3/objects/contacts/batch/upsert"

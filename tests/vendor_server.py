@@ -2,7 +2,7 @@
 
 ::
 
-    from tests.vendor_server import vendor_server  # noqa: F401  (the fixture)
+    from vendor_server import vendor_server  # noqa: F401  (the fixture)
 
     def test_upsert(vendor):
         vendor.reply(429, {"message": "slow down"}, headers={"Retry-After": "7"})
