@@ -1,8 +1,10 @@
 """Marshmallow schemas at the edges: the KickoffLabs lead payload (ingress).
 
 JSON and form bodies load into the same typed payload: known fields are typed (``"268"`` from a
-form becomes ``268``), unknown fields are kept verbatim, ``fraudulent`` becomes
-``marked_as_fraudulent``.
+form becomes ``268``, ``"true"`` becomes ``true``, an empty form value of a typed field becomes
+``null``), unknown fields are kept verbatim, ``fraudulent`` becomes ``marked_as_fraudulent``.
+The event blocks (``__tagged`` …) are typed too, because they are part of the event's identity:
+the same event sent as JSON and as a form must get the same id.
 """
 
 from __future__ import annotations
@@ -13,63 +15,58 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, pre_load, vali
 
 from relay.events import LEAD_IDENTITY_FIELDS, canonical_event_name
 
-_INTEGERS = [
-    "id",
-    "campaign_id",
-    "list_id",
-    "rank",
-    "rank_relative_position",
-    "counter",
-    "lead_count",
-    "contest_score",
-    "contest_score_rank",
-    "contest_score_rank_relative_position",
-    "referrals",
-    "subscription_number",
-]
-_BOOLEANS = [
-    "enhanced",
-    "anonymous",
-    "verified",
-    "verified_email",
-    "verified_phone_number",
-    "waitlisted",
-    "opted_out",
-    "sms_opted_out",
-    "fraudulent",
-]
-_STRINGS = [
-    "social_id",
-    "email",
-    "phone_number",
-    "first_name",
-    "given_name",
-    "family_name",
-    "display_name",
-    "avatar",
-    "social_url",
-    "when",
-    "redirect_url",
-    "thankyou_url",
-    "status_url",
-    "ip",
-    "referrer",
-]
-_OBJECTS = [
-    "unverified_leads",
-    "verified_leads",
-    "influence",
-    "custom_fields",
-    "utm",
-    "unsubscribe_url",
-    "__referral",
-    "__fraudulent",
-    "__score_change",
-    "__tagged",
-    "__reward_level",
-]
-_LISTS = ("completed_actions", "tags")
-_TYPED = frozenset(_INTEGERS + _BOOLEANS + list(_OBJECTS) + list(_LISTS))
+
+def _ints(*names: str) -> dict[str, fields.Field]:
+    return {name: fields.Integer(allow_none=True) for name in names}
+
+
+def _bools(*names: str) -> dict[str, fields.Field]:
+    return {name: fields.Boolean(allow_none=True) for name in names}
+
+
+def _strings(*names: str) -> dict[str, fields.Field]:
+    return {name: fields.String(allow_none=True) for name in names}
+
+
+class _Typed(Schema):
+    """Keeps unknown keys; an empty string in a non-string field means null (forms)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    @pre_load
+    def _blank_is_null(self, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: None
+            if value == ""
+            and not isinstance(self.fields.get(key), fields.String)
+            and key in self.fields
+            else value
+            for key, value in data.items()
+        }
+
+
+def _schema(name: str, declared: dict[str, fields.Field]) -> type[Schema]:
+    return _Typed.from_dict(declared, name=name)
+
+
+def _nested(schema: type[Schema]) -> fields.Nested:
+    return fields.Nested(schema, allow_none=True)
+
+
+_Counts = _schema("LeadCounts", _ints("direct", "indirect"))
+_Referral = _schema("ReferralBlock", _strings("social_id", "email", "phone_number"))
+_Fraudulent = _schema("FraudulentBlock", _bools("excluded", "fraudulent"))
+_ScoreChange = _schema(
+    "ScoreChangeBlock", {**_ints("points", "contest_score"), **_strings("message")}
+)
+_Tagged = _schema("TaggedBlock", {**_ints("tag_id", "points"), **_strings("name")})
+_RewardLevel = _schema(
+    "RewardLevelBlock",
+    {**_ints("reward_level_id", "required_points"), **_strings("subject"), **_bools("emailed")},
+)
 
 
 class _EventName(fields.String):
@@ -80,33 +77,70 @@ class _EventName(fields.String):
         return name
 
 
-def _lead_fields() -> dict[str, fields.Field]:
-    declared: dict[str, fields.Field] = {"__event": _EventName(required=True)}
-    declared.update({name: fields.Integer(allow_none=True) for name in _INTEGERS})
-    declared.update({name: fields.Boolean(allow_none=True) for name in _BOOLEANS})
-    declared.update({name: fields.String(allow_none=True) for name in _STRINGS})
-    declared.update({name: fields.Dict(allow_none=True) for name in _OBJECTS})
-    declared.update({name: fields.List(fields.Raw(), allow_none=True) for name in _LISTS})
-    declared["uid"] = fields.Raw(allow_none=True)
-    declared["parent_id"] = fields.Raw(allow_none=True)
-    return declared
+_LEAD_FIELDS: dict[str, fields.Field] = {
+    "__event": _EventName(required=True),
+    **_ints(
+        "id",
+        "campaign_id",
+        "list_id",
+        "rank",
+        "rank_relative_position",
+        "counter",
+        "lead_count",
+        "contest_score",
+        "contest_score_rank",
+        "contest_score_rank_relative_position",
+        "referrals",
+        "subscription_number",
+        "parent_id",
+    ),
+    **_bools(
+        "enhanced",
+        "anonymous",
+        "verified",
+        "verified_email",
+        "verified_phone_number",
+        "waitlisted",
+        "opted_out",
+        "sms_opted_out",
+        "fraudulent",
+    ),
+    **_strings(
+        "social_id",
+        "email",
+        "phone_number",
+        "first_name",
+        "given_name",
+        "family_name",
+        "display_name",
+        "avatar",
+        "social_url",
+        "when",
+        "redirect_url",
+        "thankyou_url",
+        "status_url",
+        "ip",
+        "referrer",
+    ),
+    "uid": fields.Raw(allow_none=True),
+    "unverified_leads": _nested(_Counts),
+    "verified_leads": _nested(_Counts),
+    "influence": _nested(_Counts),
+    "custom_fields": fields.Dict(allow_none=True),
+    "utm": fields.Dict(allow_none=True),
+    "unsubscribe_url": fields.Dict(allow_none=True),
+    "completed_actions": fields.List(fields.Raw(), allow_none=True),
+    "tags": fields.List(fields.Raw(), allow_none=True),
+    "__referral": _nested(_Referral),
+    "__fraudulent": _nested(_Fraudulent),
+    "__score_change": _nested(_ScoreChange),
+    "__tagged": _nested(_Tagged),
+    "__reward_level": _nested(_RewardLevel),
+}
 
 
-class LeadSchema(Schema.from_dict(_lead_fields(), name="LeadBase")):  # type: ignore[misc]
+class LeadSchema(_schema("LeadBase", _LEAD_FIELDS)):  # type: ignore[misc]
     """A KickoffLabs lead event: the lead object plus ``__event`` (SPEC §2)."""
-
-    class Meta:
-        unknown = INCLUDE
-
-    @pre_load
-    def _blank_is_null(self, data: Any, **kwargs: Any) -> Any:
-        # Form bodies cannot say null: an empty value of a typed field means "no value".
-        if isinstance(data, dict):
-            return {
-                key: (None if value == "" and key in _TYPED else value)
-                for key, value in data.items()
-            }
-        return data
 
     @validates_schema
     def _has_identity(self, data: dict[str, Any], **kwargs: Any) -> None:

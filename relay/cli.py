@@ -1,0 +1,256 @@
+"""The ``relay`` command (click, through Flask's CLI group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import click
+import urllib3
+import yaml
+from flask.cli import FlaskGroup
+
+from relay.config import load_config, masked
+from relay.errors import ConfigError
+from relay.events import EVENTS, canonical_event_name
+
+
+def _create_app():  # type: ignore[no-untyped-def]
+    from relay.app import create_app
+
+    return create_app()
+
+
+@click.group(
+    cls=FlaskGroup,
+    create_app=_create_app,
+    add_default_commands=False,
+    add_version_option=False,
+    load_dotenv=False,
+)
+def main() -> None:
+    """leadrelay: a queue-backed relay for KickoffLabs lead-event webhooks."""
+
+
+@main.command("check-config")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+def check_config(path: str | None) -> None:
+    """Validate the YAML config (default: $RELAY_CONFIG); print it with secrets masked."""
+    path = path or os.environ.get("RELAY_CONFIG") or "config/relay.yaml"
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        click.secho(f"{path}: invalid", fg="red", err=True)
+        for problem in exc.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(1)
+    click.echo(yaml.safe_dump(masked(config), sort_keys=False), nl=False)
+    for warning in config.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    click.secho(f"{path}: OK ({len(config.destinations)} destinations)", fg="green", err=True)
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="gunicorn processes [default: cores + 1]")
+@click.option("--threads", default=4, show_default=True, type=int, help="threads per process")
+def web(host: str, port: int, workers: int | None, threads: int) -> None:
+    """Serve the ingress and APIs with gunicorn (gthread workers)."""
+    workers = workers or (os.cpu_count() or 1) + 1
+    args = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "relay.wsgi:app",
+        "--bind",
+        f"{host}:{port}",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--keep-alive",
+        "5",
+        "--timeout",
+        "30",
+        "--graceful-timeout",
+        "20",
+        "--access-logfile",
+        "-" if os.environ.get("RELAY_ACCESS_LOG") else "/dev/null",
+    ]
+    os.execv(sys.executable, args)
+
+
+@main.command()
+@click.option(
+    "--concurrency",
+    "-c",
+    default=None,
+    type=int,
+    help="worker processes [default: number of cores]",
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(concurrency: int | None, loglevel: str) -> None:
+    """Run a Celery worker (and the retry scheduler it carries)."""
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "--queues",
+        "relay",
+        "--loglevel",
+        loglevel,
+        "--task-events",
+        "--concurrency",
+        str(concurrency or os.cpu_count() or 1),
+    ]
+    os.execv(sys.executable, args)
+
+
+@main.command("send-sample")
+@click.argument("event", type=click.Choice(sorted([*EVENTS, "fraudulent"])))
+@click.option("--url", default="http://127.0.0.1:8000/hooks/kickofflabs", show_default=True)
+@click.option("--token", default=None, help="the source's token (sent as X-Relay-Token)")
+@click.option("--form", "as_form", is_flag=True, help="send form-encoded, as legacy senders do")
+def send_sample(event: str, url: str, token: str | None, as_form: bool) -> None:
+    """POST a sample KickoffLabs payload for EVENT."""
+    payload = sample_payload(canonical_event_name(event))
+    payload["__event"] = event
+    headers = {"User-Agent": "KickoffLabs"}
+    if token:
+        headers["X-Relay-Token"] = token
+    if as_form:
+        from relay.forms import encode
+
+        body = encode(payload).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    else:
+        body = json.dumps(payload).encode()
+        headers["Content-Type"] = "application/json"
+    try:
+        response = urllib3.request(
+            "POST", url, body=body, headers=headers, timeout=10, retries=False
+        )
+    except urllib3.exceptions.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    click.echo(f"{response.status} {response.data.decode(errors='replace')}")
+    if response.status >= 300:
+        sys.exit(1)
+
+
+def sample_payload(event: str) -> dict[str, object]:
+    text = resources.files("relay").joinpath("samples", f"{event}.json").read_text()
+    payload: dict[str, object] = json.loads(text)
+    return payload
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--concurrency", default=2, show_default=True, type=int)
+@click.option("--flower", is_flag=True, help="also run Flower on port 5555")
+@click.option(
+    "--data-dir", default=".relay", show_default=True, help="where the embedded Redis keeps its AOF"
+)
+def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
+    """Everything in one process tree: embedded Redis (unless RELAY_REDIS_URL is set), web,
+    worker, and the /dev/inbox destination the example config delivers to."""
+    from relay.embedded_redis import EmbeddedRedis
+
+    env = dict(os.environ)
+    env.setdefault("RELAY_CONFIG", "config/relay.yaml")
+    env["RELAY_DEV_INBOX"] = "1"
+    env["RELAY_PORT"] = str(port)
+    try:
+        load_config(env["RELAY_CONFIG"], env)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    embedded = None
+    if not env.get("RELAY_REDIS_URL"):
+        embedded = EmbeddedRedis(Path(data_dir) / "redis", port=_dev_redis_port()).start()
+        env["RELAY_REDIS_URL"] = embedded.url
+        click.echo(f"embedded Redis  {embedded.url}  (AOF in {data_dir}/redis)")
+    relay = [sys.executable, "-m", "relay"]
+    children = [
+        subprocess.Popen(
+            [
+                *relay,
+                "web",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--threads",
+                "8",
+            ],
+            env=env,
+        ),
+        subprocess.Popen([*relay, "worker", "--concurrency", str(concurrency)], env=env),
+    ]
+    if flower:
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.celery_app",
+                    "flower",
+                    "--address=127.0.0.1",
+                    "--port=5555",
+                ],
+                env=env,
+            )
+        )
+    base = f"http://127.0.0.1:{port}"
+    click.secho(f"\nleadrelay is running at {base}", fg="green", bold=True)
+    click.echo(f"  ingress     POST {base}/hooks/kickofflabs")
+    click.echo(f"  dev inbox   {base}/dev/inbox   (where the example config delivers)")
+    click.echo(f"  health      {base}/readyz")
+    if flower:
+        click.echo("  flower      http://127.0.0.1:5555")
+    click.echo("\nTry it:")
+    click.echo(f"  relay send-sample new_signup --url {base}/hooks/kickofflabs")
+    click.echo(
+        f"  curl -s -X POST {base}/hooks/kickofflabs -H 'Content-Type: application/json' "
+        '-d \'{"__event": "new_signup", "email": "ada@example.com", '
+        '"social_id": "abc123"}\''
+    )
+    click.echo("Press Ctrl-C to stop.\n")
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        click.secho("a child process exited; stopping", fg="red", err=True)
+    except KeyboardInterrupt:
+        click.echo("\nstopping…")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if embedded is not None:
+            embedded.stop()
+    click.echo("stopped.")
+
+
+def _dev_redis_port() -> int:
+    from relay.embedded_redis import free_port
+
+    return int(os.environ.get("RELAY_DEV_REDIS_PORT") or free_port())
