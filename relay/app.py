@@ -49,10 +49,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update({k: v for k, v in test_config.items() if not k.startswith("RELAY_")})
     app.extensions["relay"] = WebContext(settings, config, client, TaskQueue(client))
 
-    from relay import ingress, ops
+    from relay import ingress, openapi, ops, subscriptions_api
 
     app.register_blueprint(ingress.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(subscriptions_api.bp)
+    app.register_blueprint(openapi.bp)
     if settings.dev_inbox:
         from relay import devinbox
 
