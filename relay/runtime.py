@@ -7,6 +7,7 @@ from relay.delivery import DriverCache
 from relay.http import HttpClient
 from relay.pipeline import Relay
 from relay.settings import Settings
+from relay.subscriptions import SubscriptionStore
 from relay.taskqueue import connect
 
 
@@ -20,5 +21,6 @@ def build_relay(settings: Settings | None = None) -> Relay:
 
         return HttpClient(AddressGuard(settings.allowed_networks).pool_manager())
 
-    return Relay(settings, config, client, subscriptions=None,
+    return Relay(settings, config, client,
+                 subscriptions=SubscriptionStore(client, settings.retention),
                  drivers=DriverCache(guarded_http=guarded_http))
