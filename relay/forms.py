@@ -51,7 +51,7 @@ def _assign(node: dict[str, Any], path: list[str], value: str) -> None:
     if child is None:
         child = [] if want_list else {}
         node[head] = child
-    elif want_list != isinstance(child, list):
+    elif not isinstance(child, list | dict) or want_list != isinstance(child, list):
         raise TypeError(f"{head!r} is used both as a list and as an object")
     if want_list:
         _assign_list(child, rest[1:], value)
@@ -65,10 +65,20 @@ def _assign_list(items: list[Any], rest: list[str], value: str) -> None:
         items.append(value)
         return
     last = items[-1] if items else None
-    if not isinstance(last, dict) or (len(rest) == 1 and rest[0] in last):
+    if not isinstance(last, dict) or _has_path(last, rest):
         last = {}
         items.append(last)
     _assign(last, rest, value)
+
+
+def _has_path(node: Any, path: list[str]) -> bool:
+    # Rails' rule: a key path the last element already holds (``t[][a][b]`` twice) starts a
+    # new element; checking only the first key merged ``[{"a": {"b": 1}}, {"a": {"b": 2}}]``.
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def encode(payload: Mapping[str, Any]) -> str:
