@@ -1,0 +1,145 @@
+"""The outgoing HTTP client against a real loopback server: how every status, a refused
+connection and a read timeout are classified (SPEC §4), and that nothing is retried or followed
+behind the relay's back."""
+
+from __future__ import annotations
+
+import email.utils
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from helpers import closed_port, silent_server
+from vendor_server import VendorServer, vendor_server  # noqa: F401
+
+from relay.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.http import HttpClient, parse_retry_after, raise_for_status, shared_client
+
+
+@pytest.fixture
+def http() -> HttpClient:
+    return HttpClient()
+
+
+def post(http: HttpClient, vendor: VendorServer, path: str = "/hook") -> None:
+    response = http.request("POST", vendor.url + path, body=b'{"a":1}',
+                            headers={"Content-Type": "application/json"}, timeout=5)
+    raise_for_status(response, "test sink")
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
+def test_2xx_is_success(http: HttpClient, vendor: VendorServer, status: int) -> None:
+    vendor.reply(status)
+    post(http, vendor)
+    [request] = vendor.requests
+    assert request.method == "POST" and request.path == "/hook"
+    assert request.body == b'{"a":1}'
+    assert request.header("Content-Type") == "application/json"
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504, 599])
+def test_retryable_statuses(http: HttpClient, vendor: VendorServer, status: int) -> None:
+    vendor.reply(status, {"message": "try later"})
+    with pytest.raises(RetryableDeliveryError) as caught:
+        post(http, vendor)
+    assert caught.value.status_code == status
+    assert caught.value.retry_after is None
+    assert str(status) in caught.value.message and "try later" in caught.value.message
+    assert len(vendor.requests) == 1, "urllib3 must not retry on its own"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_in_seconds(http: HttpClient, vendor: VendorServer, status: int) -> None:
+    vendor.reply(status, headers={"Retry-After": "120"})
+    with pytest.raises(RetryableDeliveryError) as caught:
+        post(http, vendor)
+    assert caught.value.retry_after == 120.0
+
+
+def test_retry_after_as_an_http_date(http: HttpClient, vendor: VendorServer) -> None:
+    when = datetime.now(UTC) + timedelta(hours=1)
+    vendor.reply(429, headers={"Retry-After": email.utils.format_datetime(when, usegmt=True)})
+    with pytest.raises(RetryableDeliveryError) as caught:
+        post(http, vendor)
+    assert caught.value.retry_after is not None
+    assert 3000 < caught.value.retry_after <= 3600
+
+
+def test_410_is_permanent_and_gone(http: HttpClient, vendor: VendorServer) -> None:
+    vendor.reply(410, {"message": "unsubscribed"})
+    with pytest.raises(PermanentDeliveryError) as caught:
+        post(http, vendor)
+    assert caught.value.gone is True
+    assert caught.value.status_code == 410
+
+
+@pytest.mark.parametrize(
+    "status", [300, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 409, 413, 422, 451]
+)
+def test_other_3xx_and_4xx_are_permanent(http: HttpClient, vendor: VendorServer,
+                                         status: int) -> None:
+    vendor.reply(status, headers={"Location": vendor.url + "/elsewhere", "Retry-After": "5"})
+    with pytest.raises(PermanentDeliveryError) as caught:
+        post(http, vendor)
+    assert not isinstance(caught.value, RetryableDeliveryError)
+    assert caught.value.status_code == status
+    assert caught.value.gone is False
+    # Redirects are never followed: the sink saw exactly the one request.
+    assert [r.path for r in vendor.requests] == ["/hook"]
+
+
+def test_error_message_keeps_only_a_snippet_of_the_body(http: HttpClient,
+                                                        vendor: VendorServer) -> None:
+    vendor.reply(400, "x" * 10_000)
+    with pytest.raises(PermanentDeliveryError) as caught:
+        post(http, vendor)
+    assert len(caught.value.message) < 400
+
+
+def test_connection_refused_is_retryable(http: HttpClient) -> None:
+    with pytest.raises(RetryableDeliveryError) as caught:
+        http.request("POST", f"http://127.0.0.1:{closed_port()}/hook", body=b"{}", timeout=2)
+    assert caught.value.status_code is None
+
+
+def test_read_timeout_is_retryable(http: HttpClient) -> None:
+    with silent_server() as url, pytest.raises(RetryableDeliveryError) as caught:
+        http.request("POST", url + "/hook", body=b"{}", timeout=0.3)
+    assert "timed out" in caught.value.message
+    assert caught.value.status_code is None
+
+
+def test_invalid_url_is_permanent(http: HttpClient) -> None:
+    with pytest.raises(PermanentDeliveryError):
+        http.request("POST", "http://127.0.0.1:99999999/hook", body=b"{}", timeout=1)
+
+
+def test_pooled_connections_are_reused_across_requests(http: HttpClient,
+                                                       vendor: VendorServer) -> None:
+    for _ in range(5):
+        post(http, vendor)
+    assert len(vendor.requests) == 5
+    assert shared_client() is shared_client()
+
+
+# -- Retry-After parsing -------------------------------------------------------------------------
+
+NOW = datetime(2026, 7, 15, 12, 0, 0, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("-5", 0.0),
+        ("Wed, 15 Jul 2026 12:02:00 GMT", 120.0),
+        ("Wed, 15 Jul 2026 11:00:00 GMT", 0.0),  # in the past: no wait
+        ("", None),
+        (None, None),
+        ("soon", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(value, now=NOW) == seconds
