@@ -30,6 +30,11 @@ def create_celery(settings: Settings) -> Celery:
         broker_url=settings.redis_url,
         broker_transport_options={
             "visibility_timeout": int(settings.visibility_timeout),
+            # kombu sweeps for expired unacknowledged messages every interval x throttle
+            # seconds (100 s by default); sweep every few seconds instead, so a killed
+            # worker's tasks are back soon after the visibility timeout.
+            "unacked_restore_interval": max(1, min(10, int(settings.visibility_timeout // 5))),
+            "unacked_restore_throttle": 1,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 25,
