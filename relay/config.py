@@ -173,6 +173,8 @@ def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
+        if destination.name.startswith("sub-"):
+            problems.append(f"{label}: name: the sub- prefix is reserved for API subscriptions")
         if destination.name in seen:
             problems.append(f"{label}: name: {destination.name!r} is used twice")
         seen.add(destination.name)
