@@ -85,6 +85,9 @@ def web(host: str, port: int, workers: int | None, threads: int) -> None:
         "20",
         "--access-logfile",
         "-" if os.environ.get("RELAY_ACCESS_LOG") else "/dev/null",
+        # %(U)s is the path without the query string: ?token= and ?api_key= stay out.
+        "--access-logformat",
+        '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)s',
     ]
     os.execv(sys.executable, args)
 
