@@ -1,0 +1,158 @@
+"""GDPR erasure: remove every trace of one lead (by email) that the relay keeps in Redis.
+
+What a lead leaves here, and what goes:
+
+- stored events (``relay:event:<id>``) whose payload's ``email`` is the address, and with them
+  each such event's delivery states, attempts log, dedupe marker and recent-delivery entries;
+- dead letters (they carry a copy of the event, which may outlive the event record);
+- tasks not yet run: ``relay.process_event`` messages on the queue carrying the lead, and parked
+  or queued ``relay.deliver`` tasks of its events (they would only find the event gone);
+- the dev inbox's copies.
+
+Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
+records whose own lead is the address are touched: other leads' events stay as they are, even
+where they mention the address (a referral's ``__referral.email``). What the destinations
+themselves hold (the CRM, the database) is theirs to erase.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import redis
+
+from relay.devinbox import INBOX_KEY
+from relay.gates import parked_deliveries, queued_tasks
+from relay.store import (
+    DEAD_INDEX,
+    DEAD_KEY,
+    PREFIX,
+    delivery_key,
+    event_key,
+    log_key,
+)
+from relay.taskqueue import DELIVER, PROCESS_EVENT, QUEUE, SCHEDULED_KEY
+
+BATCH = 500
+
+
+@dataclass
+class ErasureReport:
+    email: str
+    event_ids: set[str] = field(default_factory=set)
+    removed: Counter[str] = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"email": self.email, "event_ids": sorted(self.event_ids),
+                "removed": dict(sorted(self.removed.items()))}
+
+
+def _is_lead(payload: Any, email: str) -> bool:
+    if not isinstance(payload, Mapping):
+        return False
+    value = payload.get("email")
+    return isinstance(value, str) and value.strip().lower() == email
+
+
+def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
+    target = email.strip().lower()
+    report = ErasureReport(target)
+    _queued_events(client, target, report)
+    _stored_events(client, target, report)
+    _dead_letters(client, target, report)
+    _event_keys(client, report)
+    _parked(client, report)
+    _dev_inbox(client, target, report)
+    return report
+
+
+def _stored_events(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    for keys in _batches(client.scan_iter(match=f"{PREFIX}event:*", count=BATCH)):
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "event")
+        for key, raw in zip(keys, pipe.execute(), strict=True):
+            if raw is None:
+                continue
+            event = json.loads(raw)
+            if _is_lead(event.get("payload"), email):
+                report.event_ids.add(key.decode()[len(PREFIX) + len("event:"):])
+
+
+def _dead_letters(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    doomed = []
+    for key, raw in client.hscan_iter(DEAD_KEY, count=BATCH):
+        letter = json.loads(raw)
+        event_id = letter.get("event_id")
+        if event_id in report.event_ids or _is_lead((letter.get("event") or {}).get("payload"),
+                                                    email):
+            doomed.append(key)
+            report.event_ids.add(event_id)
+    for keys in _batches(doomed):
+        pipe = client.pipeline(transaction=True)
+        pipe.hdel(DEAD_KEY, *keys)
+        pipe.zrem(DEAD_INDEX, *keys)
+        removed, _ = pipe.execute()
+        report.removed["dead_letters"] += int(removed)
+
+
+def _event_keys(client: redis.Redis, report: ErasureReport) -> None:
+    recent = list(client.scan_iter(match=f"{PREFIX}recent:*", count=BATCH))
+    for ids in _batches(sorted(report.event_ids)):
+        pipe = client.pipeline(transaction=False)
+        for event_id in ids:
+            pipe.delete(event_key(event_id))
+            pipe.delete(delivery_key(event_id))
+            pipe.delete(log_key(event_id))
+            pipe.delete(f"{PREFIX}seen:{event_id}")
+        for key in recent:
+            pipe.zrem(key, *ids)
+        answers = pipe.execute()
+        for i, kind in enumerate(("events", "delivery_states", "delivery_logs",
+                                  "dedupe_markers")):
+            report.removed[kind] += sum(int(a) for a in answers[i:4 * len(ids):4])
+        report.removed["recent_entries"] += sum(int(a) for a in answers[4 * len(ids):])
+
+
+def _queued_events(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    """Tasks still on the queue: the lead's new events (they carry the payload)."""
+    for message, task, args in queued_tasks(client):
+        if task == PROCESS_EVENT and args and isinstance(args[0], Mapping) and _is_lead(
+                args[0].get("payload"), email):
+            report.event_ids.add(str(args[0].get("event_id")))
+            report.removed["queued_tasks"] += int(client.lrem(QUEUE, 0, message))
+
+
+def _parked(client: redis.Redis, report: ErasureReport) -> None:
+    """Deliveries of the erased events, parked or queued: they would find nothing to send."""
+    parked = [p.message for p in parked_deliveries(client) if p.event_id in report.event_ids]
+    for batch in _batches(parked):
+        report.removed["parked_tasks"] += int(client.zrem(SCHEDULED_KEY, *batch))
+    for message, task, args in queued_tasks(client):
+        if task == DELIVER and args and str(args[0]) in report.event_ids:
+            report.removed["queued_tasks"] += int(client.lrem(QUEUE, 0, message))
+
+
+def _dev_inbox(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    for raw in client.lrange(INBOX_KEY, 0, -1):
+        body = json.loads(raw).get("body")
+        if isinstance(body, str):
+            body = {k: v[0] for k, v in parse_qs(body).items()}
+        if _is_lead(body, email):
+            report.removed["dev_inbox"] += int(client.lrem(INBOX_KEY, 0, raw))
+
+
+def _batches(items: Iterable[Any], size: int = BATCH) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,124 @@
+"""Logging for every relay process: one line per ingress request and per delivery attempt.
+
+``RELAY_LOG_FORMAT=json`` writes one JSON object per line (for log shippers); the default
+``text`` writes ``time level logger: message key=value …``. Either way the ``extra=`` fields of a
+record are shown, and ``event_id`` and ``destination`` are always there (``null`` / ``-`` when a
+line has none), so ``grep <event id>`` finds the whole story of one lead event.
+
+Secrets stay out: extras whose name says secret (``token``, ``api_key``, ``authorization``,
+``password``, ``secret``…) are replaced by ``[redacted]``, and the text of every line goes through
+:func:`relay.auth.redact` (``?api_key=…`` and ``Authorization:`` values in access logs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from relay.auth import redact
+
+ALWAYS = ("event_id", "destination")
+_SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "authorization",
+                 "authentication", "signature")
+# Attributes every LogRecord has: anything else came from ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName",
+}
+_HANDLER_MARK = "_relay_handler"
+
+ingress_log = logging.getLogger("relay.ingress")
+
+
+def extras(record: logging.LogRecord) -> dict[str, Any]:
+    found = {key: value for key, value in vars(record).items()
+             if key not in _STANDARD and not key.startswith("_")}
+    for key in ALWAYS:
+        found.setdefault(key, None)
+    return {key: "[redacted]" if _is_secret(key) else value for key, value in found.items()}
+
+
+def _is_secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        line.update(extras(record))
+        if record.exc_info:
+            line["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(line, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = redact(super().format(record))
+        fields = " ".join(f"{key}={_text(value)}" for key, value in extras(record).items())
+        head, sep, rest = base.partition("\n")  # keep tracebacks below the fields
+        return f"{head} {fields}{sep}{rest}"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return redact(json.dumps(text) if (" " in text or not text) else text)
+
+
+def configure_logging(log_format: str | None = None, level: str | None = None) -> None:
+    """Install the relay's handler on the root logger (idempotent: replaces its own handler,
+    leaves others, such as pytest's, alone)."""
+    log_format = (log_format or os.environ.get("RELAY_LOG_FORMAT") or "text").lower()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel((level or os.environ.get("RELAY_LOG_LEVEL") or "INFO").upper())
+
+
+def init_app(app: Flask, log_format: str | None = None) -> None:
+    """Configure logging and write one line per ingress request (``POST /hooks/…``)."""
+    configure_logging(log_format)
+
+    @app.before_request
+    def _started() -> None:
+        if request.path.startswith("/hooks/"):
+            g.relay_log_started = time.perf_counter()
+
+    @app.after_request
+    def _log_ingress(response: Response) -> Response:
+        started = g.pop("relay_log_started", None)
+        if started is None:
+            return response
+        body = response.get_json(silent=True) if response.is_json else None
+        body = body if isinstance(body, dict) else {}
+        ingress_log.info(
+            "accepted" if response.status_code == 202 else "refused",
+            extra={
+                "event_id": body.get("event_id"),
+                "destination": None,
+                "source": request.view_args.get("source") if request.view_args else None,
+                "status": response.status_code,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                "error": body.get("error"),
+            },
+        )
+        return response
