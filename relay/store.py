@@ -12,6 +12,8 @@ Keys (all under ``relay:``), each with the lifetime that bounds memory:
 ``dead:index``            zset: ``<id>|<destination>`` by time of death             until replayed
 ``stats:<destination>``   hash: delivered / failed / dead counters, last error     kept
 ``runs:<task id>``        times a task started (worker-lost cap)                   1 day
+``recent:<dest>:<s>``     zset: event ids by time of the destination's latest      retention,
+                          deliveries in status s (delivered | retrying | dead)     capped
 ========================  ======================================================  ===========
 
 Delivery state moves ``pending → inflight → delivered | retrying | dead`` with
@@ -36,6 +38,8 @@ PREFIX = "relay:"
 DEAD_KEY = PREFIX + "dead"
 DEAD_INDEX = PREFIX + "dead:index"
 LOG_CAP = 100
+RECENT_CAP = 10_000  # per destination and status: what the admin API lists
+RECENT_STATUSES = ("delivered", "retrying", "dead")
 ERROR_TEXT_LIMIT = 500
 
 # KEYS: seen, event, delivery; ARGV: task id, window ms, event json, retention s, now
@@ -128,6 +132,10 @@ def stats_key(destination: str) -> str:
     return f"{PREFIX}stats:{destination}"
 
 
+def recent_key(destination: str, status: str) -> str:
+    return f"{PREFIX}recent:{destination}:{status}"
+
+
 def dead_id(event_id: str, destination: str) -> str:
     return f"{event_id}|{destination}"
 
@@ -139,6 +147,9 @@ class DeliveryStore:
         self._admit = client.register_script(_ADMIT)
         self._claim = client.register_script(_CLAIM)
         self._confirm = client.register_script(_CONFIRM)
+        from relay.metrics import metrics_for  # metrics reads this module's keys
+
+        self.metrics = metrics_for(client)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -158,7 +169,10 @@ class DeliveryStore:
                 time.time(),
             ],
         )
-        return result.decode() if isinstance(result, bytes) else str(result)
+        outcome = result.decode() if isinstance(result, bytes) else str(result)
+        if outcome == "duplicate":
+            self.metrics.inc("events_duplicate")
+        return outcome
 
     def load_event(self, event_id: str) -> LeadEvent | None:
         raw = self.redis.hget(event_key(event_id), "event")
@@ -258,7 +272,21 @@ class DeliveryStore:
                 ),
             )
             pipe.zadd(DEAD_INDEX, {key: attempt.at})
+        # Each delivery is listed under its current status only (skipped counts as delivered).
+        listed = "delivered" if attempt.outcome == "skipped" else attempt.outcome
+        for status in RECENT_STATUSES:
+            recent = recent_key(name, status)
+            if status == listed:
+                pipe.zadd(recent, {event.event_id: attempt.at})
+                pipe.zremrangebyrank(recent, 0, -RECENT_CAP - 1)
+                pipe.expire(recent, self.retention)
+            else:
+                pipe.zrem(recent, event.event_id)
         pipe.execute()
+        self.metrics.inc("deliveries", {"destination": name, "outcome": attempt.outcome})
+        if attempt.latency_ms is not None:
+            self.metrics.observe("attempt_latency_seconds", attempt.latency_ms / 1000,
+                                 {"destination": name})
 
     def delivery_states(self, event_id: str) -> dict[str, dict[str, Any]]:
         raw = self.redis.hgetall(delivery_key(event_id))
@@ -308,5 +336,6 @@ class DeliveryStore:
         )
         pipe.expire(delivery_key(event_id), self.retention)
         pipe.hincrby(stats_key(destination), "dead", -1)
+        pipe.zrem(recent_key(destination, "dead"), event_id)
         results = pipe.execute()
         return event if results[0] else None
