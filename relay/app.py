@@ -59,6 +59,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         from relay import devinbox
 
         app.register_blueprint(devinbox.bp)
+    from relay import admin_api, logs, metrics
+
+    logs.init_app(app, settings.log_format)  # one line per ingress request
+    metrics.init_app(app)  # /metrics and the ingress counters
+    app.register_blueprint(admin_api.bp)
     _register_error_handlers(app)
     return app
 
