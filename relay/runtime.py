@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from relay.config import load_config
 from relay.delivery import DriverCache
+from relay.gates import default_gates
 from relay.http import HttpClient
 from relay.pipeline import Relay
 from relay.settings import Settings
@@ -23,4 +24,5 @@ def build_relay(settings: Settings | None = None) -> Relay:
 
     return Relay(settings, config, client,
                  subscriptions=SubscriptionStore(client, settings.retention),
-                 drivers=DriverCache(guarded_http=guarded_http))
+                 drivers=DriverCache(guarded_http=guarded_http),
+                 gates=default_gates(client))
