@@ -80,6 +80,9 @@ def build_spec() -> APISpec:
     _ingress(spec)
     _subscriptions(spec)
     _ops(spec)
+    from relay import admin_api  # imports this module's neighbours; keep it out of import time
+
+    admin_api.document(spec)
     return spec
 
 
