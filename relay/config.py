@@ -113,10 +113,13 @@ def substitute(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
 
         def replace(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
-            if name in environ:
+            # As in the shell and compose: ``:-`` also replaces an empty value.
+            if environ.get(name):
                 return environ[name]
             if default is not None:
                 return default
+            if name in environ:
+                return ""
             raise ConfigError(f"{where or 'config'}: environment variable {name} is not set")
 
         return _VAR.sub(replace, value)
