@@ -16,9 +16,14 @@ The one module that builds at import time. Settings are chosen for SPEC §4 (at 
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging
 from kombu import Queue
 
+from relay.logs import configure_logging
 from relay.settings import Settings
 from relay.taskqueue import QUEUE
 from workers.scheduler import SchedulerStep
@@ -62,6 +67,14 @@ def create_celery(settings: Settings) -> Celery:
     )
     celery.steps["worker"].add(SchedulerStep)
     return celery
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: Any = None, **_: Any) -> None:
+    # Connected, so Celery leaves logging to us: the relay's format (RELAY_LOG_FORMAT) for the
+    # worker's own lines too.
+    configure_logging(settings.log_format, logging.getLevelName(loglevel) if isinstance(
+        loglevel, int) else loglevel)
 
 
 settings = Settings.from_env()
