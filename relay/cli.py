@@ -257,3 +257,6 @@ def _dev_redis_port() -> int:
     from relay.embedded_redis import free_port
 
     return int(os.environ.get("RELAY_DEV_REDIS_PORT") or free_port())
+
+
+from relay import cli_ops  # noqa: E402, F401  (status, events, dlq, pause, resume, erase)
