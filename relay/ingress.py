@@ -32,6 +32,7 @@ _LEAD = LeadSchema()
 _JSON_TYPES = ("application/json",)
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _ID_HEADERS = ("Idempotency-Key", "webhook-id")
+MAX_FORM_FIELDS = 1000
 
 
 @bp.post("/hooks/<source>")
@@ -88,6 +89,12 @@ def _read_payload(limit: int) -> dict[str, Any]:
     ):
         payload = _parse_json(request.get_data(cache=False))
     elif mimetype in _FORM_TYPES:
+        # werkzeug caps multipart parts (MAX_FORM_PARTS) but not url-encoded fields; a lead
+        # has about fifty, so refuse absurd field counts before parsing them.
+        if mimetype == "application/x-www-form-urlencoded" and (
+            request.get_data(cache=True).count(b"&") >= MAX_FORM_FIELDS
+        ):
+            raise PayloadTooLarge(f"more than {MAX_FORM_FIELDS} form fields")
         payload = forms.decode(request.form.items(multi=True))
         if not payload:
             raise BadRequest("empty form body")
