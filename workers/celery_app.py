@@ -20,9 +20,10 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_init
 from kombu import Queue
 
+from relay.config import load_config
 from relay.logs import configure_logging
 from relay.settings import Settings
 from relay.taskqueue import QUEUE
@@ -79,3 +80,9 @@ def _configure_logging(loglevel: Any = None, **_: Any) -> None:
 
 settings = Settings.from_env()
 app = create_celery(settings)
+
+
+@worker_init.connect
+def _check_config(**_: object) -> None:
+    """Fail at start-up on a bad config rather than requeueing every task forever."""
+    load_config(settings.config_path)
