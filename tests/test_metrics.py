@@ -1,0 +1,140 @@
+"""``/metrics`` follows the events: counters in Redis shared by every process, gauges read live;
+parsed with prometheus-client's own text parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fakeredis
+import redis
+from conftest import Sink
+from helpers import config, decode_task, make_app, sample
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.gates import CircuitBreaker, PauseGate
+from relay.metrics import Metrics, metrics_for
+from relay.pipeline import Relay
+from relay.settings import Settings
+from relay.taskqueue import PROCESS_EVENT, QUEUE
+
+
+class World:
+    def __init__(self, sink: Sink) -> None:
+        self.redis = fakeredis.FakeRedis()
+        self.config = config([{"name": "crm", "type": "webhook", "url": f"{sink.url}/crm",
+                               "retry": {"schedule": ["1h"]}}], sources={"kickofflabs": {}})
+        self.client = make_app(self.config, self.redis).test_client()
+        self.relay = Relay(Settings(), self.config, self.redis)
+
+    def post(self, n: int, **changes: Any) -> int:
+        return self.client.post("/hooks/kickofflabs", json=sample(
+            "new_signup", email=f"l{n}@example.com", social_id=f"s{n}", id=n, **changes)
+        ).status_code
+
+    def run_queue(self) -> None:
+        while (raw := self.redis.rpop(QUEUE)) is not None:
+            task = decode_task(raw)
+            if task.name == PROCESS_EVENT:
+                self.relay.process_event(task.args[0], task.task_id)
+            else:
+                self.relay.deliver(*task.args, task.task_id)
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        response = self.client.get("/metrics")
+        assert response.status_code == 200
+        assert response.mimetype == "text/plain"
+        samples = {}
+        for family in text_string_to_metric_families(response.get_data(as_text=True)):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+
+def test_metrics_change_as_events_flow(sink: Sink) -> None:
+    world = World(sink)
+    before = world.scrape()
+    assert before[("relay_events_accepted_total", ())] == 0
+    assert before[("relay_queue_depth", ())] == 0
+
+    sink.script("/crm", [500])
+    assert world.post(1) == 202
+    assert world.post(2) == 202
+    assert world.post(2) == 202  # the same event again: the worker drops it
+    assert world.client.post("/hooks/kickofflabs", json={"__event": "new_signup"}
+                             ).status_code == 422
+    assert world.client.post("/hooks/nowhere", json=sample("new_signup")).status_code == 404
+    mid = world.scrape()
+    assert mid[("relay_events_accepted_total", ())] == 3
+    assert mid[("relay_events_rejected_total", (("reason", "invalid"),))] == 1
+    assert mid[("relay_events_rejected_total", (("reason", "unknown_source"),))] == 1
+    assert mid[("relay_queue_depth", ())] == 3
+    assert mid[("relay_ingress_latency_seconds_count", ())] == 5
+    assert mid[("relay_ingress_latency_seconds_bucket", (("le", "+Inf"),))] == 5
+
+    world.run_queue()
+    after = world.scrape()
+    crm = (("destination", "crm"),)
+    assert after[("relay_events_duplicate_total", ())] == 1
+    assert after[("relay_deliveries_total", (("destination", "crm"),
+                                             ("outcome", "retrying")))] == 1
+    assert after[("relay_deliveries_total", (("destination", "crm"),
+                                             ("outcome", "delivered")))] == 1
+    assert after[("relay_attempt_latency_seconds_count", crm)] == 2
+    assert after[("relay_attempt_latency_seconds_sum", crm)] > 0
+    assert after[("relay_queue_depth", ())] == 0
+    assert after[("relay_scheduled_tasks", ())] == 1  # the retry
+    assert after[("relay_dead_letters", crm)] == 0
+    assert after[("relay_circuit_state", crm)] == 0
+
+
+def test_dead_letters_circuit_and_pause_are_gauges(sink: Sink) -> None:
+    world = World(sink)
+    sink.script("/crm", [400])
+    world.post(1)
+    world.run_queue()
+    PauseGate(world.redis).pause("crm")
+    world.redis.hset("relay:circuit:crm", mapping={"state": "open", "reopen_at": 9e12})
+    samples = world.scrape()
+    crm = (("destination", "crm"),)
+    assert samples[("relay_dead_letters", crm)] == 1
+    assert samples[("relay_deliveries_total", crm + (("outcome", "dead"),))] == 1
+    assert samples[("relay_circuit_state", crm)] == 2
+    assert samples[("relay_destination_paused", crm)] == 1
+    assert CircuitBreaker(world.redis).state("crm") == "open"
+
+
+def test_counts_from_every_process_add_up() -> None:
+    client = fakeredis.FakeRedis()
+    web, worker = Metrics(client, flush_interval=60), Metrics(client, flush_interval=60)
+    web.inc("events_accepted", amount=2)
+    worker.inc("events_accepted")
+    worker.observe("attempt_latency_seconds", 0.3, {"destination": "crm"})
+    web.flush()
+    worker.flush()
+    app = make_app(client=client)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(app.test_client().get("/metrics").text)
+               for s in f.samples}
+    assert samples[("relay_events_accepted_total", ())] == 3
+    bucket = ("relay_attempt_latency_seconds_bucket", (("destination", "crm"), ("le", "0.25")))
+    assert samples[bucket] == 0
+    assert samples[("relay_attempt_latency_seconds_bucket",
+                    (("destination", "crm"), ("le", "0.5")))] == 1
+
+
+def test_a_redis_outage_keeps_the_counts_for_later() -> None:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server)
+    metrics = Metrics(client, flush_interval=60)
+    metrics.inc("events_accepted")
+    server.connected = False
+    metrics.flush()  # no exception: metrics never break a request
+    server.connected = True
+    metrics.flush()
+    assert int(client.hget("relay:metrics", '["events_accepted_total",[]]') or 0) == 1
+
+
+def test_one_recorder_per_client() -> None:
+    client: redis.Redis = fakeredis.FakeRedis()
+    assert metrics_for(client) is metrics_for(client)
+    assert metrics_for(client) is not metrics_for(fakeredis.FakeRedis())
