@@ -66,10 +66,19 @@ def _when(epoch: float | None) -> str:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)))
+    # Widths from the visible text: styled cells carry ANSI codes.
+    def width(cell: str) -> int:
+        return len(click.unstyle(cell))
+
+    widths = [max(width(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c + " " * (w - width(c))
+                         for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    click.echo(line([h.upper() for h in headers]))
     for row in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        click.echo(line(row))
 
 
 _STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow", "open": "red"}
