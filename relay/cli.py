@@ -38,7 +38,7 @@ def main() -> None:
     """leadrelay: a queue-backed relay for KickoffLabs lead-event webhooks."""
 
 
-@main.command("check-config")
+@main.command("check-config", with_appcontext=False)
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 def check_config(path: str | None) -> None:
     """Validate the YAML config (default: $RELAY_CONFIG); print it with secrets masked."""
@@ -56,7 +56,7 @@ def check_config(path: str | None) -> None:
     click.secho(f"{path}: OK ({len(config.destinations)} destinations)", fg="green", err=True)
 
 
-@main.command()
+@main.command(with_appcontext=False)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="gunicorn processes [default: cores + 1]")
@@ -92,7 +92,7 @@ def web(host: str, port: int, workers: int | None, threads: int) -> None:
     os.execv(sys.executable, args)
 
 
-@main.command()
+@main.command(with_appcontext=False)
 @click.option(
     "--concurrency",
     "-c",
@@ -121,7 +121,7 @@ def worker(concurrency: int | None, loglevel: str) -> None:
     os.execv(sys.executable, args)
 
 
-@main.command("send-sample")
+@main.command("send-sample", with_appcontext=False)
 @click.argument("event", type=click.Choice(sorted([*EVENTS, "fraudulent"])))
 @click.option("--url", default="http://127.0.0.1:8000/hooks/kickofflabs", show_default=True)
 @click.option("--token", default=None, help="the source's token (sent as X-Relay-Token)")
@@ -158,7 +158,7 @@ def sample_payload(event: str) -> dict[str, object]:
     return payload
 
 
-@main.command()
+@main.command(with_appcontext=False)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--concurrency", default=2, show_default=True, type=int)
 @click.option("--flower", is_flag=True, help="also run Flower on port 5555")

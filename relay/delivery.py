@@ -166,6 +166,9 @@ class Deliverer:
         claim = self.store.claim(event.event_id, destination.name, self.lease(destination))
         if claim.status == "done":
             return
+        if claim.status == "busy":  # another worker is sending it: let that attempt decide
+            self.park(event, destination, claim.lease_until + 1)
+            return
         self.store.confirm(event, Attempt(destination.name, claim.attempt, "dead", None, None,
                                           reason, at=time.time()), dead_reason=reason)
 

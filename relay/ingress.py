@@ -138,8 +138,19 @@ def _parse_json(body: bytes) -> dict[str, Any]:
         raise BadRequest("JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise BadRequest(f"invalid JSON: {exc}") from None
+    if "\\u" in text and _has_lone_surrogate(payload):
+        raise BadRequest("invalid JSON: a \\u escape encodes a lone surrogate")
     if not isinstance(payload, dict):
         raise ValidationFailed(
             "the body must be a JSON object", {"_schema": [type(payload).__name__]}
         )
     return payload
+
+
+def _has_lone_surrogate(payload: Any) -> bool:
+    # ``"\ud800"`` is valid JSON but not valid Unicode: it could never be sent on as UTF-8.
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
