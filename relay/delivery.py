@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import redis
+
 from relay.drivers import Driver, driver_class
 from relay.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from relay.http import HttpClient
@@ -90,9 +92,9 @@ class Deliverer:
         return destination.timeout * 2 + 10
 
     def park(self, event: LeadEvent, destination: Destination, due: float,
-             pipe: object | None = None) -> None:
+             pipe: redis.client.Pipeline | None = None) -> None:
         self.queue.park(DELIVER, [event.event_id, destination.name],
-                        f"('{event.event_id}', '{destination.name}')", due, pipe=pipe)  # type: ignore[arg-type]
+                        f"('{event.event_id}', '{destination.name}')", due, pipe=pipe)
 
     def deliver(self, event: LeadEvent, destination: Destination) -> Outcome | str:
         """Attempt one delivery now (or park it). Returns what happened, for logs and tests."""
