@@ -54,7 +54,7 @@ Clock = Callable[[], float]
 _ORDERED = """
 local function ordered(key, due, now)
   local last = tonumber(redis.call('GET', key) or '0')
-  if last >= due then due = last + STEP end
+  if due < last + STEP then due = last + STEP end
   local ttl = math.floor((due - now + 3600) * 1000)
   local text = string.format('%.6f', due)
   redis.call('SET', key, text, 'PX', ttl)
