@@ -1,0 +1,101 @@
+"""The delivery baseline: threads that ``BRPOP`` a body from a Redis list and POST it to each URL.
+
+``python -m bench.bare_consumer --redis URL --list KEY --threads N --total N URL [URL …]``
+
+What a relay worker does minus everything that makes it a relay (Celery, dedupe, routing,
+claim/confirm, gates, the delivery log): the floor ``bench.delivery`` compares against. Same HTTP
+client as the relay's (one urllib3 ``PoolManager`` per process, no retries, no redirects, the
+webhook driver's headers). It stops after ``--total`` items and prints one JSON line: the time
+and CPU (user + system of this process) from the first item taken to the last delivery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import threading
+import time
+
+import redis
+import urllib3
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Consumer:
+    def __init__(self, client: redis.Redis, key: str, urls: list[str], total: int,
+                 pool_size: int) -> None:
+        self.client = client
+        self.key = key
+        self.urls = urls
+        self.total = total
+        self.pool = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False)
+        self.lock = threading.Lock()
+        self.taken = 0
+        self.done = 0
+        self.failed = 0
+        self.first: tuple[float, float] | None = None  # (monotonic, cpu) at the first item
+        self.last: tuple[float, float] = (0.0, 0.0)
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        while not self.finished.is_set():
+            with self.lock:
+                if self.taken >= self.total:
+                    return
+                self.taken += 1
+            item = self.client.brpop([self.key], timeout=1)
+            if item is None:
+                with self.lock:
+                    self.taken -= 1
+                continue
+            with self.lock:
+                if self.first is None:
+                    self.first = (time.monotonic(), cpu_seconds())
+            body = item[1]
+            ok = True
+            for url in self.urls:
+                try:
+                    response = self.pool.request(
+                        "POST", url, body=body, timeout=urllib3.Timeout(connect=5, read=10),
+                        retries=False, redirect=False, preload_content=True,
+                        headers={"Content-Type": "application/json", "User-Agent": "KickoffLabs"})
+                    ok = ok and 200 <= response.status < 300
+                except urllib3.exceptions.HTTPError:
+                    ok = False
+            with self.lock:
+                self.done += 1
+                self.failed += 0 if ok else 1
+                if self.done == self.total:
+                    self.last = (time.monotonic(), cpu_seconds())
+                    self.finished.set()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--redis", required=True)
+    parser.add_argument("--list", required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--total", type=int, required=True, help="items to take")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("urls", nargs="+")
+    args = parser.parse_args()
+    consumer = Consumer(redis.Redis.from_url(args.redis), args.list, args.urls, args.total,
+                        pool_size=max(8, args.threads))
+    threads = [threading.Thread(target=consumer.run, daemon=True) for _ in range(args.threads)]
+    for thread in threads:
+        thread.start()
+    consumer.finished.wait(args.timeout)
+    first = consumer.first or (0.0, 0.0)
+    print(json.dumps({"items": consumer.done, "deliveries": consumer.done * len(args.urls),
+                      "failed": consumer.failed, "seconds": consumer.last[0] - first[0],
+                      "cpu_seconds": consumer.last[1] - first[1],
+                      "complete": consumer.finished.is_set()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
