@@ -79,6 +79,7 @@ class Deliverer:
         gates: tuple[Gate, ...] = (),
         on_gone: Callable[[Destination], None] | None = None,
         rng: random.Random | None = None,
+        max_crashes: int | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -86,6 +87,7 @@ class Deliverer:
         self.gates = gates
         self.on_gone = on_gone
         self.rng = rng or random.Random()
+        self.max_crashes = max_crashes
 
     def lease(self, destination: Destination) -> float:
         # Long enough for connect + read timeouts; an expired lease lets another worker retry.
@@ -111,6 +113,14 @@ class Deliverer:
             # lease, when it has either confirmed or lost its claim.
             self.park(event, destination, claim.lease_until + 1)
             return "busy"
+        if self.max_crashes and claim.crashes >= self.max_crashes:
+            reason = f"the delivery crashed its worker {claim.crashes} times"
+            self.store.confirm(event, Attempt(destination.name, claim.attempt, "dead", None,
+                                              None, reason, at=time.time()), dead_reason=reason)
+            log.error("dead letter", extra={"event_id": event.event_id,
+                                            "destination": destination.name,
+                                            "attempt": claim.attempt, "error": reason})
+            return "dead"
         driver_started = time.perf_counter()
         try:
             result = self.drivers.get(destination).send(event)

@@ -49,7 +49,7 @@ class Relay:
         self.queue = TaskQueue(client)
         self.subscriptions = subscriptions
         self.deliverer = Deliverer(self.store, self.queue, drivers, gates,
-                                   on_gone=self._gone)
+                                   on_gone=self._gone, max_crashes=settings.max_task_runs)
 
     def source(self, name: str) -> Source:
         return self.config.sources.get(name) or Source(name)

@@ -70,13 +70,17 @@ end
 if st.status == 'inflight' and tonumber(st.lease_until) > tonumber(ARGV[2]) then
   return {'busy', tostring(st.lease_until), st.attempts}
 end
+-- An expired lease on an inflight delivery: the attempt that took it never confirmed (its
+-- worker died, or hit the hard time limit). Counted, so that a delivery that kills its
+-- worker every time becomes a dead letter even though each retry has a new task id.
+if st.status == 'inflight' then st.crashes = (st.crashes or 0) + 1 end
 st.attempts = st.attempts + 1
 st.status = 'inflight'
 st.lease_until = tonumber(ARGV[3])
 st.updated_at = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(st))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {'claimed', '', st.attempts}
+return {'claimed', tostring(st.crashes or 0), st.attempts}
 """
 
 # KEYS: delivery hash; ARGV: destination, state json, retention s. Never downgrades 'delivered'.
@@ -97,6 +101,7 @@ class Claim:
     attempt: int
     lease_until: float = 0.0
     final_status: str = ""
+    crashes: int = 0  # earlier attempts that never confirmed (their worker died)
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,7 @@ class DeliveryStore:
             return Claim("busy", int(attempts), lease_until=float(extra))
         if status == "done":
             return Claim("done", int(attempts), final_status=extra)
-        return Claim("claimed", int(attempts))
+        return Claim("claimed", int(attempts), crashes=int(extra or 0))
 
     def confirm(
         self,

@@ -54,7 +54,11 @@ def create_celery(settings: Settings) -> Celery:
         result_backend=None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        # A hard time limit kills the pool process mid-task: requeue the message like any
+        # lost worker (the run counter turns a repeat offender into a dead letter) instead of
+        # acknowledging it, which would drop the event's remaining deliveries unrecorded.
+        task_acks_on_failure=True,
+        task_acks_on_timeout=False,
         task_time_limit=int(settings.task_time_limit),
         task_soft_time_limit=max(1, int(settings.task_time_limit) - 5),
         task_default_queue=QUEUE,
