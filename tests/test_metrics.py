@@ -3,15 +3,19 @@ parsed with prometheus-client's own text parser."""
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 import fakeredis
+import pytest
 import redis
 from conftest import Sink
 from helpers import config, decode_task, make_app, sample
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.gates import CircuitBreaker, PauseGate
+from relay.logs import TextFormatter
 from relay.metrics import Metrics, metrics_for
 from relay.pipeline import Relay
 from relay.settings import Settings
@@ -138,3 +142,43 @@ def test_one_recorder_per_client() -> None:
     client: redis.Redis = fakeredis.FakeRedis()
     assert metrics_for(client) is metrics_for(client)
     assert metrics_for(client) is not metrics_for(fakeredis.FakeRedis())
+
+
+# -- logs: the other half of observability ----------------------------------------------------
+
+
+def test_one_json_line_per_request_and_attempt_without_secrets(
+    sink: Sink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = fakeredis.FakeRedis()
+    cfg = config([{"name": "crm", "type": "webhook", "url": f"{sink.url}/crm"}],
+                 sources={"kickofflabs": {"token": "s3cret-token"}})
+    app = make_app(cfg, client, Settings(log_format="json"))
+    relay = Relay(Settings(), cfg, client)
+    capsys.readouterr()
+    response = app.test_client().post("/hooks/kickofflabs?token=s3cret-token",
+                                      json=sample("new_signup"))
+    event_id = response.get_json()["event_id"]
+    app.test_client().post("/hooks/kickofflabs?token=wrong", json=sample("new_signup"))
+    task = decode_task(client.rpop(QUEUE))
+    relay.process_event(task.args[0], task.task_id)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    accepted, refused, delivered = lines
+    assert (accepted["message"], accepted["event_id"], accepted["destination"]) == (
+        "accepted", event_id, None)
+    assert refused["status"] == 401 and refused["event_id"] is None
+    assert (delivered["message"], delivered["event_id"], delivered["destination"]) == (
+        "delivered", event_id, "crm")
+    assert "s3cret" not in json.dumps(lines)
+
+
+def test_text_lines_show_the_extras_and_redact_secrets() -> None:
+    record = logging.LogRecord("relay.delivery", logging.INFO, __file__, 1, "sent %s",
+                               ("?api_key=abc",), None)
+    record.event_id, record.destination, record.api_key = "evt_1", "crm", "abc"
+    line = TextFormatter().format(record)
+    assert "event_id=evt_1 destination=crm" in line
+    assert "abc" not in line and "[redacted]" in line
+    bare = TextFormatter().format(logging.LogRecord("x", logging.INFO, __file__, 1, "m", (),
+                                                    None))
+    assert bare.endswith("m event_id=- destination=-")
