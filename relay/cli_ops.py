@@ -211,7 +211,13 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
 @click.option("--reason", default="", help="shown in relay status and the admin API")
 def pause(destination: str, reason: str) -> None:
     """Hold every delivery to DESTINATION until it is resumed."""
-    PauseGate(_client()).pause(destination, reason)
+    client = _client()
+    config = relay_config()
+    configured = [d.name for d in config.destinations] if config else []
+    if not destination.startswith("sub-") and destination not in known_destinations(
+            client, configured):
+        raise click.ClickException(f"unknown destination {destination!r}")
+    PauseGate(client).pause(destination, reason)
     click.echo(f"{destination}: paused")
 
 

@@ -120,6 +120,7 @@ def test_pause_and_resume(world: World) -> None:
     world.run_queue()  # no gates in this Relay: the pause is only recorded here
     out = world.relay_cli("resume", "backend").output
     assert out.startswith("backend: active")
+    assert "unknown destination" in world.relay_cli("pause", "bakcend", code=1).output
 
 
 def test_erase_asks_first(world: World) -> None:
