@@ -96,5 +96,9 @@ def _register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         if isinstance(exc, redis.RedisError):
             return _queue_down(QueueUnavailable(str(exc)))
+        if type(exc).__module__ == "gunicorn.http.errors":
+            # Bad chunked framing (InvalidChunkSize, NoMoreData, ...) surfaces only when the
+            # app reads the body: the client's fault, not ours.
+            return error_response(400, f"malformed request body: {type(exc).__name__}")
         log.exception("unhandled error")
         return error_response(500, "internal error")
