@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import queue
+import re
 import shutil
 import socket
 import ssl
@@ -358,6 +359,16 @@ class RecordingServer:
                 chunk = stream.recv(65536)
                 if not chunk:
                     return data
+                data += chunk
+            # Read the body too: closing with unread bytes makes the kernel send a reset,
+            # which the client may see before the answer.
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            while length and len(body) < int(length.group(1)):
+                chunk = stream.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
                 data += chunk
             stream.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         except (OSError, ssl.SSLError):
