@@ -10,6 +10,7 @@ import hmac
 import json
 import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from marshmallow import ValidationError
@@ -80,33 +81,64 @@ def _event_id(source: str, name: str, lead: dict[str, Any]) -> str:
 
 
 def _read_payload(limit: int) -> dict[str, Any]:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
     mimetype = request.mimetype
     if mimetype in _JSON_TYPES or (
         mimetype.startswith("application/") and mimetype.endswith("+json")
     ):
-        payload = _parse_json(request.get_data(cache=False))
-    elif mimetype in _FORM_TYPES:
-        # werkzeug caps multipart parts (MAX_FORM_PARTS) but not url-encoded fields; a lead
-        # has about fifty, so refuse absurd field counts before parsing them.
-        if mimetype == "application/x-www-form-urlencoded" and (
-            request.get_data(cache=True).count(b"&") >= MAX_FORM_FIELDS
-        ):
-            raise PayloadTooLarge(f"more than {MAX_FORM_FIELDS} form fields")
+        return _parse_json(_read_body(limit))
+    if mimetype == "application/x-www-form-urlencoded":
+        return _parse_form(_read_body(limit))
+    if mimetype == "multipart/form-data":
+        _check_declared_length(limit)  # werkzeug's parser enforces size and part count
         payload = forms.decode(request.form.items(multi=True))
         if not payload:
             raise BadRequest("empty form body")
-    elif not mimetype:
+        return payload
+    if not mimetype:
         raise UnsupportedMediaType(
             "missing Content-Type: send application/json or application/x-www-form-urlencoded"
         )
-    else:
-        raise UnsupportedMediaType(
-            f"unsupported Content-Type {mimetype!r}: send application/json or "
-            "application/x-www-form-urlencoded"
-        )
+    raise UnsupportedMediaType(
+        f"unsupported Content-Type {mimetype!r}: send application/json or "
+        "application/x-www-form-urlencoded"
+    )
+
+
+def _check_declared_length(limit: int) -> None:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes is over the limit of {limit} bytes")
+
+
+def _read_body(limit: int) -> bytes:
+    """The whole body, refused with 413 past ``limit`` before it is read whole.
+
+    Read from the WSGI stream ourselves: werkzeug silently cuts a chunked body at
+    MAX_CONTENT_LENGTH, and trusts a body that ends before its Content-Length (gunicorn
+    marks its input terminated), either of which would relay a truncated lead.
+    """
+    _check_declared_length(limit)
+    length = request.content_length
+    stream = request.environ["wsgi.input"]
+    body = stream.read(limit + 1) if length is None else stream.read(length)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+    if length is not None and len(body) != length:
+        raise BadRequest(f"body ended after {len(body)} of its {length} bytes")
+    return body
+
+
+def _parse_form(body: bytes) -> dict[str, Any]:
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                          max_num_fields=MAX_FORM_FIELDS, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"form body is not valid UTF-8 (byte {exc.start})") from None
+    except ValueError:  # werkzeug caps multipart parts, this caps url-encoded fields
+        raise PayloadTooLarge(f"more than {MAX_FORM_FIELDS} form fields") from None
+    payload = forms.decode(pairs)
+    if not payload:
+        raise BadRequest("empty form body")
     return payload
 
 

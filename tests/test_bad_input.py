@@ -226,10 +226,6 @@ def test_bad_input_table_never_500_and_valid_events_still_arrive(
     assert forms and forms[0]["email"] == "r@example.com"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gunicorn sets wsgi.input_terminated, so werkzeug trusts its stream and a body that ends "
-    "before its Content-Length (client gone mid-body) is read short without error; "
-    "relay/ingress.py _read_payload parses the partial body and answers 202 if it parses"))
 @pytest.mark.timeout(60)
 def test_body_shorter_than_its_content_length_is_refused(relay_web: int) -> None:
     # A lead whose form body was cut mid-value would otherwise be stored with the cut value.
@@ -240,11 +236,6 @@ def test_body_shorter_than_its_content_length_is_refused(relay_web: int) -> None
     assert status in {400, CLOSED}  # an answer or a close; never a hang, never a 202
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "werkzeug silently truncates a body without Content-Length (chunked) at "
-    "MAX_CONTENT_LENGTH instead of raising 413; relay/ingress.py _read_payload only checks "
-    "request.content_length, so an over-limit chunked body is parsed from its first MiB: "
-    "400 for a cut JSON string, and 202 for a valid lead padded with whitespace"))
 @pytest.mark.timeout(60)
 def test_chunked_body_over_the_limit_is_refused_with_413(relay_web: int) -> None:
     padded = json.dumps(lead(999)).encode() + b" " * (2 << 20)
