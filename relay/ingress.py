@@ -12,7 +12,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from marshmallow import ValidationError
 
 from relay import forms
@@ -61,6 +61,7 @@ def receive(source: str) -> tuple[Response, int]:
         "received_at": time.time(),
     }
     ctx.queue.publish(PROCESS_EVENT, [event], event_id)
+    g.relay_event_id = event_id  # for the request log line
     return jsonify({"status": "accepted", "event_id": event_id}), 202
 
 

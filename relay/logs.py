@@ -108,8 +108,12 @@ def init_app(app: Flask, log_format: str | None = None) -> None:
         started = g.pop("relay_log_started", None)
         if started is None:
             return response
-        body = response.get_json(silent=True) if response.is_json else None
-        body = body if isinstance(body, dict) else {}
+        # The accepted path (the hot one) hands its event id over in ``g``; only refusals,
+        # which are rare, have their JSON answer parsed again for the error text.
+        body: dict[str, Any] = {"event_id": g.get("relay_event_id")}
+        if response.status_code != 202 and response.is_json:
+            parsed = response.get_json(silent=True)
+            body = parsed if isinstance(parsed, dict) else body
         ingress_log.info(
             "accepted" if response.status_code == 202 else "refused",
             extra={
