@@ -197,13 +197,16 @@ class CpuWatch:
     def __init__(self) -> None:
         self.started = 0.0
         self.busy = 0.0
+        self.steal = 0.0
         self.ours = 0.0
         self.wall = 0.0
 
     @staticmethod
-    def _busy() -> float:
+    def _busy() -> tuple[float, float]:
+        """(CPU time not idle, of which stolen by the hypervisor), summed over the cores."""
         times = psutil.cpu_times()
-        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+        steal = float(getattr(times, "steal", 0.0))
+        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0)), steal
 
     @staticmethod
     def _ours() -> float:
@@ -212,23 +215,30 @@ class CpuWatch:
 
     def __enter__(self) -> CpuWatch:
         self.started = time.monotonic()
-        self.busy = self._busy()
+        self.busy, self.steal = self._busy()
         self.ours = self._ours()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.monotonic() - self.started
-        self.busy = self._busy() - self.busy
+        busy, steal = self._busy()
+        self.busy, self.steal = busy - self.busy, steal - self.steal
         self.ours = self._ours() - self.ours
 
     @property
     def foreign_cores(self) -> float:
         """Cores used on average by other processes during the run."""
-        return max(0.0, self.busy - self.ours) / self.wall if self.wall else 0.0
+        return max(0.0, self.busy - self.steal - self.ours) / self.wall if self.wall else 0.0
+
+    @property
+    def steal_cores(self) -> float:
+        """Cores' worth of time the hypervisor gave to other guests while we wanted it."""
+        return self.steal / self.wall if self.wall else 0.0
 
     def note(self) -> str:
-        return (f"other processes used {self.foreign_cores:.2f} cores"
-                + (" (NOISY: figures unreliable)" if self.foreign_cores > NOISY_CORES else ""))
+        noisy = max(self.foreign_cores, self.steal_cores) > NOISY_CORES
+        return (f"other processes used {self.foreign_cores:.2f} cores, steal "
+                f"{self.steal_cores:.2f}" + (" (NOISY: figures unreliable)" if noisy else ""))
 
 
 NOISY_CORES = 0.15

@@ -69,6 +69,7 @@ class Run:
     failed: int
     redis_cpu_seconds: float
     foreign_cores: float
+    noise: str = ""
 
     @property
     def rate(self) -> float:
@@ -169,7 +170,7 @@ def run_relay(scenario: Scenario, args: argparse.Namespace, env: dict[str, str],
                   flush=True)
         start, count0, cpu0, redis0 = first or (now, 0, cpu, redis_cpu)
         return Run(count - count0, now - start, cpu - cpu0, failed, redis_cpu - redis0,
-                   watch.foreign_cores)
+                   watch.foreign_cores, watch.note())
     finally:
         stop(worker, timeout=30)
 
@@ -193,14 +194,14 @@ def run_bare(scenario: Scenario, args: argparse.Namespace, client: redis.Redis,
     if not result["complete"]:
         print(f"    bare: only {result['items']:,} items within {args.timeout:g}s", flush=True)
     return Run(result["deliveries"], result["seconds"], result["cpu_seconds"], result["failed"],
-               process_tree_cpu(redis_pid) - redis0, watch.foreign_cores)
+               process_tree_cpu(redis_pid) - redis0, watch.foreign_cores, watch.note())
 
 
 def describe(label: str, run: Run) -> str:
     return (f"    {label}: {run.deliveries:,} deliveries in {run.seconds:.2f}s = "
             f"{run.rate:,.0f}/s, "
             f"CPU {run.cpu_ms:.2f} ms/delivery (Redis {run.redis_cpu_ms:.2f}), "
-            f"{run.failed} failed; other processes used {run.foreign_cores:.2f} cores")
+            f"{run.failed} failed; {run.noise}")
 
 
 def main(argv: list[str] | None = None) -> int:

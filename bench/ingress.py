@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                    ServerResult("leadrelay ingress", "relay.wsgi:app",
                                 f"/hooks/kickofflabs?token={TOKEN}")]
         argv = web_argv("relay.wsgi:app", 0, args.workers, args.threads) + args.server_arg
-        print(f"servers: {' '.join(argv[2:3] + argv[4:])}\n"
+        shown = " ".join(argv[2:3] + argv[4:]).replace(f"{HOST}:0", f"{HOST}:PORT")
+        print(f"servers: {shown}\n"
               f"body: new_signup sample, {len(bench.body):,} bytes; closed loop: wrk "
               f"-t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s x {args.rounds} "
               f"rounds; open loop: {args.open_duration:g}s over {args.gen_connections} "
