@@ -25,11 +25,10 @@ from relay.errors import (
     ValidationFailed,
 )
 from relay.events import derive_event_id, event_id_from_header, is_known
-from relay.schemas import LeadSchema
+from relay.schemas import load_lead
 from relay.taskqueue import PROCESS_EVENT
 
 bp = Blueprint("ingress", __name__)
-_LEAD = LeadSchema()
 _JSON_TYPES = ("application/json",)
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _ID_HEADERS = ("Idempotency-Key", "webhook-id")
@@ -46,7 +45,7 @@ def receive(source: str) -> tuple[Response, int]:
         _check_token(configured.token)
     payload = _read_payload(ctx.settings.max_body_bytes)
     try:
-        lead = _LEAD.load(payload)
+        lead = load_lead(payload)
     except ValidationError as exc:
         raise ValidationFailed("not a valid lead event", exc.messages) from None
     name: str = lead["__event"]

@@ -148,3 +148,67 @@ class LeadSchema(_schema("LeadBase", _LEAD_FIELDS)):  # type: ignore[misc]
             raise ValidationError(
                 f"at least one of {', '.join(LEAD_IDENTITY_FIELDS)} is required", "_lead"
             )
+# -- the ingress fast path ----------------------------------------------------------------------
+# A JSON body from KickoffLabs already has the declared types; for such a body marshmallow's load
+# is an (expensive) identity. Checking the exact types is a tenth of its cost; anything else
+# (a string for an int, "" for a null, a bool for an int, an invalid value) goes to marshmallow.
+
+
+def _plan(schema: type[Schema]) -> dict[str, Any]:
+    plan: dict[str, Any] = {}
+    for name, field in schema._declared_fields.items():
+        if isinstance(field, _EventName):
+            plan[name] = "event"
+        elif isinstance(field, fields.Nested):
+            plan[name] = _plan(field.nested)  # type: ignore[arg-type]
+        elif isinstance(field, fields.Boolean):
+            plan[name] = bool
+        elif isinstance(field, fields.Integer):
+            plan[name] = int
+        elif isinstance(field, fields.String):
+            plan[name] = str
+        elif isinstance(field, fields.Dict):
+            plan[name] = dict
+        elif isinstance(field, fields.List):
+            plan[name] = list
+        else:
+            plan[name] = None  # Raw: any value but ""
+    return plan
+
+
+def _already_typed(data: dict[str, Any], plan: dict[str, Any]) -> bool:
+    for key, value in data.items():
+        kind = plan.get(key, ...)
+        if kind is ... or value is None:
+            continue  # unknown keys are kept verbatim; every declared field allows null
+        if kind is str or kind == "event":
+            if type(value) is not str:
+                return False
+        elif value == "" and not isinstance(value, bool):
+            return False  # "" in a typed field means null: marshmallow's pre_load does that
+        elif kind is None:
+            continue
+        elif isinstance(kind, dict):
+            if type(value) is not dict or not _already_typed(value, kind):
+                return False
+        elif type(value) is not kind or (kind is list and None in value):
+            return False  # (a list's items are Raw fields, which refuse null)
+    return True
+
+
+_PLAN = _plan(LeadSchema)
+_SCHEMA = LeadSchema()
+
+
+def load_lead(data: Any) -> dict[str, Any]:
+    """``LeadSchema().load(data)``, without its cost when ``data`` is already typed."""
+    if type(data) is dict and _already_typed(data, _PLAN):
+        name = data.get("__event")
+        if isinstance(name, str) and canonical_event_name(name) and any(
+            data.get(key) not in (None, "") for key in LEAD_IDENTITY_FIELDS
+        ):
+            lead = dict(data)
+            lead["__event"] = canonical_event_name(name)
+            return lead
+    loaded: dict[str, Any] = _SCHEMA.load(data)
+    return loaded
