@@ -65,6 +65,15 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        # One line per request: format the date once a second, not once a line.
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, super().formatTime(record, datefmt)[:-4]
+        return f"{self._stamp},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         base = redact(super().format(record))
@@ -76,6 +85,10 @@ class TextFormatter(logging.Formatter):
 def _text(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)  # nothing to redact or quote: the common case stays cheap
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return redact(json.dumps(text) if (" " in text or not text) else text)
 

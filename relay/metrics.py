@@ -25,6 +25,7 @@ Exposed (all prefixed ``relay_``): ``events_accepted_total``, ``events_rejected_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -76,7 +77,13 @@ Labels = tuple[tuple[str, str], ...]
 
 
 def _field(name: str, labels: Mapping[str, str] | None = None, suffix: str = "") -> str:
-    return json.dumps([name + suffix, sorted((labels or {}).items())], separators=(",", ":"))
+    return _field_of(name + suffix, tuple(sorted((labels or {}).items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_of(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    # The same few series are counted on every request: encode each name once.
+    return json.dumps([name, labels], separators=(",", ":"))
 
 
 class Metrics:
