@@ -15,15 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import redis
-
 from relay.drivers import Driver, driver_class
 from relay.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from relay.http import HttpClient
 from relay.models import Destination, LeadEvent
 from relay.retry import next_delay
 from relay.store import Attempt, DeliveryStore, Outcome
-from relay.taskqueue import DELIVER, TaskQueue
+from relay.taskqueue import DELIVER, TaskQueue, task_message
 
 log = logging.getLogger("relay.delivery")
 
@@ -93,10 +91,9 @@ class Deliverer:
         # Long enough for connect + read timeouts; an expired lease lets another worker retry.
         return destination.timeout * 2 + 10
 
-    def park(self, event: LeadEvent, destination: Destination, due: float,
-             pipe: redis.client.Pipeline | None = None) -> None:
+    def park(self, event: LeadEvent, destination: Destination, due: float) -> None:
         self.queue.park(DELIVER, [event.event_id, destination.name],
-                        f"('{event.event_id}', '{destination.name}')", due, pipe=pipe)
+                        _argsrepr(event, destination), due)
 
     def deliver(self, event: LeadEvent, destination: Destination) -> Outcome | str:
         """Attempt one delivery now (or park it). Returns what happened, for logs and tests."""
@@ -153,8 +150,9 @@ class Deliverer:
         due = time.time() + delay
         attempt = Attempt(destination.name, attempt_no, "retrying", exc.status_code,
                           _ms(started), _cut(exc.message), next_attempt_at=due, at=time.time())
-        self.store.confirm(event, attempt,
-                           park=lambda pipe: self.park(event, destination, due, pipe))
+        message, _ = task_message(DELIVER, [event.event_id, destination.name],
+                                  _argsrepr(event, destination), queue=self.queue.queue)
+        self.store.confirm(event, attempt, park=(message, due))
         log.warning("attempt failed, retrying", extra={
             "event_id": event.event_id, "destination": destination.name,
             "attempt": attempt_no, "status": exc.status_code, "retry_in": round(delay, 1),
@@ -183,6 +181,10 @@ class Deliverer:
             return
         self.store.confirm(event, Attempt(destination.name, claim.attempt, "dead", None, None,
                                           reason, at=time.time()), dead_reason=reason)
+
+
+def _argsrepr(event: LeadEvent, destination: Destination) -> str:
+    return f"('{event.event_id}', '{destination.name}')"  # what Flower shows
 
 
 def _ms(started: float) -> float:

@@ -170,13 +170,30 @@ class PauseGate:
     name = "pause"
 
     def __init__(self, client: redis.Redis, recheck: float = 3600.0,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, snapshot_ttl: float = 0.0) -> None:
         self.redis = client
         self.recheck = recheck
         self.clock = clock
         self._script = client.register_script(_PAUSE)
+        # Workers pass ``snapshot_ttl``: the set of paused names is read at most that often,
+        # so a delivery to an unpaused destination costs no round trip; a pause then takes
+        # effect within ``snapshot_ttl`` seconds.
+        self.snapshot_ttl = snapshot_ttl
+        self._snapshot: tuple[float, frozenset[bytes]] = (float("-inf"), frozenset())
+
+    def _maybe_paused(self, destination: str) -> bool:
+        if self.snapshot_ttl <= 0:
+            return True
+        now = time.monotonic()
+        taken, paused = self._snapshot
+        if now - taken >= self.snapshot_ttl:
+            paused = frozenset(self.redis.hkeys(PAUSED_KEY))
+            self._snapshot = (now, paused)
+        return destination.encode() in paused
 
     def hold_until(self, destination: Destination) -> float | None:
+        if not self._maybe_paused(destination.name):
+            return None
         due = self._script(keys=[PAUSED_KEY, _order_key(self.name, destination.name)],
                            args=[destination.name, self.clock(), self.recheck])
         return _held(self.redis, self.name, destination.name, due)
@@ -296,10 +313,11 @@ class RateLimitGate:
         return _held(self.redis, self.name, destination.name, due)
 
 
-def default_gates(client: redis.Redis) -> tuple[Gate, ...]:
+def default_gates(client: redis.Redis, pause_snapshot: float = 0.0) -> tuple[Gate, ...]:
     """The gates every worker runs, in order: a paused destination is not even counted
     against its circuit or its rate."""
-    return (PauseGate(client), CircuitBreaker(client), RateLimitGate(client))
+    return (PauseGate(client, snapshot_ttl=pause_snapshot), CircuitBreaker(client),
+            RateLimitGate(client))
 
 
 def destination_state(client: redis.Redis, destination: str, clock: Clock = time.time) -> str:

@@ -25,4 +25,5 @@ def build_relay(settings: Settings | None = None) -> Relay:
     return Relay(settings, config, client,
                  subscriptions=SubscriptionStore(client, settings.retention),
                  drivers=DriverCache(guarded_http=guarded_http),
-                 gates=default_gates(client))
+                 # A pause reaches every worker within a second (no round trip per delivery).
+                 gates=default_gates(client, pause_snapshot=1.0))

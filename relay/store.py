@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
 
 from relay.models import LeadEvent
+from relay.taskqueue import SCHEDULED_KEY
 
 PREFIX = "relay:"
 DEAD_KEY = PREFIX + "dead"
@@ -83,12 +83,49 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'claimed', tostring(st.crashes or 0), st.attempts}
 """
 
-# KEYS: delivery hash; ARGV: destination, state json, retention s. Never downgrades 'delivered'.
+# Everything one attempt's outcome changes, in one script (one round trip, one reply to parse):
+# KEYS: delivery hash, log list, stats hash, recent delivered / retrying / dead zsets,
+#       dead letters hash, dead letters index, scheduled zset
+# ARGV: destination, state json, retention s, attempt json, log cap, outcome, time, error,
+#       listed status, recent cap, event id, dead letter id, dead letter json ('' if none),
+#       parked task message ('' if none), its due time
 _CONFIRM = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if raw and cjson.decode(raw).status == 'delivered' then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+local dest, retention, outcome, at = ARGV[1], ARGV[3], ARGV[6], ARGV[7]
+local raw = redis.call('HGET', KEYS[1], dest)
+if not (raw and cjson.decode(raw).status == 'delivered') then
+  redis.call('HSET', KEYS[1], dest, ARGV[2])   -- never downgrade a confirmed delivery
+  redis.call('EXPIRE', KEYS[1], retention)
+end
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+redis.call('EXPIRE', KEYS[2], retention)
+if outcome == 'delivered' or outcome == 'skipped' then
+  redis.call('HINCRBY', KEYS[3], 'delivered', 1)
+  redis.call('HSET', KEYS[3], 'consecutive_failures', 0, 'last_success_at', at)
+else
+  redis.call('HINCRBY', KEYS[3], 'failed', 1)
+  redis.call('HINCRBY', KEYS[3], 'consecutive_failures', 1)
+  redis.call('HSET', KEYS[3], 'last_error', ARGV[8], 'last_error_at', at)
+end
+if ARGV[14] ~= '' then
+  redis.call('ZADD', KEYS[9], ARGV[15], ARGV[14])
+end
+if outcome == 'dead' then
+  redis.call('HINCRBY', KEYS[3], 'dead', 1)
+  redis.call('HSET', KEYS[7], ARGV[12], ARGV[13])
+  redis.call('ZADD', KEYS[8], at, ARGV[12])
+end
+local statuses = {'delivered', 'retrying', 'dead'}
+for i = 1, 3 do
+  local recent = KEYS[3 + i]
+  if statuses[i] == ARGV[9] then
+    redis.call('ZADD', recent, at, ARGV[11])
+    redis.call('ZREMRANGEBYRANK', recent, 0, -tonumber(ARGV[10]) - 1)
+    redis.call('EXPIRE', recent, retention)
+  else
+    redis.call('ZREM', recent, ARGV[11])
+  end
+end
 return 1
 """
 
@@ -223,11 +260,13 @@ class DeliveryStore:
         event: LeadEvent,
         attempt: Attempt,
         *,
-        park: Callable[[redis.client.Pipeline], None] | None = None,
+        park: tuple[str, float] | None = None,
         dead_reason: str | None = None,
     ) -> None:
-        """Record an attempt's outcome, its log line, counters and — for a retry — the parked
-        task, or — for a dead letter — the dead letter, in one round trip."""
+        """Record an attempt's outcome: the delivery state (never downgrading a confirmed
+        delivery), the log line, the counters, the per-destination lists and — for a retry —
+        the parked task message ``park = (message, due)``, or — for a dead letter — the dead
+        letter. One script: one round trip, and all of it or nothing."""
         state = {"status": attempt.outcome, "attempts": attempt.attempt, "updated_at": attempt.at}
         if attempt.status_code is not None:
             state["last_status"] = attempt.status_code
@@ -235,59 +274,26 @@ class DeliveryStore:
             state["last_error"] = attempt.error
         if attempt.next_attempt_at:
             state["next_attempt_at"] = attempt.next_attempt_at
-        name = attempt.destination
-        pipe = self.redis.pipeline(transaction=True)
-        self._confirm(
-            keys=[delivery_key(event.event_id)],
-            args=[name, json.dumps(state), self.retention],
-            client=pipe,
-        )
-        log = log_key(event.event_id)
-        pipe.rpush(log, json.dumps(attempt.to_json()))
-        pipe.ltrim(log, -LOG_CAP, -1)
-        pipe.expire(log, self.retention)
-        stats = stats_key(name)
-        if attempt.outcome in ("delivered", "skipped"):
-            pipe.hincrby(stats, "delivered", 1)
-            pipe.hset(stats, mapping={"consecutive_failures": 0, "last_success_at": attempt.at})
-        else:
-            pipe.hincrby(stats, "failed", 1)
-            pipe.hincrby(stats, "consecutive_failures", 1)
-            pipe.hset(
-                stats, mapping={"last_error": attempt.error or "", "last_error_at": attempt.at}
-            )
-        if park is not None:
-            park(pipe)
+        name, event_id = attempt.destination, event.event_id
+        letter_id = dead_id(event_id, name)
+        letter = ""
         if attempt.outcome == "dead":
-            pipe.hincrby(stats, "dead", 1)
-            key = dead_id(event.event_id, name)
-            pipe.hset(
-                DEAD_KEY,
-                key,
-                json.dumps(
-                    {
-                        "event_id": event.event_id,
-                        "destination": name,
-                        "reason": dead_reason or "",
-                        "attempts": attempt.attempt,
-                        "status_code": attempt.status_code,
-                        "dead_at": attempt.at,
-                        "event": event.to_json(),
-                    }
-                ),
-            )
-            pipe.zadd(DEAD_INDEX, {key: attempt.at})
+            letter = json.dumps({
+                "event_id": event_id, "destination": name, "reason": dead_reason or "",
+                "attempts": attempt.attempt, "status_code": attempt.status_code,
+                "dead_at": attempt.at, "event": event.to_json(),
+            })
         # Each delivery is listed under its current status only (skipped counts as delivered).
         listed = "delivered" if attempt.outcome == "skipped" else attempt.outcome
-        for status in RECENT_STATUSES:
-            recent = recent_key(name, status)
-            if status == listed:
-                pipe.zadd(recent, {event.event_id: attempt.at})
-                pipe.zremrangebyrank(recent, 0, -RECENT_CAP - 1)
-                pipe.expire(recent, self.retention)
-            else:
-                pipe.zrem(recent, event.event_id)
-        pipe.execute()
+        message, due = park if park is not None else ("", 0.0)
+        self._confirm(
+            keys=[delivery_key(event_id), log_key(event_id), stats_key(name),
+                  *(recent_key(name, status) for status in RECENT_STATUSES),
+                  DEAD_KEY, DEAD_INDEX, SCHEDULED_KEY],
+            args=[name, json.dumps(state), self.retention, json.dumps(attempt.to_json()),
+                  LOG_CAP, attempt.outcome, attempt.at, attempt.error or "", listed,
+                  RECENT_CAP, event_id, letter_id, letter, message, due],
+        )
         self.metrics.inc("deliveries", {"destination": name, "outcome": attempt.outcome})
         if attempt.latency_ms is not None:
             self.metrics.observe("attempt_latency_seconds", attempt.latency_ms / 1000,

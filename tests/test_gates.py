@@ -274,3 +274,18 @@ def test_held_deliveries_are_counted(sink: Sink) -> None:
     metrics_for(world.redis).flush()
     fields = {json.loads(k)[0]: v for k, v in world.redis.hgetall(METRICS_KEY).items()}
     assert int(fields["deliveries_held_total"]) == 1
+
+
+def test_a_workers_pause_snapshot_skips_redis_for_unpaused_destinations() -> None:
+    client = fakeredis.FakeRedis()
+    gate = PauseGate(client, snapshot_ttl=60.0)
+    crm, backend = Destination(name="crm", type="webhook"), Destination(name="backend",
+                                                                           type="webhook")
+    PauseGate(client).pause("crm")
+    assert gate.hold_until(backend) is None  # takes the snapshot: crm is paused
+    assert gate.hold_until(crm) is not None  # the authoritative script holds it
+    PauseGate(client).pause("backend")
+    # Within the snapshot's lifetime a new pause is not seen yet (the documented delay)...
+    assert gate.hold_until(backend) is None
+    gate._snapshot = (float("-inf"), frozenset())  # ...and is, once the snapshot is renewed
+    assert gate.hold_until(backend) is not None
