@@ -82,6 +82,9 @@ def _configure_logging(loglevel: Any = None, **_: Any) -> None:
     # worker's own lines too.
     configure_logging(settings.log_format, logging.getLevelName(loglevel) if isinstance(
         loglevel, int) else loglevel)
+    # Celery's "Task … succeeded" line repeats, less readably, the relay's own line per attempt
+    # (and dumps the task's return value); failures still show at WARNING and above.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
 
 
 settings = Settings.from_env()
