@@ -8,11 +8,13 @@ statuses are classified here once (SPEC §4) so every driver answers the same wa
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import urllib3
 
@@ -30,6 +32,15 @@ class HttpResponse:
 
     def text(self, limit: int = 300) -> str:
         return self.body[:limit].decode("utf-8", "replace")
+
+    def json_object(self) -> dict[str, Any]:
+        """The body as a JSON object, or ``{}`` when it is empty, not JSON, or not an object
+        (APIs answer errors in many shapes; callers look up the keys they know)."""
+        try:
+            value = json.loads(self.body) if self.body else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
 
 class HttpClient:

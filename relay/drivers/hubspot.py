@@ -96,7 +96,7 @@ class HubSpotDriver(Driver):
             },
             timeout=self.timeout,
         )
-        answer = _json(response)
+        answer = response.json_object()
         errors = answer.get("errors") if isinstance(answer, dict) else None
         if not 200 <= response.status < 300 or errors:
             self._raise(response, answer)
@@ -143,12 +143,6 @@ def _property_value(value: Any) -> str:
     return str(value)
 
 
-def _json(response: HttpResponse) -> Any:
-    try:
-        return json.loads(response.body) if response.body else {}
-    except ValueError:
-        return {}
-
 
 def _error_text(answer: Any) -> str:
     """HubSpot's error body (``message`` + ``category``), or the first error of a batch."""
@@ -168,7 +162,7 @@ def _rate_limit_wait(response: HttpResponse) -> float:
     explicit = parse_retry_after(headers.get("Retry-After"))
     if explicit is not None:
         return explicit
-    answer = _json(response)
+    answer = response.json_object()
     policy = str(answer.get("policyName", "")) if isinstance(answer, dict) else ""
     if policy == "DAILY" or headers.get("X-HubSpot-RateLimit-Daily-Remaining") == "0":
         return _DAILY_LIMIT_WAIT

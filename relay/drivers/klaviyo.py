@@ -114,7 +114,7 @@ class KlaviyoDriver(Driver):
             "/api/profile-import", {"data": {"type": "profile", "attributes": attributes}}
         )
         self._check(response, "profile import")
-        data = _json(response).get("data")
+        data = response.json_object().get("data")
         profile_id = data.get("id") if isinstance(data, dict) else None
         verb = "created" if response.status == 201 else "updated"
         notes.insert(0, f"profile {profile_id or email} {verb}")
@@ -209,7 +209,7 @@ class KlaviyoDriver(Driver):
     def _check(self, response: HttpResponse, action: str) -> None:
         if 200 <= response.status < 300:
             return
-        errors = _json(response).get("errors")
+        errors = response.json_object().get("errors")
         described: list[str] = []
         codes: set[str] = set()
         for error in errors if isinstance(errors, list) else []:
@@ -237,10 +237,3 @@ def _e164(value: Any) -> str | None:
     phone = _PHONE_PUNCTUATION.sub("", str(value))
     return phone if _E164.match(phone) else None
 
-
-def _json(response: HttpResponse) -> dict[str, Any]:
-    try:
-        value = json.loads(response.body) if response.body else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}

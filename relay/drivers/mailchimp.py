@@ -133,7 +133,7 @@ class MailchimpDriver(Driver):
             body["merge_fields"] = merge_fields
         response = self._request("PUT", member_url, body)
         self._check(response, "member upsert")
-        member = _json(response)
+        member = response.json_object()
         status = member.get("status", body.get("status", body["status_if_new"]))
         detail = f"member {email} {status}"
 
@@ -177,7 +177,7 @@ class MailchimpDriver(Driver):
     def _check(self, response: HttpResponse, action: str) -> None:
         if 200 <= response.status < 300:
             return
-        problem = _json(response)
+        problem = response.json_object()
         title = str(problem.get("title") or "").strip()
         detail = str(problem.get("detail") or "").strip()
         text = ": ".join(part for part in (title, detail) if part) or response.text(200).strip()
@@ -201,10 +201,3 @@ class MailchimpDriver(Driver):
             message += f" — {hint}"
         raise_vendor_error(response, "Mailchimp", message)
 
-
-def _json(response: HttpResponse) -> dict[str, Any]:
-    try:
-        value = json.loads(response.body) if response.body else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
