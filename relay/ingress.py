@@ -35,6 +35,12 @@ _ID_HEADERS = ("Idempotency-Key", "webhook-id")
 MAX_FORM_FIELDS = 1000
 
 
+@bp.before_request
+def _start_timer() -> None:
+    # Read by the request log line and the ingress latency histogram (relay.logs, .metrics).
+    g.relay_ingress_started = time.perf_counter()
+
+
 @bp.post("/hooks/<source>")
 def receive(source: str) -> tuple[Response, int]:
     ctx = current_app.extensions["relay"]

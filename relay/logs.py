@@ -111,14 +111,9 @@ def init_app(app: Flask, log_format: str | None = None) -> None:
     """Configure logging and write one line per ingress request (``POST /hooks/…``)."""
     configure_logging(log_format)
 
-    @app.before_request
-    def _started() -> None:
-        if request.path.startswith("/hooks/"):
-            g.relay_log_started = time.perf_counter()
-
     @app.after_request
     def _log_ingress(response: Response) -> Response:
-        started = g.pop("relay_log_started", None)
+        started = g.get("relay_ingress_started")  # set by the ingress blueprint
         if started is None:
             return response
         # The accepted path (the hot one) hands its event id over in ``g``; only refusals,

@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import redis
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, g
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -287,14 +287,9 @@ _REJECT_REASONS = {400: "bad_request", 401: "unauthorized", 404: "unknown_source
 def init_app(app: Flask) -> None:
     """``GET /metrics`` and the ingress counters (before/after request hooks on /hooks/)."""
 
-    @app.before_request
-    def _start_timer() -> None:
-        if request.path.startswith("/hooks/"):
-            g.relay_ingress_started = time.perf_counter()
-
     @app.after_request
     def _count_ingress(response: Response) -> Response:
-        started = g.pop("relay_ingress_started", None)
+        started = g.get("relay_ingress_started")  # set by the ingress blueprint
         if started is None:
             return response
         metrics = metrics_for(current_app.extensions["relay"].redis)
