@@ -103,11 +103,10 @@ class TaskQueue:
             raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
         return task_id
 
-    def park(self, name: str, args: Sequence[Any], argsrepr: str, due: float,
-             pipe: redis.client.Pipeline | None = None) -> str:
-        """Queue the task at ``due`` (epoch seconds); into ``pipe`` when one is given."""
+    def park(self, name: str, args: Sequence[Any], argsrepr: str, due: float) -> str:
+        """Queue the task at ``due`` (epoch seconds)."""
         message, task_id = task_message(name, args, argsrepr, queue=self.queue)
-        (pipe if pipe is not None else self.redis).zadd(SCHEDULED_KEY, {message: due})
+        self.redis.zadd(SCHEDULED_KEY, {message: due})
         return task_id
 
     def release_due(self, now: float | None = None, limit: int = 500) -> int:
