@@ -47,7 +47,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.config.update({k: v for k, v in test_config.items() if not k.startswith("RELAY_")})
-    app.extensions["relay"] = WebContext(settings, config, client, TaskQueue(client))
+    app.extensions["relay"] = WebContext(
+        settings, config, client, TaskQueue(client, grace=settings.visibility_timeout)
+    )
 
     from relay import ingress, openapi, ops, subscriptions_api
 

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs
 import redis
 
 from relay.devinbox import INBOX_KEY
-from relay.gates import parked_deliveries, queued_tasks
+from relay.gates import decode_task, parked_deliveries, queued_tasks
 from relay.store import (
     DEAD_INDEX,
     DEAD_KEY,
@@ -36,7 +36,14 @@ from relay.store import (
     event_key,
     log_key,
 )
-from relay.taskqueue import DELIVER, PROCESS_EVENT, QUEUE, SCHEDULED_KEY
+from relay.taskqueue import (
+    DELIVER,
+    NOT_STARTED_DUE_KEY,
+    NOT_STARTED_KEY,
+    PROCESS_EVENT,
+    QUEUE,
+    SCHEDULED_KEY,
+)
 
 BATCH = 500
 
@@ -67,6 +74,7 @@ def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
     _dead_letters(client, target, report)
     _event_keys(client, report)
     _parked(client, report)
+    _unstarted(client, report)
     _dev_inbox(client, target, report)
     return report
 
@@ -136,6 +144,26 @@ def _parked(client: redis.Redis, report: ErasureReport) -> None:
     for message, task, args in queued_tasks(client):
         if task == DELIVER and args and str(args[0]) in report.event_ids:
             report.removed["queued_tasks"] += int(client.lrem(QUEUE, 0, message))
+
+
+def _unstarted(client: redis.Redis, report: ErasureReport) -> None:
+    """The copies kept until a queued task starts (relay.taskqueue): they carry the payload."""
+    doomed = []
+    for task_id, message in client.hscan_iter(NOT_STARTED_KEY, count=BATCH):
+        task = decode_task(message)
+        if task is not None and task[1] and _event_id_of(task[1][0]) in report.event_ids:
+            doomed.append(task_id)
+    for ids in _batches(doomed):
+        pipe = client.pipeline(transaction=True)
+        pipe.hdel(NOT_STARTED_KEY, *ids)
+        pipe.zrem(NOT_STARTED_DUE_KEY, *ids)
+        removed, _ = pipe.execute()
+        report.removed["unstarted_copies"] += int(removed)
+
+
+def _event_id_of(first_arg: object) -> str:
+    # relay.process_event carries the event, relay.deliver its id.
+    return str(first_arg.get("event_id") if isinstance(first_arg, Mapping) else first_arg)
 
 
 def _dev_inbox(client: redis.Redis, email: str, report: ErasureReport) -> None:

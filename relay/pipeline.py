@@ -46,7 +46,7 @@ class Relay:
         self.config = config
         self.redis = client
         self.store = DeliveryStore(client, settings.retention)
-        self.queue = TaskQueue(client)
+        self.queue = TaskQueue(client, grace=settings.visibility_timeout)
         self.subscriptions = subscriptions
         self.deliverer = Deliverer(self.store, self.queue, drivers, gates,
                                    on_gone=self._gone, max_crashes=settings.max_task_runs)
@@ -86,6 +86,7 @@ class Relay:
 
     def deliver(self, event_id: str, destination_name: str, task_id: str) -> str:
         """A parked (retry, held) delivery coming back."""
+        self.queue.started(task_id)
         event = self.store.load_event(event_id)
         destination = self.destination(destination_name)
         if event is None or destination is None:

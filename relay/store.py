@@ -32,7 +32,7 @@ from typing import Any, Literal
 import redis
 
 from relay.models import LeadEvent
-from relay.taskqueue import SCHEDULED_KEY
+from relay.taskqueue import NOT_STARTED_DUE_KEY, NOT_STARTED_KEY, SCHEDULED_KEY
 
 PREFIX = "relay:"
 DEAD_KEY = PREFIX + "dead"
@@ -42,8 +42,11 @@ RECENT_CAP = 10_000  # per destination and status: what the admin API lists
 RECENT_STATUSES = ("delivered", "retrying", "dead")
 ERROR_TEXT_LIMIT = 500
 
-# KEYS: seen, event, delivery; ARGV: task id, window ms, event json, retention s, now
+# KEYS: seen, event, delivery, not-started hash and due zset;
+# ARGV: task id, window ms, event json, retention s, now
 _ADMIT = """
+redis.call('HDEL', KEYS[4], ARGV[1])  -- started: no longer at risk between queue and worker
+redis.call('ZREM', KEYS[5], ARGV[1])
 local prev = redis.call('GET', KEYS[1])
 if not prev then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -202,6 +205,8 @@ class DeliveryStore:
                 f"{PREFIX}seen:{event.event_id}",
                 event_key(event.event_id),
                 delivery_key(event.event_id),
+                NOT_STARTED_KEY,
+                NOT_STARTED_DUE_KEY,
             ],
             args=[
                 task_id,

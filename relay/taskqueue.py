@@ -9,6 +9,17 @@ Delayed tasks (retries, rate-limited or paused deliveries) are not held as count
 worker: the ready-made message is parked in a sorted set scored by due time, and
 :meth:`TaskQueue.release_due` moves due messages onto the queue in one Lua script, so with
 several workers each parked message is queued exactly once and none is lost in between.
+
+Celery's Redis transport has one window where a message can vanish: a worker takes it with
+``BRPOP`` and records it among its unacknowledged messages a moment later, so a ``kill -9`` in
+between loses it (kombu issue 305 and others). So every message queued here is also kept in
+``relay:unstarted`` (a hash by task id) with a due time in ``relay:unstarted:due`` until the
+task starts (:meth:`TaskQueue.started`, or the admit script of ``relay.process_event``). The
+scheduler's :meth:`TaskQueue.requeue_lost` puts back a message whose task has not started
+within ``grace`` (the broker's visibility timeout), but only while the queue is empty: then the
+message is certainly not waiting in it, and a backlog is never duplicated. A message that was
+merely slow (prefetched, or restored by kombu itself) runs twice at worst, which the delivery
+state absorbs.
 """
 
 from __future__ import annotations
@@ -35,14 +46,41 @@ DELIVER = "relay.deliver"
 _ORIGIN = f"leadrelay@{socket.gethostname()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
-# KEYS[1] scheduled zset, KEYS[2] queue list; ARGV[1] now, ARGV[2] limit.
+NOT_STARTED_KEY = "relay:unstarted"
+NOT_STARTED_DUE_KEY = "relay:unstarted:due"
+
+# KEYS: scheduled zset, queue list, not-started hash, not-started due zset;
+# ARGV: now, limit, grace s
 _RELEASE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, message in ipairs(due) do
+  local id = cjson.decode(message)['headers']['id']
+  redis.call('HSET', KEYS[3], id, message)
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[1]) + tonumber(ARGV[3]), id)
+end
 if #due > 0 then
   redis.call('ZREM', KEYS[1], unpack(due))
   redis.call('LPUSH', KEYS[2], unpack(due))
 end
 return #due
+"""
+
+# KEYS: queue list, not-started hash, not-started due zset; ARGV: now, grace s, limit
+_REQUEUE_LOST = """
+if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local requeued = 0
+for _, id in ipairs(ids) do
+  local message = redis.call('HGET', KEYS[2], id)
+  if message then
+    redis.call('LPUSH', KEYS[1], message)
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+    requeued = requeued + 1
+  else
+    redis.call('ZREM', KEYS[3], id)
+  end
+end
+return requeued
 """
 
 
@@ -90,18 +128,38 @@ def _template(name: str, queue: str) -> str:
 class TaskQueue:
     """Send ``relay.*`` tasks by name; park and release delayed ones."""
 
-    def __init__(self, client: redis.Redis, queue: str = QUEUE) -> None:
+    def __init__(self, client: redis.Redis, queue: str = QUEUE, grace: float = 300.0) -> None:
         self.redis = client
         self.queue = queue
+        self.grace = grace
         self._release = client.register_script(_RELEASE_DUE)
+        self._requeue_lost = client.register_script(_REQUEUE_LOST)
 
     def publish(self, name: str, args: Sequence[Any], argsrepr: str) -> str:
+        """Queue a task now; one transaction with its not-started record (see above)."""
         message, task_id = task_message(name, args, argsrepr, queue=self.queue)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lpush(self.queue, message)
+        pipe.hset(NOT_STARTED_KEY, task_id, message)
+        pipe.zadd(NOT_STARTED_DUE_KEY, {task_id: time.time() + self.grace})
         try:
-            self.redis.lpush(self.queue, message)
+            pipe.execute()
         except redis.RedisError as exc:  # down, timed out, or OOM under noeviction
             raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
         return task_id
+
+    def started(self, task_id: str) -> None:
+        """The task is running: it can no longer be lost between the queue and a worker."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(NOT_STARTED_KEY, task_id)
+        pipe.zrem(NOT_STARTED_DUE_KEY, task_id)
+        pipe.execute()
+
+    def requeue_lost(self, now: float | None = None, limit: int = 500) -> int:
+        """Put back tasks that never started within ``grace``, while the queue is empty."""
+        return int(self._requeue_lost(
+            keys=[self.queue, NOT_STARTED_KEY, NOT_STARTED_DUE_KEY],
+            args=[now if now is not None else time.time(), self.grace, limit]))
 
     def park(self, name: str, args: Sequence[Any], argsrepr: str, due: float) -> str:
         """Queue the task at ``due`` (epoch seconds)."""
@@ -111,8 +169,9 @@ class TaskQueue:
 
     def release_due(self, now: float | None = None, limit: int = 500) -> int:
         """Move due parked tasks onto the queue; atomic, so safe from every worker at once."""
-        moved = self._release(keys=[SCHEDULED_KEY, self.queue],
-                              args=[now if now is not None else time.time(), limit])
+        moved = self._release(keys=[SCHEDULED_KEY, self.queue, NOT_STARTED_KEY,
+                                    NOT_STARTED_DUE_KEY],
+                              args=[now if now is not None else time.time(), limit, self.grace])
         return int(moved)
 
     def depth(self) -> int:

@@ -380,6 +380,15 @@ class FullRedis(fakeredis.FakeRedis):
     def lpush(self, *args: Any, **kwargs: Any) -> Any:
         raise self.error("OOM command not allowed when used memory > 'maxmemory'.")
 
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:  # writes in a transaction, too
+        pipe = super().pipeline(*args, **kwargs)
+
+        def refuse(*_: Any, **__: Any) -> Any:
+            raise self.error("OOM command not allowed when used memory > 'maxmemory'.")
+
+        pipe.execute = refuse  # type: ignore[method-assign]
+        return pipe
+
 
 class FullRedisOldClient(FullRedis):
     error = redis.exceptions.ResponseError

@@ -30,7 +30,11 @@ class Scheduler:
             batch = self.queue.release_due()
             moved += batch
             if batch < 500:
-                return moved
+                break
+        lost = self.queue.requeue_lost()
+        if lost:
+            log.warning("requeued %d tasks that never started (lost by a killed worker?)", lost)
+        return moved + lost
 
     def _loop(self) -> None:
         failing = False
@@ -67,7 +71,9 @@ class SchedulerStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         settings = Settings.from_env()
-        self.scheduler = Scheduler(TaskQueue(connect(settings.redis_url, timeout=5)),
+        queue = TaskQueue(connect(settings.redis_url, timeout=5),
+                          grace=settings.visibility_timeout)
+        self.scheduler = Scheduler(queue,
                                    settings.scheduler_interval)
         self.scheduler.start()
 
