@@ -65,6 +65,15 @@ end
 return #due
 """
 
+# KEYS: queue list, not-started hash, not-started due zset; ARGV: message, task id, due
+# (a script rather than MULTI: the message crosses the wire once and one reply comes back)
+_PUBLISH = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+return 1
+"""
+
 # KEYS: queue list, not-started hash, not-started due zset; ARGV: now, grace s, limit
 _REQUEUE_LOST = """
 if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
@@ -132,18 +141,16 @@ class TaskQueue:
         self.redis = client
         self.queue = queue
         self.grace = grace
+        self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE_DUE)
         self._requeue_lost = client.register_script(_REQUEUE_LOST)
 
     def publish(self, name: str, args: Sequence[Any], argsrepr: str) -> str:
-        """Queue a task now; one transaction with its not-started record (see above)."""
+        """Queue a task now, atomically with its not-started record (see above)."""
         message, task_id = task_message(name, args, argsrepr, queue=self.queue)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lpush(self.queue, message)
-        pipe.hset(NOT_STARTED_KEY, task_id, message)
-        pipe.zadd(NOT_STARTED_DUE_KEY, {task_id: time.time() + self.grace})
         try:
-            pipe.execute()
+            self._publish(keys=[self.queue, NOT_STARTED_KEY, NOT_STARTED_DUE_KEY],
+                          args=[message, task_id, time.time() + self.grace])
         except redis.RedisError as exc:  # down, timed out, or OOM under noeviction
             raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
         return task_id

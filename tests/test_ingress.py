@@ -377,8 +377,10 @@ class FullRedis(fakeredis.FakeRedis):
 
     error: type[redis.RedisError] = redis.exceptions.OutOfMemoryError
 
-    def lpush(self, *args: Any, **kwargs: Any) -> Any:
-        raise self.error("OOM command not allowed when used memory > 'maxmemory'.")
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if str(args[0]).upper() in {"LPUSH", "EVALSHA", "EVAL"}:  # writes, scripts included
+            raise self.error("OOM command not allowed when used memory > 'maxmemory'.")
+        return super().execute_command(*args, **kwargs)
 
     def pipeline(self, *args: Any, **kwargs: Any) -> Any:  # writes in a transaction, too
         pipe = super().pipeline(*args, **kwargs)
