@@ -148,6 +148,8 @@ class LeadSchema(_schema("LeadBase", _LEAD_FIELDS)):  # type: ignore[misc]
             raise ValidationError(
                 f"at least one of {', '.join(LEAD_IDENTITY_FIELDS)} is required", "_lead"
             )
+
+
 # -- the ingress fast path ----------------------------------------------------------------------
 # A JSON body from KickoffLabs already has the declared types; for such a body marshmallow's load
 # is an (expensive) identity. Checking the exact types is a tenth of its cost; anything else
@@ -204,8 +206,10 @@ def load_lead(data: Any) -> dict[str, Any]:
     """``LeadSchema().load(data)``, without its cost when ``data`` is already typed."""
     if type(data) is dict and _already_typed(data, _PLAN):
         name = data.get("__event")
-        if isinstance(name, str) and canonical_event_name(name) and any(
-            data.get(key) not in (None, "") for key in LEAD_IDENTITY_FIELDS
+        if (
+            isinstance(name, str)
+            and canonical_event_name(name)
+            and any(data.get(key) not in (None, "") for key in LEAD_IDENTITY_FIELDS)
         ):
             lead = dict(data)
             lead["__event"] = canonical_event_name(name)
