@@ -28,8 +28,9 @@ from flask import Flask
 from relay.app import create_app
 from relay.config import RelayConfig, parse_config
 from relay.events import EVENTS
+from relay.pipeline import Relay
 from relay.settings import Settings
-from relay.taskqueue import QUEUE, SCHEDULED_KEY
+from relay.taskqueue import PROCESS_EVENT, QUEUE, SCHEDULED_KEY
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 SAMPLE_EVENTS: tuple[str, ...] = EVENTS
@@ -124,3 +125,13 @@ def silent_server() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         sock.close()
+
+
+def run_queue(relay: Relay, client: redis.Redis) -> None:
+    """Play the worker in this process: run every queued task until the queue is empty."""
+    while (raw := client.rpop(QUEUE)) is not None:
+        task = decode_task(raw)
+        if task.name == PROCESS_EVENT:
+            relay.process_event(task.args[0], task.task_id)  # type: ignore[arg-type]
+        else:
+            relay.deliver(*task.args, task.task_id)  # type: ignore[arg-type]

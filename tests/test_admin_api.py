@@ -10,14 +10,13 @@ from typing import Any
 import fakeredis
 import pytest
 from conftest import Sink
-from helpers import config, decode_task, make_app, sample
+from helpers import config, make_app, run_queue, sample
 
 from relay import store as store_module
 from relay.gates import default_gates
 from relay.pipeline import Relay
 from relay.settings import Settings
 from relay.store import LOG_CAP, Attempt, recent_key
-from relay.taskqueue import PROCESS_EVENT, QUEUE
 
 KEY = "admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -46,12 +45,7 @@ class World:
         return event_id
 
     def run_queue(self) -> None:
-        while (raw := self.redis.rpop(QUEUE)) is not None:
-            task = decode_task(raw)
-            if task.name == PROCESS_EVENT:
-                self.relay.process_event(task.args[0], task.task_id)
-            else:
-                self.relay.deliver(*task.args, task.task_id)
+        run_queue(self.relay, self.redis)
 
     def get(self, path: str, **kwargs: Any) -> Any:
         response = self.client.get(path, headers=AUTH, **kwargs)

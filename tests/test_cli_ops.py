@@ -10,13 +10,12 @@ import fakeredis
 import pytest
 from click.testing import CliRunner, Result
 from conftest import Sink
-from helpers import config, decode_task, make_app, sample
+from helpers import config, make_app, run_queue, sample
 
 from relay import cli_ops
 from relay.cli import main
 from relay.pipeline import Relay
 from relay.settings import Settings
-from relay.taskqueue import PROCESS_EVENT, QUEUE
 
 
 class World:
@@ -40,12 +39,7 @@ class World:
         return event_id
 
     def run_queue(self) -> None:
-        while (raw := self.redis.rpop(QUEUE)) is not None:
-            task = decode_task(raw)
-            if task.name == PROCESS_EVENT:
-                self.relay.process_event(task.args[0], task.task_id)
-            else:
-                self.relay.deliver(*task.args, task.task_id)
+        run_queue(self.relay, self.redis)
 
     def relay_cli(self, *args: str, code: int = 0, **kwargs: Any) -> Result:
         result = CliRunner().invoke(main, list(args), catch_exceptions=False, **kwargs)

@@ -8,13 +8,12 @@ from typing import Any
 import fakeredis
 import redis
 from conftest import Sink
-from helpers import config, decode_task, make_app, sample
+from helpers import config, make_app, run_queue, sample
 
 from relay.erase import erase_lead
 from relay.gates import PauseGate
 from relay.pipeline import Relay
 from relay.settings import Settings
-from relay.taskqueue import PROCESS_EVENT, QUEUE
 
 ADA = "ada.lovelace@example.com"
 GRACE = "grace@example.com"
@@ -70,12 +69,7 @@ class World:
         return event_id
 
     def run_queue(self) -> None:
-        while (raw := self.redis.rpop(QUEUE)) is not None:
-            task = decode_task(raw)
-            if task.name == PROCESS_EVENT:
-                self.relay.process_event(task.args[0], task.task_id)
-            else:
-                self.relay.deliver(*task.args, task.task_id)
+        run_queue(self.relay, self.redis)
 
 
 def test_erasure_removes_every_trace_of_one_lead_and_nothing_else(sink: Sink) -> None:
