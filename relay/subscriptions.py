@@ -40,6 +40,7 @@ from typing import Any
 
 import redis
 
+from relay.errors import Conflict
 from relay.models import Destination, LeadEvent
 
 log = logging.getLogger("relay.subscriptions")
@@ -52,7 +53,7 @@ NAME_PREFIX = "sub-"
 _NAME = re.compile(r"^sub-([0-9]+)$")
 
 
-class TooManySubscriptions(Exception):
+class TooManySubscriptions(Conflict):
     """The campaign already has ``max_per_campaign`` subscriptions."""
 
 

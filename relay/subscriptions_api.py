@@ -23,7 +23,13 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from relay.auth import require_api_key
-from relay.errors import IngressError, NotFound, UnsafeURLError
+from relay.errors import (
+    BadRequest,
+    IngressError,
+    NotFound,
+    UnsafeURLError,
+    ValidationFailed,
+)
 from relay.events import EVENTS, canonical_event_name, is_known
 from relay.netguard import MAX_URL_LENGTH, AddressGuard
 from relay.subscriptions import Subscription, SubscriptionStore, TooManySubscriptions
@@ -222,7 +228,7 @@ def _check_url(url: str) -> None:
     try:
         guard.check_url(url)
     except UnsafeURLError as exc:
-        raise _Refused(422, f"url refused: {exc.message}") from None
+        raise ValidationFailed(f"url refused: {exc.message}") from None
 
 
 def _parameters() -> dict[str, Any]:
@@ -233,7 +239,7 @@ def _parameters() -> dict[str, Any]:
     if decoded is not None:
         parameters.update(decoded)
     elif body.strip() and request.mimetype == "application/json":
-        raise _Refused(400, "the body is not a JSON object")
+        raise BadRequest("the body is not a JSON object")
     elif request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
         parameters.update(_from_multidict(request.form))
     return parameters
@@ -271,7 +277,7 @@ def _load(schema: Schema, parameters: dict[str, Any]) -> dict[str, Any]:
         field, problems = next(iter(messages.items()))
         first = problems[0] if isinstance(problems, list) and problems else problems
         label = "" if field == "_schema" else f"{field}: "
-        raise _Refused(422, f"{label}{first}", messages) from None
+        raise ValidationFailed(f"{label}{first}", messages) from None
     return loaded
 
 
@@ -293,23 +299,12 @@ def _message(status: int, message: str, errors: Any = None) -> Response:
     return response
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, errors: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.errors = status, message, errors
-
-
 # KickoffLabs' shapes for every failure of this blueprint's views.
-
-
-@bp.errorhandler(_Refused)
-def _refused(exc: _Refused) -> Response:
-    return _message(exc.status, exc.message, exc.errors)
 
 
 @bp.errorhandler(IngressError)
 def _ingress_error(exc: IngressError) -> Response:
-    return _message(exc.status_code, exc.message)
+    return _message(exc.status_code, exc.message, exc.details)
 
 
 @bp.errorhandler(HTTPException)
