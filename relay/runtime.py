@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from relay.config import load_config
 from relay.delivery import DriverCache
 from relay.gates import default_gates
@@ -17,7 +19,9 @@ def build_relay(settings: Settings | None = None) -> Relay:
     config = load_config(settings.config_path)
     client = connect(settings.redis_url, timeout=10)
 
+    @functools.cache
     def guarded_http() -> HttpClient:
+        # One SSRF-guarded pool for every API subscription of this (already forked) process.
         from relay.netguard import AddressGuard
 
         return HttpClient(AddressGuard(settings.allowed_networks).pool_manager())
