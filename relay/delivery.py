@@ -111,12 +111,8 @@ class Deliverer:
             self.park(event, destination, claim.lease_until + 1)
             return "busy"
         if self.max_crashes and claim.crashes >= self.max_crashes:
-            reason = f"the delivery crashed its worker {claim.crashes} times"
-            self.store.confirm(event, Attempt(destination.name, claim.attempt, "dead", None,
-                                              None, reason, at=time.time()), dead_reason=reason)
-            log.error("dead letter", extra={"event_id": event.event_id,
-                                            "destination": destination.name,
-                                            "attempt": claim.attempt, "error": reason})
+            self._bury_claimed(event, destination, claim.attempt,
+                               f"the delivery crashed its worker {claim.crashes} times")
             return "dead"
         driver_started = time.perf_counter()
         try:
@@ -179,8 +175,15 @@ class Deliverer:
         if claim.status == "busy":  # another worker is sending it: let that attempt decide
             self.park(event, destination, claim.lease_until + 1)
             return
-        self.store.confirm(event, Attempt(destination.name, claim.attempt, "dead", None, None,
+        self._bury_claimed(event, destination, claim.attempt, reason)
+
+    def _bury_claimed(self, event: LeadEvent, destination: Destination, attempt_no: int,
+                      reason: str) -> None:
+        self.store.confirm(event, Attempt(destination.name, attempt_no, "dead", None, None,
                                           reason, at=time.time()), dead_reason=reason)
+        log.error("dead letter", extra={"event_id": event.event_id,
+                                        "destination": destination.name,
+                                        "attempt": attempt_no, "error": reason})
 
 
 def _argsrepr(event: LeadEvent, destination: Destination) -> str:
