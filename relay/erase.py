@@ -101,12 +101,7 @@ def _dead_letters(client: redis.Redis, email: str, report: ErasureReport) -> Non
                                                     email):
             doomed.append(key)
             report.event_ids.add(event_id)
-    for keys in _batches(doomed):
-        pipe = client.pipeline(transaction=True)
-        pipe.hdel(DEAD_KEY, *keys)
-        pipe.zrem(DEAD_INDEX, *keys)
-        removed, _ = pipe.execute()
-        report.removed["dead_letters"] += int(removed)
+    report.removed["dead_letters"] += _remove_indexed(client, DEAD_KEY, DEAD_INDEX, doomed)
 
 
 def _event_keys(client: redis.Redis, report: ErasureReport) -> None:
@@ -153,12 +148,20 @@ def _unstarted(client: redis.Redis, report: ErasureReport) -> None:
         task = decode_task(message)
         if task is not None and task[1] and _event_id_of(task[1][0]) in report.event_ids:
             doomed.append(task_id)
-    for ids in _batches(doomed):
+    report.removed["unstarted_copies"] += _remove_indexed(
+        client, NOT_STARTED_KEY, NOT_STARTED_DUE_KEY, doomed)
+
+
+def _remove_indexed(client: redis.Redis, records: str, index: str, ids: list[Any]) -> int:
+    """Remove ``ids`` from a hash of records and the sorted set indexing it; how many went."""
+    removed = 0
+    for batch in _batches(ids):
         pipe = client.pipeline(transaction=True)
-        pipe.hdel(NOT_STARTED_KEY, *ids)
-        pipe.zrem(NOT_STARTED_DUE_KEY, *ids)
-        removed, _ = pipe.execute()
-        report.removed["unstarted_copies"] += int(removed)
+        pipe.hdel(records, *batch)
+        pipe.zrem(index, *batch)
+        gone, _ = pipe.execute()
+        removed += int(gone)
+    return removed
 
 
 def _event_id_of(first_arg: object) -> str:
