@@ -21,9 +21,15 @@ log = logging.getLogger("relay.pipeline")
 
 
 class SubscriptionSource(Protocol):
-    """Destinations registered at run time (the subscription API)."""
+    """Destinations registered at run time (the subscription API).
 
-    def for_event(self, event: LeadEvent) -> list[Destination]: ...
+    ``version_key`` names a Redis key whose value changes with every change of the
+    subscriptions: the admit script reads it in its round trip, and ``for_event`` reuses what it
+    read for the same version instead of asking Redis again."""
+
+    version_key: str
+
+    def for_event(self, event: LeadEvent, version: bytes | None = None) -> list[Destination]: ...
 
     def get(self, name: str) -> Destination | None: ...
 
@@ -60,26 +66,32 @@ class Relay:
             found = self.subscriptions.get(name)
         return found
 
-    def destinations_for(self, event: LeadEvent) -> list[Destination]:
+    def destinations_for(self, event: LeadEvent, version: bytes | None = None
+                         ) -> list[Destination]:
         targets = route(event, self.config.destinations)
         if self.subscriptions is not None:
-            targets += route(event, self.subscriptions.for_event(event))
+            targets += route(event, self.subscriptions.for_event(event, version))
         return targets
 
     def process_event(self, message: Mapping[str, Any], task_id: str) -> dict[str, str]:
         """Admit one event from the ingress and attempt each of its deliveries once."""
         event = LeadEvent.from_json(message)
-        if self.store.count_task_run(task_id) > self.settings.max_task_runs:
-            return self._bury_all(event, task_id, "the task crashed its worker "
-                                  f"{self.settings.max_task_runs} times")
-        admitted = self.store.admit(event, task_id, self.source(event.source).dedupe_window)
-        if admitted == "duplicate":
+        admission = self.store.admit(
+            event, task_id, self.source(event.source).dedupe_window,
+            watch=self.subscriptions.version_key if self.subscriptions is not None else "")
+        if admission.outcome == "duplicate":
             log.info("duplicate dropped", extra={"event_id": event.event_id})
             return {"_event": "duplicate"}
-        outcomes: dict[str, str] = {"_event": admitted}
-        for destination in self.destinations_for(event):
+        targets = self.destinations_for(event, admission.watched)
+        if admission.runs > self.settings.max_task_runs:
+            reason = f"the task crashed its worker {self.settings.max_task_runs} times"
+            for destination in targets:
+                self.deliverer.bury(event, destination, reason)
+            return {"_event": "dead"}
+        outcomes: dict[str, str] = {"_event": admission.outcome}
+        for destination in targets:
             outcomes[destination.name] = self.deliverer.deliver(event, destination)
-        if len(outcomes) == 1:
+        if not targets:
             log.info("no destination subscribed", extra={"event_id": event.event_id,
                                                          "event": event.name})
         return outcomes
@@ -99,13 +111,6 @@ class Relay:
                                 f"{self.settings.max_task_runs} times")
             return "dead"
         return self.deliverer.deliver(event, destination)
-
-    def _bury_all(self, event: LeadEvent, task_id: str, reason: str) -> dict[str, str]:
-        if self.store.admit(event, task_id, self.source(event.source).dedupe_window) == "duplicate":
-            return {"_event": "duplicate"}
-        for destination in self.destinations_for(event):
-            self.deliverer.bury(event, destination, reason)
-        return {"_event": "dead"}
 
     def _gone(self, destination: Destination) -> None:
         if destination.untrusted and self.subscriptions is not None:

@@ -11,7 +11,8 @@ Keys (all under ``relay:``), each with the lifetime that bounds memory:
 ``dead``                  hash: ``<id>|<destination>`` -> dead letter JSON          until replayed
 ``dead:index``            zset: ``<id>|<destination>`` by time of death             until replayed
 ``stats:<destination>``   hash: delivered / failed / dead counters, last error     kept
-``runs:<task id>``        times a task started (worker-lost cap)                   1 day
+``runs:<task id>``        times a task started (worker-lost cap), counted by       1 day
+                          :meth:`DeliveryStore.admit` for the event's task
 ``recent:<dest>:<s>``     zset: event ids by time of the destination's latest      retention,
                           deliveries in status s (delivered | retrying | dead)     capped
 ========================  ======================================================  ===========
@@ -42,11 +43,15 @@ RECENT_CAP = 10_000  # per destination and status: what the admin API lists
 RECENT_STATUSES = ("delivered", "retrying", "dead")
 ERROR_TEXT_LIMIT = 500
 
-# KEYS: seen, event, delivery, not-started hash and due zset;
-# ARGV: task id, window ms, event json, retention s, now
+# One round trip for everything a task does before routing its event. KEYS: seen, event,
+# delivery, not-started hash and due zset, run counter, a key whose value is returned as is
+# (the subscriptions' version); ARGV: task id, window ms, event json, retention s, now
 _ADMIT = """
 redis.call('HDEL', KEYS[4], ARGV[1])  -- started: no longer at risk between queue and worker
 redis.call('ZREM', KEYS[5], ARGV[1])
+local runs = redis.call('INCR', KEYS[6])
+redis.call('EXPIRE', KEYS[6], 86400)
+local watched = redis.call('GET', KEYS[7]) or ''
 local prev = redis.call('GET', KEYS[1])
 if not prev then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -54,12 +59,12 @@ if not prev then
   redis.call('HSET', KEYS[2], 'event', ARGV[3], 'task', ARGV[1], 'admitted_at', ARGV[5],
              'duplicates', 0)
   redis.call('EXPIRE', KEYS[2], ARGV[4])
-  return 'new'
+  return {'new', runs, watched}
 elseif prev == ARGV[1] then
-  return 'redelivered'
+  return {'redelivered', runs, watched}
 end
 redis.call('HINCRBY', KEYS[2], 'duplicates', 1)
-return 'duplicate'
+return {'duplicate', runs, watched}
 """
 
 # KEYS: delivery hash; ARGV: destination, now, lease until, retention s
@@ -136,6 +141,13 @@ Outcome = Literal["delivered", "retrying", "dead", "skipped"]
 
 
 @dataclass(frozen=True)
+class Admission:
+    outcome: Literal["new", "redelivered", "duplicate"]  # redelivered: the same task again
+    runs: int  # times this task has started, this run included (the worker-lost cap)
+    watched: bytes = b""  # the value of the ``watch`` key passed to admit, read atomically
+
+
+@dataclass(frozen=True)
 class Claim:
     status: Literal["claimed", "done", "busy"]
     attempt: int
@@ -181,6 +193,10 @@ def recent_key(destination: str, status: str) -> str:
     return f"{PREFIX}recent:{destination}:{status}"
 
 
+def _runs_key(task_id: str) -> str:
+    return f"{PREFIX}runs:{task_id}"
+
+
 def dead_id(event_id: str, destination: str) -> str:
     return f"{event_id}|{destination}"
 
@@ -198,15 +214,20 @@ class DeliveryStore:
 
     # -- events ---------------------------------------------------------------------------
 
-    def admit(self, event: LeadEvent, task_id: str, dedupe_window: float) -> str:
-        """``new``, ``redelivered`` (the same task again after a crash) or ``duplicate``."""
-        result = self._admit(
+    def admit(self, event: LeadEvent, task_id: str, dedupe_window: float,
+              watch: str = "") -> Admission:
+        """Mark the task started, count its run, and admit its event: ``new``, ``redelivered``
+        (the same task again after a crash) or ``duplicate``; with the value of the ``watch``
+        key read in the same round trip (the workers' subscription cache watches a version)."""
+        outcome, runs, watched = self._admit(
             keys=[
                 f"{PREFIX}seen:{event.event_id}",
                 event_key(event.event_id),
                 delivery_key(event.event_id),
                 NOT_STARTED_KEY,
                 NOT_STARTED_DUE_KEY,
+                _runs_key(task_id),
+                watch or f"{PREFIX}nothing",
             ],
             args=[
                 task_id,
@@ -216,10 +237,10 @@ class DeliveryStore:
                 time.time(),
             ],
         )
-        outcome = result.decode() if isinstance(result, bytes) else str(result)
-        if outcome == "duplicate":
+        admission = Admission(outcome.decode(), int(runs), watched)
+        if admission.outcome == "duplicate":
             self.metrics.inc("events_duplicate")
-        return outcome
+        return admission
 
     def load_event(self, event_id: str) -> LeadEvent | None:
         raw = self.redis.hget(event_key(event_id), "event")
@@ -238,7 +259,7 @@ class DeliveryStore:
 
     def count_task_run(self, task_id: str) -> int:
         """How many times this task has started (a task that kills its worker comes back)."""
-        key = f"{PREFIX}runs:{task_id}"
+        key = _runs_key(task_id)
         pipe = self.redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, 86400)

@@ -16,6 +16,8 @@ Keys (under ``relay:``), persistent like the rest of Redis' AOF-backed data:
                                                                                        retention
 ``sub:campaign:<campaign>``      hash: url -> id of the campaign's active ones        kept
 ``sub:campaign:<campaign>:gone`` zset: ids removed by a 410, by removal time          retention
+``sub:version``                  INCR counter bumped by every change, in the change's  kept
+                                 transaction
 ===============================  ===================================================  =========
 
 One active subscription per (campaign, url): the campaign hash is the uniqueness index, updated
@@ -26,6 +28,10 @@ the URL (:meth:`SubscriptionStore.remove_destination`) keeps the record for the 
 period with ``state: "removed"`` and the reason, so ``GET`` shows why it disappeared (the 410
 attempt itself is a dead letter in the delivery log). A removed subscription is no longer routed
 to, and its parked retries are dropped; registering the URL again creates a new one.
+
+Workers keep what they read for a campaign while ``sub:version`` has not moved: the admit
+script reads the version in the round trip it makes anyway, so routing an event to its
+subscriptions costs no round trip of its own, and a change is seen by the next event admitted.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ log = logging.getLogger("relay.subscriptions")
 
 PREFIX = "relay:sub:"
 SEQ_KEY = PREFIX + "seq"
+VERSION_KEY = PREFIX + "version"
+#: A worker forgets what it read after this long even if the version did not move (a version
+#: can repeat if Redis loses its last second of writes).
+ROUTES_TTL = 60.0
+ROUTES_CAP = 10_000  # campaigns remembered per worker process
 ACTIVE = "active"
 REMOVED = "removed"
 NAME_PREFIX = "sub-"
@@ -144,6 +155,9 @@ class SubscriptionStore:
         self.redis = client
         self.retention = int(retention)
         self.max_per_campaign = max_per_campaign
+        self.version_key = VERSION_KEY
+        # campaign -> (version, read at (monotonic), its active subscriptions as destinations)
+        self._routes: dict[str, tuple[bytes, float, list[Destination]]] = {}
 
     # -- the API side ---------------------------------------------------------------------
 
@@ -171,6 +185,7 @@ class SubscriptionStore:
                 )
                 pipe.multi()
                 pipe.set(record_key(updated.reference_id), _dumps(updated))
+                pipe.incr(VERSION_KEY)
                 result.append((updated, False))
                 return
             if pipe.hlen(index) >= self.max_per_campaign:
@@ -183,6 +198,7 @@ class SubscriptionStore:
             pipe.multi()
             pipe.set(record_key(reference_id), _dumps(created))
             pipe.hset(index, url, reference_id)
+            pipe.incr(VERSION_KEY)
             result.append((created, True))
 
         self.redis.transaction(attempt, index)
@@ -213,6 +229,7 @@ class SubscriptionStore:
             pipe.multi()
             pipe.hdel(index, url)
             pipe.delete(record_key(int(found)))
+            pipe.incr(VERSION_KEY)
             if subscription is not None:
                 deleted.append(subscription)
 
@@ -234,17 +251,28 @@ class SubscriptionStore:
 
     # -- the worker side (SubscriptionSource) ---------------------------------------------
 
-    def for_event(self, event: LeadEvent) -> list[Destination]:
+    def for_event(self, event: LeadEvent, version: bytes | None = None) -> list[Destination]:
         """The active subscriptions of the event's campaign (``campaign_id``, else
-        ``list_id``); the router then filters them by event name like any destination."""
+        ``list_id``); the router then filters them by event name like any destination.
+        With ``version`` (the value of :attr:`version_key` read before this call), what was
+        read for the same campaign at the same version is reused."""
         campaign = event.campaign_id
         if campaign is None:
             return []
-        ids = self.redis.hvals(campaign_key(normalise_campaign(campaign)))
-        if not ids:
-            return []
-        return [s.destination() for s in self._load_many(int(i) for i in ids)
-                if s.state == ACTIVE]
+        campaign = normalise_campaign(campaign)
+        now = time.monotonic()
+        if version is not None:
+            cached = self._routes.get(campaign)
+            if cached is not None and cached[0] == version and now - cached[1] < ROUTES_TTL:
+                return cached[2]
+        ids = self.redis.hvals(campaign_key(campaign))
+        found = [s.destination() for s in self._load_many(int(i) for i in ids)
+                 if s.state == ACTIVE]
+        if version is not None:
+            if len(self._routes) >= ROUTES_CAP:
+                self._routes.clear()
+            self._routes[campaign] = (version, now, found)
+        return found
 
     def get(self, name: str) -> Destination | None:
         """An active subscription by destination name (``sub-<id>``), for parked deliveries."""
@@ -285,6 +313,7 @@ class SubscriptionStore:
             pipe.set(key, _dumps(gone), ex=self.retention)
             pipe.zadd(gone_key(current.campaign), {str(reference_id): now})
             pipe.expire(gone_key(current.campaign), self.retention)
+            pipe.incr(VERSION_KEY)
             removed.append(gone)
 
         self.redis.transaction(attempt, key)

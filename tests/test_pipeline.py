@@ -234,7 +234,7 @@ def test_busy_claim_parks_the_second_claimant(sink: VendorServer) -> None:
     event_id = message["event_id"]
     # A first worker admitted the event and is sending it right now (its claim is held) when
     # the broker hands the same task to a second worker.
-    assert world.store.admit(LeadEvent.from_json(message), task_id, 86400) == "new"
+    assert world.store.admit(LeadEvent.from_json(message), task_id, 86400).outcome == "new"
     held = world.store.claim(event_id, "backend", lease=60)
     assert held.status == "claimed"
     assert world.store.claim(event_id, "backend", lease=60).status == "busy"

@@ -469,3 +469,36 @@ def test_a_campaign_has_at_most_max_per_campaign_subscriptions() -> None:
 
     with pytest.raises(TooManySubscriptions):
         store.register(CAMPAIGN, SINK + "3", ["referral"])
+
+
+def test_a_worker_rereads_a_campaigns_subscriptions_only_when_the_version_moves(
+    store: SubscriptionStore,
+) -> None:
+    def version() -> bytes:
+        return store.redis.get(store.version_key) or b""
+
+    reads = 0
+    hvals = store.redis.hvals
+
+    def counted(key: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return hvals(key)
+
+    store.redis.hvals = counted  # type: ignore[method-assign]
+    event = lead_event()
+    assert store.for_event(event, version()) == []
+    assert store.for_event(event, version()) == [] and reads == 1  # the same version: reused
+    subscription, _ = store.register(CAMPAIGN, SINK, ["referral"])
+    [destination] = store.for_event(event, version())  # each change moves the version
+    assert reads == 2
+    store.register(CAMPAIGN, SINK, ["referral", "new_signup"])
+    [updated] = store.for_event(event, version())
+    assert updated.events == frozenset({"referral", "new_signup"})
+    store.remove_destination(updated, "the URL answered 410 Gone")
+    assert store.for_event(event, version()) == []
+    store.register(CAMPAIGN, SINK, ["referral"])
+    assert len(store.for_event(event, version())) == 1
+    store.delete(CAMPAIGN, SINK)
+    assert store.for_event(event, version()) == []
+    assert reads == 6
