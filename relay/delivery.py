@@ -35,6 +35,10 @@ class Gate(Protocol):
         """None to go ahead; else the epoch time to park the delivery until."""
         ...
 
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        """Told the outcome of each attempt this process made (a gate may cache state)."""
+        ...
+
 
 @dataclass
 class DriverCache:
@@ -117,14 +121,19 @@ class Deliverer:
         driver_started = time.perf_counter()
         try:
             result = self.drivers.get(destination).send(event)
-        except RetryableDeliveryError as exc:
+        except Exception as exc:
+            for gate in self.gates:
+                gate.attempted(destination, False)
+            if isinstance(exc, PermanentDeliveryError):
+                return self._dead(event, destination, claim.attempt, exc, driver_started)
+            if not isinstance(exc, RetryableDeliveryError):
+                # A driver bug: retry on schedule rather than lose the event.
+                log.exception("driver %s crashed delivering %s", destination.type,
+                              event.event_id)
+                exc = RetryableDeliveryError(f"internal error: {type(exc).__name__}: {exc}")
             return self._failed(event, destination, claim.attempt, exc, driver_started)
-        except PermanentDeliveryError as exc:
-            return self._dead(event, destination, claim.attempt, exc, driver_started)
-        except Exception as exc:  # a driver bug: retry on schedule rather than lose the event
-            log.exception("driver %s crashed delivering %s", destination.type, event.event_id)
-            error = RetryableDeliveryError(f"internal error: {type(exc).__name__}: {exc}")
-            return self._failed(event, destination, claim.attempt, error, driver_started)
+        for gate in self.gates:
+            gate.attempted(destination, True)
         status_code = result.status_code
         outcome: Outcome = "skipped" if result.skipped else "delivered"
         attempt = Attempt(destination.name, claim.attempt, "delivered", status_code,

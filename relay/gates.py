@@ -191,6 +191,9 @@ class PauseGate:
             self._snapshot = (now, paused)
         return destination.encode() in paused
 
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        pass
+
     def hold_until(self, destination: Destination) -> float | None:
         if not self._maybe_paused(destination.name):
             return None
@@ -254,15 +257,30 @@ class CircuitBreaker:
     name = "circuit"
 
     def __init__(self, client: redis.Redis, policy: CircuitPolicy | None = None,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, snapshot_ttl: float = 0.0) -> None:
         self.redis = client
         self.policy = policy or CircuitPolicy()
         self.clock = clock
         self._script = client.register_script(_CIRCUIT)
+        # Workers pass ``snapshot_ttl``: after the script said "go", this process lets a
+        # destination's deliveries through without asking again for that long, as long as
+        # each of its own attempts succeeds. A failure here, or the time running out, sends
+        # the next delivery through the script, so a circuit that other workers opened stops
+        # this one after at most ``snapshot_ttl`` seconds of successes or one failure.
+        self.snapshot_ttl = snapshot_ttl
+        self._healthy: dict[str, float] = {}  # destination -> monotonic time of the last "go"
+
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        if not succeeded:
+            self._healthy.pop(destination.name, None)
 
     def hold_until(self, destination: Destination) -> float | None:
         p = self.policy
         name = destination.name
+        if self.snapshot_ttl > 0:
+            now = time.monotonic()
+            if now - self._healthy.get(name, -math.inf) < self.snapshot_ttl:
+                return None
         action, due = self._script(
             keys=[circuit_key(name), circuit_key(name) + ":probe", stats_key(name),
                   _order_key(self.name, name)],
@@ -276,6 +294,8 @@ class CircuitBreaker:
             log.warning("circuit closed", extra={"destination": name})
         elif action == "probe":
             log.info("circuit half-open: probing", extra={"destination": name})
+        if action == "go" and self.snapshot_ttl > 0:
+            self._healthy[name] = now
         return _held(self.redis, self.name, name, due)
 
     def state(self, destination: str) -> str:
@@ -300,6 +320,9 @@ class RateLimitGate:
         self.clock = clock
         self._script = client.register_script(_RATE)
 
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        pass
+
     def hold_until(self, destination: Destination) -> float | None:
         limit = destination.rate_limit
         if limit is None:
@@ -313,11 +336,12 @@ class RateLimitGate:
         return _held(self.redis, self.name, destination.name, due)
 
 
-def default_gates(client: redis.Redis, pause_snapshot: float = 0.0) -> tuple[Gate, ...]:
+def default_gates(client: redis.Redis, snapshot_ttl: float = 0.0) -> tuple[Gate, ...]:
     """The gates every worker runs, in order: a paused destination is not even counted
-    against its circuit or its rate."""
-    return (PauseGate(client, snapshot_ttl=pause_snapshot), CircuitBreaker(client),
-            RateLimitGate(client))
+    against its circuit or its rate. With ``snapshot_ttl``, the pause and circuit gates skip
+    their round trip for a destination that was neither paused nor failing that recently."""
+    return (PauseGate(client, snapshot_ttl=snapshot_ttl),
+            CircuitBreaker(client, snapshot_ttl=snapshot_ttl), RateLimitGate(client))
 
 
 def destination_state(client: redis.Redis, destination: str, clock: Clock = time.time) -> str:

@@ -29,5 +29,6 @@ def build_relay(settings: Settings | None = None) -> Relay:
     return Relay(settings, config, client,
                  subscriptions=SubscriptionStore(client, settings.retention),
                  drivers=DriverCache(guarded_http=guarded_http),
-                 # A pause reaches every worker within a second (no round trip per delivery).
-                 gates=default_gates(client, pause_snapshot=1.0))
+                 # No gate round trip per delivery to a healthy destination: a pause, or a
+                 # circuit another worker opened, reaches every worker within a second.
+                 gates=default_gates(client, snapshot_ttl=1.0))

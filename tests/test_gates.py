@@ -289,3 +289,26 @@ def test_a_workers_pause_snapshot_skips_redis_for_unpaused_destinations() -> Non
     assert gate.hold_until(backend) is None
     gate._snapshot = (float("-inf"), frozenset())  # ...and is, once the snapshot is renewed
     assert gate.hold_until(backend) is not None
+
+
+def test_a_workers_circuit_snapshot_skips_redis_until_a_failure_or_its_expiry() -> None:
+    client = fakeredis.FakeRedis()
+    crm = Destination(name="crm", type="webhook")
+    gate = CircuitBreaker(client, CircuitPolicy(threshold=3), snapshot_ttl=60.0)
+    assert gate.hold_until(crm) is None  # the script says go: remembered as healthy
+    # Other workers' failures open the circuit; this worker's own attempts still succeed.
+    client.hset(stats_key("crm"), mapping={"consecutive_failures": 3, "failed": 3})
+    gate.attempted(crm, True)
+    assert gate.hold_until(crm) is None  # within the snapshot: no round trip
+    gate.attempted(crm, False)  # its own attempt failed: ask the script next time
+    assert gate.hold_until(crm) is not None
+    assert gate.state("crm") == "open"
+    assert gate.hold_until(crm) is not None  # held answers are never cached
+
+    other = CircuitBreaker(client, CircuitPolicy(threshold=3), snapshot_ttl=60.0)
+    client.hset(stats_key("crm"), "consecutive_failures", 0)
+    CircuitBreaker(client).reset("crm")
+    assert other.hold_until(crm) is None
+    client.hset(stats_key("crm"), "consecutive_failures", 3)
+    other._healthy["crm"] -= 61  # the snapshot expired
+    assert other.hold_until(crm) is not None
