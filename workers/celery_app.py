@@ -82,9 +82,12 @@ def _configure_logging(loglevel: Any = None, **_: Any) -> None:
     # worker's own lines too.
     configure_logging(settings.log_format, logging.getLevelName(loglevel) if isinstance(
         loglevel, int) else loglevel)
-    # Celery's "Task … succeeded" line repeats, less readably, the relay's own line per attempt
-    # (and dumps the task's return value); failures still show at WARNING and above.
-    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+    # Celery's "Task … received" and "Task … succeeded" lines repeat, less readably, the
+    # relay's own line per attempt (and dump the whole message or the task's return value:
+    # a tenth of the consumer's CPU); failures still show at WARNING and above, and Flower
+    # shows every task.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 settings = Settings.from_env()
