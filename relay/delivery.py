@@ -7,11 +7,12 @@ attempt in Redis, or make a dead letter. Nothing waits in worker memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,7 +21,7 @@ from relay.errors import DeliveryError, PermanentDeliveryError, RetryableDeliver
 from relay.http import HttpClient
 from relay.models import Destination, LeadEvent
 from relay.retry import next_delay
-from relay.store import Attempt, DeliveryStore, Outcome
+from relay.store import Attempt, Claim, DeliveryStore, Outcome
 from relay.taskqueue import DELIVER, TaskQueue, task_message
 
 log = logging.getLogger("relay.delivery")
@@ -101,12 +102,40 @@ class Deliverer:
 
     def deliver(self, event: LeadEvent, destination: Destination) -> Outcome | str:
         """Attempt one delivery now (or park it). Returns what happened, for logs and tests."""
-        for gate in self.gates:
+        return self.deliver_all(event, [destination])[destination.name]
+
+    def deliver_all(self, event: LeadEvent, destinations: Sequence[Destination]
+                    ) -> dict[str, Outcome | str]:
+        """Attempt each of an event's deliveries now, or park it: the gates first, then one
+        claim for every delivery they let through (one round trip for the fan-out; each lease
+        also covers the attempts before it), then each send and its own confirm."""
+        outcomes: dict[str, Outcome | str] = {}
+        ready: list[Destination] = []
+        for destination in destinations:
+            until = self._held_until(destination)
+            if until is None:
+                ready.append(destination)
+            else:
+                self.park(event, destination, until)
+                outcomes[destination.name] = "held"
+        if not ready:
+            return outcomes
+        leases = list(zip((d.name for d in ready),
+                          itertools.accumulate(self.lease(d) for d in ready), strict=True))
+        claims = self.store.claim_many(event.event_id, leases)
+        for destination, claim in zip(ready, claims, strict=True):
+            outcomes[destination.name] = self._attempt(event, destination, claim)
+        return outcomes
+
+    def _held_until(self, destination: Destination) -> float | None:
+        for gate in self.gates:  # the first gate that holds decides
             until = gate.hold_until(destination)
             if until is not None:
-                self.park(event, destination, until)
-                return "held"
-        claim = self.store.claim(event.event_id, destination.name, self.lease(destination))
+                return until
+        return None
+
+    def _attempt(self, event: LeadEvent, destination: Destination, claim: Claim
+                 ) -> Outcome | str:
         if claim.status == "done":
             return "already-" + claim.final_status
         if claim.status == "busy":

@@ -89,8 +89,7 @@ class Relay:
                 self.deliverer.bury(event, destination, reason)
             return {"_event": "dead"}
         outcomes: dict[str, str] = {"_event": admission.outcome}
-        for destination in targets:
-            outcomes[destination.name] = self.deliverer.deliver(event, destination)
+        outcomes.update(self.deliverer.deliver_all(event, targets))
         if not targets:
             log.info("no destination subscribed", extra={"event_id": event.event_id,
                                                          "event": event.name})

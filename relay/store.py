@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,28 +68,35 @@ redis.call('HINCRBY', KEYS[2], 'duplicates', 1)
 return {'duplicate', runs, watched}
 """
 
-# KEYS: delivery hash; ARGV: destination, now, lease until, retention s
+# Claims one event's deliveries, each on its own terms (one round trip for the fan-out).
+# KEYS: delivery hash; ARGV: now, retention s, then destination and lease until per delivery
 _CLAIM = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local st = {status = 'pending', attempts = 0}
-if raw then st = cjson.decode(raw) end
-if st.status == 'delivered' or st.status == 'dead' then
-  return {'done', st.status, st.attempts}
+local now = tonumber(ARGV[1])
+local replies = {}
+for i = 3, #ARGV, 2 do
+  local dest = ARGV[i]
+  local raw = redis.call('HGET', KEYS[1], dest)
+  local st = {status = 'pending', attempts = 0}
+  if raw then st = cjson.decode(raw) end
+  if st.status == 'delivered' or st.status == 'dead' then
+    table.insert(replies, {'done', st.status, st.attempts})
+  elseif st.status == 'inflight' and tonumber(st.lease_until) > now then
+    table.insert(replies, {'busy', tostring(st.lease_until), st.attempts})
+  else
+    -- An expired lease on an inflight delivery: the attempt that took it never confirmed (its
+    -- worker died, or hit the hard time limit). Counted, so that a delivery that kills its
+    -- worker every time becomes a dead letter even though each retry has a new task id.
+    if st.status == 'inflight' then st.crashes = (st.crashes or 0) + 1 end
+    st.attempts = st.attempts + 1
+    st.status = 'inflight'
+    st.lease_until = tonumber(ARGV[i + 1])
+    st.updated_at = now
+    redis.call('HSET', KEYS[1], dest, cjson.encode(st))
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+    table.insert(replies, {'claimed', tostring(st.crashes or 0), st.attempts})
+  end
 end
-if st.status == 'inflight' and tonumber(st.lease_until) > tonumber(ARGV[2]) then
-  return {'busy', tostring(st.lease_until), st.attempts}
-end
--- An expired lease on an inflight delivery: the attempt that took it never confirmed (its
--- worker died, or hit the hard time limit). Counted, so that a delivery that kills its
--- worker every time becomes a dead letter even though each retry has a new task id.
-if st.status == 'inflight' then st.crashes = (st.crashes or 0) + 1 end
-st.attempts = st.attempts + 1
-st.status = 'inflight'
-st.lease_until = tonumber(ARGV[3])
-st.updated_at = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(st))
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {'claimed', tostring(st.crashes or 0), st.attempts}
+return replies
 """
 
 # Everything one attempt's outcome changes, in one script (one round trip, one reply to parse):
@@ -193,6 +201,14 @@ def recent_key(destination: str, status: str) -> str:
     return f"{PREFIX}recent:{destination}:{status}"
 
 
+def _claim(status: bytes, extra: bytes, attempts: int) -> Claim:
+    if status == b"busy":
+        return Claim("busy", int(attempts), lease_until=float(extra))
+    if status == b"done":
+        return Claim("done", int(attempts), final_status=extra.decode())
+    return Claim("claimed", int(attempts), crashes=int(extra or 0))
+
+
 def _runs_key(task_id: str) -> str:
     return f"{PREFIX}runs:{task_id}"
 
@@ -269,17 +285,17 @@ class DeliveryStore:
     # -- deliveries -----------------------------------------------------------------------
 
     def claim(self, event_id: str, destination: str, lease: float) -> Claim:
+        return self.claim_many(event_id, [(destination, lease)])[0]
+
+    def claim_many(self, event_id: str, leases: Sequence[tuple[str, float]]) -> list[Claim]:
+        """Claim the event's delivery to each destination for its lease (seconds), in one
+        round trip; each claim is decided on its own, in order."""
         now = time.time()
-        status, extra, attempts = self._claim(
-            keys=[delivery_key(event_id)], args=[destination, now, now + lease, self.retention]
-        )
-        status = status.decode()
-        extra = extra.decode()
-        if status == "busy":
-            return Claim("busy", int(attempts), lease_until=float(extra))
-        if status == "done":
-            return Claim("done", int(attempts), final_status=extra)
-        return Claim("claimed", int(attempts), crashes=int(extra or 0))
+        args: list[object] = [now, self.retention]
+        for destination, lease in leases:
+            args += [destination, now + lease]
+        replies = self._claim(keys=[delivery_key(event_id)], args=args)
+        return [_claim(*reply) for reply in replies]
 
     def confirm(
         self,

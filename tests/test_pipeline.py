@@ -246,6 +246,34 @@ def test_busy_claim_parks_the_second_claimant(sink: VendorServer) -> None:
     assert due >= time.time() + 50  # after the holder's lease
 
 
+def test_the_fan_out_is_claimed_in_one_go_each_lease_covering_the_attempts_before_it(
+    sinks: tuple[VendorServer, VendorServer],
+) -> None:
+    first, second = sinks
+    world = World([hook(first, "a", timeout="5s"), hook(second, "b", timeout="20s")])
+    message, task_id = world.accept(sample("new_signup"))
+    claimed: list[list[tuple[str, float]]] = []
+    claim_many = world.store.claim_many
+
+    def spy(event_id: str, leases: list[tuple[str, float]]) -> Any:
+        claimed.append(list(leases))
+        return claim_many(event_id, leases)
+
+    world.store.claim_many = spy  # type: ignore[method-assign]
+    outcomes = world.relay.process_event(message, task_id)
+    assert outcomes == {"_event": "new", "a": "delivered", "b": "delivered"}
+    # a's lease is 2 x 5 s + 10 s; b waits for a's attempt, then has 2 x 20 s + 10 s
+    assert claimed == [[("a", 20.0), ("b", 70.0)]]
+
+    # Each claim is decided on its own: a done one, a held one and a free one in one call.
+    event_id = message["event_id"]
+    world.store.redis.hdel(f"relay:delivery:{event_id}", "b")
+    [a, b, c] = claim_many(event_id, [("a", 10), ("b", 10), ("c", 10)])
+    assert (a.status, a.final_status) == ("done", "delivered")
+    assert (b.status, b.attempt, c.status) == ("claimed", 1, "claimed")
+    assert claim_many(event_id, [("b", 10)])[0].status == "busy"
+
+
 def test_task_that_keeps_crashing_its_worker_becomes_dead_letters(
     sinks: tuple[VendorServer, VendorServer],
 ) -> None:
