@@ -45,6 +45,7 @@ DELIVER = "relay.deliver"
 
 _ORIGIN = f"leadrelay@{socket.gethostname()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
 
 NOT_STARTED_KEY = "relay:unstarted"
 NOT_STARTED_DUE_KEY = "relay:unstarted:due"
@@ -97,41 +98,44 @@ def task_message(name: str, args: Sequence[Any], argsrepr: str, task_id: str | N
                  queue: str = QUEUE) -> tuple[str, str]:
     """The kombu/Redis envelope of one Celery task call, and its task id."""
     task_id = task_id or str(uuid.uuid4())
-    body = json.dumps([list(args), {}, _EMBED], separators=(",", ":"))
-    message = (
-        _template(name, queue)
-        .replace("@@BODY@@", base64.b64encode(body.encode()).decode())
-        .replace("@@ID@@", task_id)
-        .replace("@@ARGSREPR@@", json.dumps(argsrepr)[1:-1])
-        .replace("@@TAG@@", str(uuid.uuid4()))
-    )
+    body = _encode([list(args), {}, _EMBED])
+    message = _template(name, queue) % {
+        "body": base64.b64encode(body.encode()).decode(),
+        "id": task_id,
+        "argsrepr": _encode(argsrepr)[1:-1],
+        "tag": str(uuid.uuid4()),
+    }
     return message, task_id
 
 
 @functools.lru_cache(maxsize=16)
 def _template(name: str, queue: str) -> str:
-    """The envelope as JSON with placeholders: only four values change from call to call, and
-    encoding the rest once saves a third of the ingress's message building."""
+    """The envelope as a %-format string: only four values change from call to call, and
+    encoding the rest once saves a third of the ingress's message building (one ``%`` fills
+    them in a single pass, where a ``str.replace`` per value rescanned the whole message)."""
     envelope = {
-        "body": "@@BODY@@",
+        "body": "@@body@@",
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
-            "lang": "py", "task": name, "id": "@@ID@@", "shadow": None, "eta": None,
+            "lang": "py", "task": name, "id": "@@id@@", "shadow": None, "eta": None,
             "expires": None, "group": None, "group_index": None, "retries": 0,
-            "timelimit": [None, None], "root_id": "@@ID@@", "parent_id": None,
+            "timelimit": [None, None], "root_id": "@@id@@", "parent_id": None,
             # Flower shows argsrepr: the event id and destination, never the whole payload.
-            "argsrepr": "@@ARGSREPR@@", "kwargsrepr": "{}", "origin": _ORIGIN,
+            "argsrepr": "@@argsrepr@@", "kwargsrepr": "{}", "origin": _ORIGIN,
             "ignore_result": True, "replaced_task_nesting": 0, "stamped_headers": None,
             "stamps": {},
         },
         "properties": {
-            "correlation_id": "@@ID@@", "reply_to": "", "delivery_mode": 2,
+            "correlation_id": "@@id@@", "reply_to": "", "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-            "body_encoding": "base64", "delivery_tag": "@@TAG@@",
+            "body_encoding": "base64", "delivery_tag": "@@tag@@",
         },
     }
-    return json.dumps(envelope, separators=(",", ":"))
+    template = _encode(envelope).replace("%", "%%")
+    for field in ("body", "id", "argsrepr", "tag"):
+        template = template.replace(f"@@{field}@@", f"%({field})s")
+    return template
 
 
 class TaskQueue:
