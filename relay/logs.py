@@ -12,6 +12,7 @@ Secrets stay out: extras whose name says secret (``token``, ``api_key``, ``autho
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ def extras(record: logging.LogRecord) -> dict[str, Any]:
     return {key: "[redacted]" if _is_secret(key) else value for key, value in found.items()}
 
 
+@functools.lru_cache(maxsize=1024)  # the same few extra names, on every line
 def _is_secret(name: str) -> bool:
     lowered = name.lower()
     return any(word in lowered for word in _SECRET_WORDS)
@@ -89,7 +91,11 @@ def _text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)  # nothing to redact or quote: the common case stays cheap
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return _quoted(value if isinstance(value, str) else json.dumps(value, default=str))
+
+
+@functools.lru_cache(maxsize=256)  # source names and refusal reasons recur line after line
+def _quoted(text: str) -> str:
     return redact(json.dumps(text) if (" " in text or not text) else text)
 
 
