@@ -183,6 +183,8 @@ def _already_typed(data: dict[str, Any], plan: dict[str, Any]) -> bool:
         kind = plan.get(key, ...)
         if kind is ... or value is None:
             continue  # unknown keys are kept verbatim; every declared field allows null
+        if type(value) is kind and kind is not list:
+            continue  # the common case: exactly the declared type (a list's items are checked)
         if kind is str or kind == "event":
             if type(value) is not str:
                 return False
