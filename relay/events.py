@@ -32,6 +32,8 @@ EVENT_BLOCKS = {
     "reward_level": "__reward_level",
 }
 LEAD_IDENTITY_FIELDS = ("social_id", "id", "email", "phone_number")
+# One encoder for every event id (json.dumps builds a new one per call with these options).
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 
 
 def canonical_event_name(name: str) -> str:
@@ -77,5 +79,5 @@ def derive_event_id(source: str, name: str, payload: Mapping[str, Any]) -> str:
         parts.append(payload.get(block))
     if name == "repeat_signup":
         parts.append(payload.get("counter"))
-    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    canonical = _canonical_json(parts)
     return "evt_" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
