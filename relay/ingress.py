@@ -31,7 +31,9 @@ from relay.taskqueue import PROCESS_EVENT
 bp = Blueprint("ingress", __name__)
 _JSON_TYPES = ("application/json",)
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-_ID_HEADERS = ("Idempotency-Key", "webhook-id")
+# Sender-supplied event ids: each header and its WSGI environ key (read there directly, the
+# headers view would build the key anew and raise and catch a KeyError for each absent one).
+_ID_HEADERS = (("Idempotency-Key", "HTTP_IDEMPOTENCY_KEY"), ("webhook-id", "HTTP_WEBHOOK_ID"))
 MAX_FORM_FIELDS = 1000
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
 
@@ -84,8 +86,9 @@ def _check_token(expected: str) -> None:
 
 
 def _event_id(source: str, name: str, lead: dict[str, Any]) -> str:
-    for header in _ID_HEADERS:
-        key = request.headers.get(header)
+    environ = request.environ
+    for header, environ_key in _ID_HEADERS:
+        key = environ.get(environ_key)
         if key:
             if len(key) > 256 or not key.isprintable():
                 raise BadRequest(f"invalid {header} header")
