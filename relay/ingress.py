@@ -40,8 +40,10 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds on
 
 @bp.before_request
 def _start_timer() -> None:
-    # Read by the request log line and the ingress latency histogram (relay.logs, .metrics).
-    g.relay_ingress_started = time.perf_counter()
+    # Read by the request log line and the ingress latency histogram (relay.logs, .metrics):
+    # every POST is an event accepted or refused; Flask's automatic OPTIONS answer is neither.
+    if request.method == "POST":
+        g.relay_ingress_started = time.perf_counter()
 
 
 @bp.post("/hooks/<source>")

@@ -67,6 +67,7 @@ def test_metrics_change_as_events_flow(sink: Sink) -> None:
     assert world.client.post("/hooks/kickofflabs", json={"__event": "new_signup"}
                              ).status_code == 422
     assert world.client.post("/hooks/nowhere", json=sample("new_signup")).status_code == 404
+    assert world.client.options("/hooks/kickofflabs").status_code == 200  # not an event
     mid = world.scrape()
     assert mid[("relay_events_accepted_total", ())] == 3
     assert mid[("relay_events_rejected_total", (("reason", "invalid"),))] == 1
