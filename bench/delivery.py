@@ -12,6 +12,10 @@
    (threads = the worker's process count, the same urllib3 ``PoolManager``) posts each to the
    same two URLs.
 
+3. **Celery floor** (fast sink only): :mod:`bench.celery_floor`, the same worker command and
+   Celery settings with a task that only POSTs each payload to the two URLs: the share of the
+   gap that one Celery task per event costs before the relay does any work of its own.
+
 Sinks: ``fast`` is nginx answering 200 on loopback (the asyncio sink of :mod:`bench.sinks` when
 nginx is missing; the output says which), ``slow`` answers after 50 ms. Redis is emptied between
 runs. Target: relay deliveries/s >= 0.5 x bare.
@@ -53,6 +57,7 @@ from bench.common import (
     write_config,
 )
 from relay.store import stats_key
+from relay.taskqueue import QUEUE
 
 TARGET_RATIO = 0.5
 DESTINATIONS = ("sink-a", "sink-b")
@@ -91,6 +96,7 @@ class Scenario:
     events: int
     relay: Run | None = None
     bare: Run | None = None
+    floor: Run | None = None  # the Celery floor (fast sink only)
 
     @property
     def ratio(self) -> float:
@@ -170,6 +176,56 @@ def run_relay(scenario: Scenario, args: argparse.Namespace, env: dict[str, str],
                   flush=True)
         start, count0, cpu0, redis0 = first or (now, 0, cpu, redis_cpu)
         return Run(count - count0, now - start, cpu - cpu0, failed, redis_cpu - redis0,
+                   watch.foreign_cores, watch.note())
+    finally:
+        stop(worker, timeout=30)
+
+
+def run_floor(scenario: Scenario, args: argparse.Namespace, env: dict[str, str],
+              client: redis.Redis, redis_pid: int, workdir: Path, urls: list[str]) -> Run:
+    """The Celery floor (:mod:`bench.celery_floor`): the same worker command serving a task
+    that only POSTs, timed by the broker's keys emptying."""
+    env = {**env, "BENCH_URLS": " ".join(urls)}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        from bench import celery_floor
+
+        celery_floor.enqueue([json.dumps(lead(n)) for n in range(scenario.events)])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    argv = relay_argv("worker", "--concurrency", str(scenario.concurrency)) + args.worker_arg
+    argv[argv.index("-A") + 1] = "bench.celery_floor"
+    worker = spawn(argv, env, workdir / f"floor-{scenario.sink}-{scenario.concurrency}.log")
+    deadline = time.monotonic() + args.timeout
+    queued = scenario.events
+    try:
+        first: tuple[float, int, float, float] | None = None
+        with CpuWatch() as watch:
+            while True:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the floor worker exited ({worker.returncode})")
+                pipe = client.pipeline(transaction=False)
+                pipe.llen(QUEUE)
+                pipe.hlen(celery_floor.UNACKED_KEY)
+                waiting, unacked = pipe.execute()
+                now = time.monotonic()
+                if first is None and waiting < queued:
+                    first = (now, queued - waiting - unacked, process_tree_cpu(worker.pid),
+                             process_tree_cpu(redis_pid))
+                if (waiting == 0 and unacked == 0) or now > deadline:
+                    break
+                time.sleep(POLL)
+            cpu = process_tree_cpu(worker.pid)
+            redis_cpu = process_tree_cpu(redis_pid)
+        start, done0, cpu0, redis0 = first or (now, 0, cpu, redis_cpu)
+        done = queued - waiting - unacked
+        per_event = len(DESTINATIONS)
+        return Run((done - done0) * per_event, now - start, cpu - cpu0, 0, redis_cpu - redis0,
                    watch.foreign_cores, watch.note())
     finally:
         stop(worker, timeout=30)
@@ -266,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                                      redis_server.process.pid, urls)
             print(describe("bare ", scenario.bare), flush=True)
             reset_redis(client)
+            if scenario.sink == "fast":
+                scenario.floor = run_floor(scenario, args, env, client,
+                                           redis_server.process.pid, workdir, urls)
+                print(describe("floor", scenario.floor), flush=True)
+                reset_redis(client)
         report(scenarios, sinks)
         print(f"(ran in {time.monotonic() - started:.0f}s)")
         if args.json:
@@ -287,18 +348,24 @@ def report(scenarios: list[Scenario], sinks: dict[str, tuple[Any, int, str]]) ->
     for s in scenarios:
         assert s.relay is not None and s.bare is not None
         sink = "fast" if s.sink == "fast" else f"{SLOW_DELAY * 1000:g} ms"
+        floor = ("-", "-") if s.floor is None else (
+            f"{s.floor.rate:,.0f} ({s.floor.rate / s.bare.rate:.2f}x)", f"{s.floor.cpu_ms:.2f}")
         rows.append([sink, s.concurrency, f"{s.events:,} x {len(DESTINATIONS)}",
-                     f"{s.relay.rate:,.0f}", f"{s.bare.rate:,.0f}", f"{s.ratio:.2f}x",
-                     f"{s.relay.cpu_ms:.2f}", f"{s.bare.cpu_ms:.2f}",
-                     f"{s.relay.redis_cpu_ms:.2f} / {s.bare.redis_cpu_ms:.2f}",
+                     f"{s.relay.rate:,.0f}", f"{s.bare.rate:,.0f}", floor[0],
+                     f"{s.ratio:.2f}x", f"{s.relay.cpu_ms:.2f}", f"{s.bare.cpu_ms:.2f}",
+                     floor[1], f"{s.relay.redis_cpu_ms:.2f} / {s.bare.redis_cpu_ms:.2f}",
                      verdict(s.ratio >= TARGET_RATIO)])
     print("\n" + table(["sink", "concurrency", "deliveries", "relay /s", "bare /s",
-                        "relay vs bare", "relay CPU ms/delivery", "bare CPU ms/delivery",
+                        "Celery floor /s (vs bare)", "relay vs bare", "relay CPU ms/delivery",
+                        "bare CPU ms/delivery", "floor CPU ms/delivery",
                         "Redis CPU ms (relay / bare)", f">= {TARGET_RATIO}x"], rows))
     fast = [s.ratio for s in scenarios if s.sink == "fast"]
     if fast:
         print(f"SPEC target (fast sink): delivery >= {TARGET_RATIO} x bare consumer: "
               f"{statistics.median(fast):.2f}x {verdict(statistics.median(fast) >= TARGET_RATIO)}")
+    floors = [s.relay.rate / s.floor.rate for s in scenarios if s.floor and s.relay]
+    if floors:
+        print(f"relay vs the Celery floor (fast sink): {statistics.median(floors):.2f}x")
 
 
 if __name__ == "__main__":
