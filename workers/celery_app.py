@@ -27,6 +27,7 @@ from relay.config import load_config
 from relay.logs import configure_logging
 from relay.settings import Settings
 from relay.taskqueue import QUEUE
+from workers import broker
 from workers.scheduler import SchedulerStep
 
 
@@ -90,6 +91,7 @@ def _configure_logging(loglevel: Any = None, **_: Any) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+broker.install()
 settings = Settings.from_env()
 app = create_celery(settings)
 
