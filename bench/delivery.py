@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import redis
 
@@ -115,9 +116,7 @@ def lead(number: int) -> dict[str, Any]:
 
 def enqueue_through_ingress(env: dict[str, str], events: int) -> None:
     """POST every event to the real ingress app (in this process), which queues its message."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         from relay.app import create_app
 
         app = create_app()
@@ -128,12 +127,6 @@ def enqueue_through_ingress(env: dict[str, str], events: int) -> None:
                                    content_type="application/json")
             if response.status_code != 202:
                 raise RuntimeError(f"ingress answered {response.status_code}: {response.data!r}")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def delivered(client: redis.Redis) -> tuple[int, int]:
@@ -186,18 +179,10 @@ def run_floor(scenario: Scenario, args: argparse.Namespace, env: dict[str, str],
     """The Celery floor (:mod:`bench.celery_floor`): the same worker command serving a task
     that only POSTs, timed by the broker's keys emptying."""
     env = {**env, "BENCH_URLS": " ".join(urls)}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):  # the floor's app reads the broker URL at import
         from bench import celery_floor
 
         celery_floor.enqueue([json.dumps(lead(n)) for n in range(scenario.events)])
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     argv = relay_argv("worker", "--concurrency", str(scenario.concurrency)) + args.worker_arg
     argv[argv.index("-A") + 1] = "bench.celery_floor"
     worker = spawn(argv, env, workdir / f"floor-{scenario.sink}-{scenario.concurrency}.log")
