@@ -22,16 +22,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from relay.auth import require_api_key
-from relay.erase import erase_lead
-from relay.errors import NotFound, ValidationFailed
-from relay.gates import (
-    PAUSED_KEY,
-    PauseGate,
-    destination_state,
-    parked_deliveries,
-    queued_tasks,
-)
-from relay.store import (
+from relay.delivery.gates import PAUSED_KEY, PauseGate, destination_state
+from relay.delivery.lanes import Lanes, parked
+from relay.delivery.state import (
     DEAD_INDEX,
     DEAD_KEY,
     PREFIX,
@@ -40,7 +33,8 @@ from relay.store import (
     delivery_key,
     recent_key,
 )
-from relay.taskqueue import DELIVER, TaskQueue
+from relay.erase import erase_lead
+from relay.errors import NotFound, ValidationFailed
 
 bp = Blueprint("admin", __name__, url_prefix="/api")
 MAX_PAGE = 500
@@ -137,16 +131,15 @@ def replay_targets(store: DeliveryStore, ids: Iterable[str] = (), destination: s
     return targets
 
 
-def replay_dead_letters(store: DeliveryStore, queue: TaskQueue, targets: Iterable[ReplayTarget],
+def replay_dead_letters(store: DeliveryStore, targets: Iterable[ReplayTarget],
                         on_each: Callable[[ReplayTarget, bool], None] | None = None) -> int:
-    """Take each dead letter (atomically: two replays of one dead letter queue it once) and
-    queue a fresh ``relay.deliver``. Returns how many were queued."""
+    """Take each dead letter out and put a fresh delivery into its destination's lane
+    (atomically: two replays of one dead letter queue it once; the workers' sweep picks the
+    lane up within a second). Returns how many were queued."""
     queued = 0
     for target in targets:
-        event = store.take_dead_letter(target.event_id, target.destination)
+        event = store.replay(target.event_id, target.destination)
         if event is not None:
-            queue.publish(DELIVER, [target.event_id, target.destination],
-                          f"('{target.event_id}', '{target.destination}')")
             queued += 1
         if on_each is not None:
             on_each(target, event is not None)
@@ -166,13 +159,11 @@ def destination_health(client: redis.Redis, names: Iterable[str],
                        types: dict[str, str] | None = None,
                        clock: Callable[[], float] = time.time) -> list[dict[str, Any]]:
     """State (active / paused / open / half-open), success rate, last error and the counts of
-    queued, parked (retry delays and holds), retrying and dead deliveries of each destination."""
+    queued (waiting in the lane or in flight), parked (retry delays), retrying and dead
+    deliveries of each destination."""
     names = list(names)
-    queued: Counter[str] = Counter()
-    for _, task, args in queued_tasks(client):
-        if task == DELIVER and len(args) >= 2:
-            queued[str(args[1])] += 1
-    parked = Counter(p.destination for p in parked_deliveries(client))
+    queued = Lanes(client).lane_depths()
+    waiting = Counter(destination for _, destination, _ in parked(client))
     dead: Counter[str] = Counter()
     for member, _ in client.zscan_iter(DEAD_INDEX, count=1000):
         dead[member.decode().rsplit("|", 1)[-1]] += 1
@@ -198,8 +189,8 @@ def destination_health(client: redis.Redis, names: Iterable[str],
             "last_error_at": float(stats["last_error_at"]) if "last_error_at" in stats else None,
             "last_success_at": float(stats["last_success_at"])
             if "last_success_at" in stats else None,
-            "queued": queued[name],
-            "parked": parked[name],
+            "queued": queued.get(name, 0),
+            "parked": waiting[name],
             "retrying": int(answers[2 * i + 1]),
             "dead": dead[name],
         })
@@ -322,7 +313,7 @@ def post_replay() -> Response:
     store = _store()
     targets = replay_targets(store, body.get("ids") or (), body.get("destination"),
                              bool(body.get("all")))
-    return jsonify({"queued": replay_dead_letters(store, _ctx().queue, targets)})
+    return jsonify({"queued": replay_dead_letters(store, targets)})
 
 
 @bp.get("/destinations")

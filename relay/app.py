@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from relay.config import RelayConfig, load_config
 from relay.errors import IngressError, QueueUnavailable
 from relay.settings import Settings
-from relay.taskqueue import TaskQueue, connect
+from relay.taskqueue import Intake, connect
 
 log = logging.getLogger("relay.web")
 
@@ -28,7 +28,7 @@ class WebContext:
     settings: Settings
     config: RelayConfig
     redis: redis.Redis
-    queue: TaskQueue
+    intake: Intake
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -48,7 +48,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update({k: v for k, v in test_config.items() if not k.startswith("RELAY_")})
     app.extensions["relay"] = WebContext(
-        settings, config, client, TaskQueue(client, grace=settings.visibility_timeout)
+        settings, config, client, Intake(client)
     )
 
     from relay import ingress, openapi, ops, subscriptions_api

@@ -92,20 +92,32 @@ def web(host: str, port: int, workers: int | None, threads: int) -> None:
 @click.option(
     "--concurrency",
     "-c",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="tasks (lanes drained, intake batches) at once in this worker",
+)
+@click.option(
+    "--max-in-flight",
     default=None,
-    type=int,
-    help="worker processes [default: number of cores]",
+    type=click.IntRange(1, 10_000),
+    help="deliveries in flight at once in this worker [default: RELAY_MAX_IN_FLIGHT or 100]",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--task-events/--no-task-events", default=False, show_default=True,
               help="send task events from the start (Flower turns them on when it runs)")
-def worker(concurrency: int | None, loglevel: str, task_events: bool) -> None:
-    """Run a Celery worker (and the retry scheduler it carries)."""
+def worker(concurrency: int, max_in_flight: int | None, loglevel: str,
+           task_events: bool) -> None:
+    """Run a Celery worker (and the retry scheduler it carries). One per core: each is one
+    process whose sends run on a pool of --max-in-flight threads."""
+    if max_in_flight is not None:
+        os.environ["RELAY_MAX_IN_FLIGHT"] = str(max_in_flight)
     args = [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "--queues", "relay",
         "--loglevel", loglevel,
-        "--concurrency", str(concurrency or os.cpu_count() or 1),
+        "--pool", "threads",
+        "--concurrency", str(concurrency),
         # No remote-control sync is used (no revokes, no autoscale): skip the start-up
         # mingle and the gossip chatter, which cost a second and constant Redis traffic.
         "--without-mingle", "--without-gossip",
@@ -156,7 +168,7 @@ def sample_payload(event: str) -> dict[str, object]:
 
 @main.command(with_appcontext=False)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--concurrency", default=2, show_default=True, type=int)
+@click.option("--concurrency", default=8, show_default=True, type=int)
 @click.option("--flower", is_flag=True, help="also run Flower on port 5555")
 @click.option(
     "--data-dir", default=".relay", show_default=True, help="where the embedded Redis keeps its AOF"

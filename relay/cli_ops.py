@@ -24,12 +24,13 @@ from relay.admin_api import (
 )
 from relay.cli import main
 from relay.config import RelayConfig, load_config
+from relay.delivery.gates import PauseGate, destination_state
+from relay.delivery.lanes import Lanes
+from relay.delivery.state import DEAD_INDEX, DeliveryStore
 from relay.erase import erase_lead
 from relay.errors import ConfigError
-from relay.gates import PauseGate, destination_state
 from relay.settings import Settings
-from relay.store import DEAD_INDEX, DeliveryStore
-from relay.taskqueue import SCHEDULED_KEY, TaskQueue, connect
+from relay.taskqueue import connect
 
 
 def redis_client() -> redis.Redis:
@@ -92,8 +93,9 @@ def status(as_json: bool) -> None:
     config = relay_config()
     types = {d.name: d.type for d in config.destinations} if config else {}
     health = destination_health(client, known_destinations(client, types), types)
-    overview = {"queue_depth": TaskQueue(client).depth(),
-                "scheduled": int(client.zcard(SCHEDULED_KEY)),
+    lanes = Lanes(client)
+    overview = {"queue_depth": lanes.depth(),
+                "scheduled": lanes.scheduled(),
                 "dead_letters": int(client.zcard(DEAD_INDEX))}
     if as_json:
         click.echo(json.dumps({**overview, "destinations": health}, indent=2))
@@ -199,7 +201,7 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
             missing.append(f"{target.event_id}|{target.destination}")
 
     with click.progressbar(targets, label="replaying", show_pos=True, file=sys.stderr) as bar:
-        queued = replay_dead_letters(store, TaskQueue(client), bar, note)
+        queued = replay_dead_letters(store, bar, note)
     click.echo(f"queued {queued} dead letter(s) for delivery"
                + (f"; {len(missing)} no longer dead (replayed already?)" if missing else ""))
     if ids and not targets:

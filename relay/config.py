@@ -26,7 +26,8 @@ DEFAULT_SOURCE = "kickofflabs"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 COMMON_KEYS = frozenset(
-    {"name", "type", "events", "campaigns", "where", "timeout", "retry", "rate_limit", "base_url"}
+    {"name", "type", "events", "campaigns", "where", "timeout", "retry", "rate_limit", "base_url",
+     "concurrency"}
 )
 
 
@@ -92,6 +93,9 @@ class DestinationSchema(Schema):
     retry = fields.Nested(RetrySchema, load_default=None, allow_none=True)
     rate_limit = fields.String(load_default=None, allow_none=True)
     base_url = fields.Url(load_default=None, allow_none=True, require_tld=False)
+    # Deliveries in flight to the destination across all workers (default: the driver's).
+    concurrency = fields.Integer(load_default=None, allow_none=True, strict=True,
+                                 validate=validate.Range(1, 1000))
 
     @validates("rate_limit")
     def _rate(self, value: str | None, **kwargs: Any) -> None:
@@ -245,6 +249,7 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
         retry=RetryPolicy(tuple(retry["schedule"])) if retry else RetryPolicy(),
         rate_limit=parse_rate_limit(common["rate_limit"]) if common["rate_limit"] else None,
         base_url=common["base_url"],
+        concurrency=common["concurrency"] or cls.default_concurrency,
         options=options,
     )
     return destination, cls.secret_fields
@@ -290,6 +295,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
                 "campaigns": sorted(d.campaigns) if d.campaigns is not None else None,
                 "where": dict(d.where),
                 "timeout": d.timeout,
+                "concurrency": d.concurrency,
                 "retry": list(d.retry.schedule),
                 "rate_limit": d.rate_limit
                 and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",

@@ -5,8 +5,9 @@ What a lead leaves here, and what goes:
 - stored events (``relay:event:<id>``) whose payload's ``email`` is the address, and with them
   each such event's delivery states, attempts log, dedupe marker and recent-delivery entries;
 - dead letters (they carry a copy of the event, which may outlive the event record);
-- tasks not yet run: ``relay.process_event`` messages on the queue carrying the lead, and parked
-  or queued ``relay.deliver`` tasks of its events (they would only find the event gone);
+- events accepted and not yet admitted (intake entries carrying the lead), and parked retries of
+  its events (lane entries carry only an event id: a drainer finds the event gone and drops
+  them);
 - the dev inbox's copies.
 
 Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
@@ -26,24 +27,19 @@ from urllib.parse import parse_qs
 
 import redis
 
-from relay.devinbox import INBOX_KEY
-from relay.gates import decode_task, parked_deliveries, queued_tasks
-from relay.store import (
+from relay.delivery.keys import (
     DEAD_INDEX,
     DEAD_KEY,
+    INTAKE,
     PREFIX,
+    SCHEDULED,
     delivery_key,
     event_key,
     log_key,
+    parked_member,
 )
-from relay.taskqueue import (
-    DELIVER,
-    NOT_STARTED_DUE_KEY,
-    NOT_STARTED_KEY,
-    PROCESS_EVENT,
-    QUEUE,
-    SCHEDULED_KEY,
-)
+from relay.delivery.lanes import intake_events, parked
+from relay.devinbox import INBOX_KEY
 
 BATCH = 500
 
@@ -74,7 +70,6 @@ def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
     _dead_letters(client, target, report)
     _event_keys(client, report)
     _parked(client, report)
-    _unstarted(client, report)
     _dev_inbox(client, target, report)
     return report
 
@@ -123,33 +118,22 @@ def _event_keys(client: redis.Redis, report: ErasureReport) -> None:
 
 
 def _queued_events(client: redis.Redis, email: str, report: ErasureReport) -> None:
-    """Tasks still on the queue: the lead's new events (they carry the payload)."""
-    for message, task, args in queued_tasks(client):
-        if task == PROCESS_EVENT and args and isinstance(args[0], Mapping) and _is_lead(
-                args[0].get("payload"), email):
-            report.event_ids.add(str(args[0].get("event_id")))
-            report.removed["queued_tasks"] += int(client.lrem(QUEUE, 0, message))
+    """Events accepted and not yet admitted: the intake entries carrying the lead."""
+    doomed = []
+    for entry_id, event in intake_events(client):
+        if _is_lead(event.get("payload"), email):
+            report.event_ids.add(str(event.get("event_id")))
+            doomed.append(entry_id)
+    for batch in _batches(doomed):
+        report.removed["queued_events"] += int(client.xdel(INTAKE, *batch))
 
 
 def _parked(client: redis.Redis, report: ErasureReport) -> None:
-    """Deliveries of the erased events, parked or queued: they would find nothing to send."""
-    parked = [p.message for p in parked_deliveries(client) if p.event_id in report.event_ids]
-    for batch in _batches(parked):
-        report.removed["parked_tasks"] += int(client.zrem(SCHEDULED_KEY, *batch))
-    for message, task, args in queued_tasks(client):
-        if task == DELIVER and args and str(args[0]) in report.event_ids:
-            report.removed["queued_tasks"] += int(client.lrem(QUEUE, 0, message))
-
-
-def _unstarted(client: redis.Redis, report: ErasureReport) -> None:
-    """The copies kept until a queued task starts (relay.taskqueue): they carry the payload."""
-    doomed = []
-    for task_id, message in client.hscan_iter(NOT_STARTED_KEY, count=BATCH):
-        task = decode_task(message)
-        if task is not None and task[1] and _event_id_of(task[1][0]) in report.event_ids:
-            doomed.append(task_id)
-    report.removed["unstarted_copies"] += _remove_indexed(
-        client, NOT_STARTED_KEY, NOT_STARTED_DUE_KEY, doomed)
+    """Retries of the erased events waiting for their time: they would find nothing to send."""
+    doomed = [parked_member(event_id, destination) for event_id, destination, _ in parked(client)
+              if event_id in report.event_ids]
+    for batch in _batches(doomed):
+        report.removed["parked_deliveries"] += int(client.zrem(SCHEDULED, *batch))
 
 
 def _remove_indexed(client: redis.Redis, records: str, index: str, ids: list[Any]) -> int:
@@ -162,11 +146,6 @@ def _remove_indexed(client: redis.Redis, records: str, index: str, ids: list[Any
         gone, _ = pipe.execute()
         removed += int(gone)
     return removed
-
-
-def _event_id_of(first_arg: object) -> str:
-    # relay.process_event carries the event, relay.deliver its id.
-    return str(first_arg.get("event_id") if isinstance(first_arg, Mapping) else first_arg)
 
 
 def _dev_inbox(client: redis.Redis, email: str, report: ErasureReport) -> None:

@@ -132,5 +132,8 @@ def shared_client() -> HttpClient:
             client = _clients.get(pid)
             if client is None:
                 _clients.clear()
-                client = _clients[pid] = HttpClient()
+                # One pooled connection per delivery a worker may keep in flight, so none is
+                # opened and thrown away per request under load.
+                size = int(os.environ.get("RELAY_MAX_IN_FLIGHT") or 100)
+                client = _clients[pid] = HttpClient(maxsize=size)
     return client

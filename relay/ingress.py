@@ -26,7 +26,6 @@ from relay.errors import (
 )
 from relay.events import derive_event_id, event_id_from_header, is_known
 from relay.schemas import load_lead
-from relay.taskqueue import PROCESS_EVENT
 
 bp = Blueprint("ingress", __name__)
 _JSON_TYPES = ("application/json",)
@@ -69,7 +68,7 @@ def receive(source: str) -> Response:
         "known": is_known(name),
         "received_at": time.time(),
     }
-    ctx.queue.publish(PROCESS_EVENT, [event], event_id)
+    ctx.intake.publish(event, configured.dedupe_window)
     g.relay_event_id = event_id  # for the request log line
     return _accepted(event_id)
 

@@ -85,12 +85,19 @@ class Destination:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     rate_limit: RateLimit | None = None
     base_url: str | None = None
+    concurrency: int = 50  # most deliveries in flight to it, across all workers
     options: Mapping[str, Any] = field(default_factory=dict)
     # True for URLs registered through the subscription API: untrusted, SSRF-guarded.
     untrusted: bool = False
 
     def __hash__(self) -> int:  # mappings are not hashable; the name is unique
         return hash(self.name)
+
+    @property
+    def lease(self) -> float:
+        """How long a claimed delivery is held: its connect and read timeouts with room to
+        spare. A delivery whose worker died is taken over once this has passed."""
+        return self.timeout * 2 + 10
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,22 @@
-"""Wiring: build the worker-side :class:`~relay.pipeline.Relay` from the environment."""
+"""Wiring: build the worker-side :class:`~relay.delivery.engine.Engine` from the environment."""
 
 from __future__ import annotations
 
 import functools
+import os
+import socket
 
 from relay.config import load_config
-from relay.delivery import DriverCache
-from relay.gates import default_gates
+from relay.delivery.attempt import DriverCache
+from relay.delivery.engine import Engine
+from relay.delivery.gates import default_gates
 from relay.http import HttpClient
-from relay.pipeline import Relay
 from relay.settings import Settings
 from relay.subscriptions import SubscriptionStore
-from relay.taskqueue import connect
+from relay.taskqueue import Kicks, connect
 
 
-def build_relay(settings: Settings | None = None) -> Relay:
+def build_engine(settings: Settings | None = None, consumer: str | None = None) -> Engine:
     settings = settings or Settings.from_env()
     config = load_config(settings.config_path)
     client = connect(settings.redis_url, timeout=10)
@@ -26,9 +28,12 @@ def build_relay(settings: Settings | None = None) -> Relay:
 
         return HttpClient(AddressGuard(settings.allowed_networks).pool_manager())
 
-    return Relay(settings, config, client,
+    return Engine(settings, config, client,
                  subscriptions=SubscriptionStore(client, settings.retention),
                  drivers=DriverCache(guarded_http=guarded_http),
                  # No gate round trip per delivery to a healthy destination: a pause, or a
                  # circuit another worker opened, reaches every worker within a second.
-                 gates=default_gates(client, snapshot_ttl=1.0))
+                 gates=default_gates(client, snapshot_ttl=1.0),
+                 kick=Kicks(client).send,
+                 max_in_flight=settings.max_in_flight,
+                 consumer=consumer or f"{socket.gethostname()}:{os.getpid()}")

@@ -23,6 +23,7 @@ class Settings:
     # slow task is handed to a second worker while the first still runs it.
     visibility_timeout: float = 300.0
     task_time_limit: float = 120.0
+    max_in_flight: int = 100  # deliveries in flight at once per worker process
     max_task_runs: int = 3  # a task that kills its worker this often becomes a dead letter
     retention: float = 7 * 86400.0  # event payloads, delivery log
     scheduler_interval: float = 1.0
@@ -43,6 +44,7 @@ class Settings:
                 visibility_timeout=parse_duration(env.get("RELAY_VISIBILITY_TIMEOUT") or 300),
                 task_time_limit=parse_duration(env.get("RELAY_TASK_TIME_LIMIT") or 120),
                 max_task_runs=int(env.get("RELAY_MAX_TASK_RUNS") or 3),
+                max_in_flight=int(env.get("RELAY_MAX_IN_FLIGHT") or 100),
                 retention=parse_duration(env.get("RELAY_RETENTION") or "7d"),
                 scheduler_interval=parse_duration(env.get("RELAY_SCHEDULER_INTERVAL") or 1),
                 log_format=(env.get("RELAY_LOG_FORMAT") or "text").lower(),

@@ -3,7 +3,7 @@
 A subscription is a ``webhook`` destination in KickoffLabs format for one campaign, built on
 the fly as :class:`~relay.models.Destination` ``sub-<referenceId>`` (``untrusted``: delivered
 through the SSRF-guarded HTTP client). :class:`SubscriptionStore` is the
-:class:`relay.pipeline.SubscriptionSource` the workers route with, and the storage of the web
+:class:`relay.delivery.engine.SubscriptionSource` the workers route with, and the storage of the web
 API.
 
 Keys (under ``relay:``), persistent like the rest of Redis' AOF-backed data:
@@ -145,7 +145,7 @@ class Subscription:
 
 
 class SubscriptionStore:
-    """Redis-backed subscriptions; implements :class:`relay.pipeline.SubscriptionSource`.
+    """Redis-backed subscriptions; implements :class:`relay.delivery.engine.SubscriptionSource`.
 
     ``retention`` bounds how long the record of a subscription removed by a 410 is kept.
     """

@@ -1,25 +1,10 @@
-"""Publishing Celery tasks by name, straight onto the broker's Redis list.
+"""Handing work to the workers: the intake stream, and Celery task messages built by name.
 
-The web side never imports the Celery app (``relay`` never imports ``workers``). It writes the
-exact message kombu's Redis transport writes for ``send_task`` (Celery protocol 2, JSON, base64
-body) with one ``LPUSH`` on a pooled connection: about a fifth of what ``send_task`` costs per
-call (see ``bench/``), which the ingress needs to stay near a bare ``LPUSH``.
-
-Delayed tasks (retries, rate-limited or paused deliveries) are not held as countdowns in a
-worker: the ready-made message is parked in a sorted set scored by due time, and
-:meth:`TaskQueue.release_due` moves due messages onto the queue in one Lua script, so with
-several workers each parked message is queued exactly once and none is lost in between.
-
-Celery's Redis transport has one window where a message can vanish: a worker takes it with
-``BRPOP`` and records it among its unacknowledged messages a moment later, so a ``kill -9`` in
-between loses it (kombu issue 305 and others). So every message queued here is also kept in
-``relay:unstarted`` (a hash by task id) with a due time in ``relay:unstarted:due`` until the
-task starts (:meth:`TaskQueue.started`, or the admit script of ``relay.process_event``). The
-scheduler's :meth:`TaskQueue.requeue_lost` puts back a message whose task has not started
-within ``grace`` (the broker's visibility timeout), but only while the queue is empty: then the
-message is certainly not waiting in it, and a backlog is never duplicated. A message that was
-merely slow (prefetched, or restored by kombu itself) runs twice at worst, which the delivery
-state absorbs.
+The web side never imports the Celery app (``relay`` never imports ``workers``). An accepted
+event goes into the intake stream (:mod:`relay.delivery.lanes`) with one script; when no admit
+task is queued, the same script queues one by writing the exact message kombu's Redis transport
+writes for ``send_task`` (Celery protocol 2, JSON, base64 body) onto the broker's list. So the
+ingress pays for one Redis round trip and, at most once per admit task, the message build.
 """
 
 from __future__ import annotations
@@ -29,69 +14,22 @@ import functools
 import json
 import os
 import socket
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 
+from relay.delivery.lanes import Lanes
 from relay.errors import QueueUnavailable
 
 QUEUE = "relay"
-SCHEDULED_KEY = "relay:scheduled"
-PROCESS_EVENT = "relay.process_event"
-DELIVER = "relay.deliver"
+ADMIT = "relay.admit"
+DRAIN = "relay.drain"
 
 _ORIGIN = f"leadrelay@{socket.gethostname()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
-
-NOT_STARTED_KEY = "relay:unstarted"
-NOT_STARTED_DUE_KEY = "relay:unstarted:due"
-
-# KEYS: scheduled zset, queue list, not-started hash, not-started due zset;
-# ARGV: now, limit, grace s
-_RELEASE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, message in ipairs(due) do
-  local id = cjson.decode(message)['headers']['id']
-  redis.call('HSET', KEYS[3], id, message)
-  redis.call('ZADD', KEYS[4], tonumber(ARGV[1]) + tonumber(ARGV[3]), id)
-end
-if #due > 0 then
-  redis.call('ZREM', KEYS[1], unpack(due))
-  redis.call('LPUSH', KEYS[2], unpack(due))
-end
-return #due
-"""
-
-# KEYS: queue list, not-started hash, not-started due zset; ARGV: message, task id, due
-# (a script rather than MULTI: the message crosses the wire once and one reply comes back)
-_PUBLISH = """
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-return 1
-"""
-
-# KEYS: queue list, not-started hash, not-started due zset; ARGV: now, grace s, limit
-_REQUEUE_LOST = """
-if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local requeued = 0
-for _, id in ipairs(ids) do
-  local message = redis.call('HGET', KEYS[2], id)
-  if message then
-    redis.call('LPUSH', KEYS[1], message)
-    redis.call('ZADD', KEYS[3], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
-    requeued = requeued + 1
-  else
-    redis.call('ZREM', KEYS[3], id)
-  end
-end
-return requeued
-"""
 
 
 def task_message(name: str, args: Sequence[Any], argsrepr: str, task_id: str | None = None,
@@ -138,58 +76,43 @@ def _template(name: str, queue: str) -> str:
     return template
 
 
-class TaskQueue:
-    """Send ``relay.*`` tasks by name; park and release delayed ones."""
+class Intake:
+    """The ingress's way in: store an accepted event, and make sure an admit task is queued."""
 
-    def __init__(self, client: redis.Redis, queue: str = QUEUE, grace: float = 300.0) -> None:
+    def __init__(self, client: redis.Redis, queue: str = QUEUE) -> None:
         self.redis = client
         self.queue = queue
-        self.grace = grace
-        self._publish = client.register_script(_PUBLISH)
-        self._release = client.register_script(_RELEASE_DUE)
-        self._requeue_lost = client.register_script(_REQUEUE_LOST)
+        self.lanes = Lanes(client)
 
-    def publish(self, name: str, args: Sequence[Any], argsrepr: str) -> str:
-        """Queue a task now, atomically with its not-started record (see above)."""
-        message, task_id = task_message(name, args, argsrepr, queue=self.queue)
+    def publish(self, event: dict[str, Any], dedupe_window: float) -> str:
+        """Store the event (``event_id`` among its keys); the intake entry id."""
+        kick, _ = task_message(ADMIT, [], "()", queue=self.queue)
         try:
-            self._publish(keys=[self.queue, NOT_STARTED_KEY, NOT_STARTED_DUE_KEY],
-                          args=[message, task_id, time.time() + self.grace])
+            return self.lanes.publish(_encode(event), event["event_id"], dedupe_window, kick,
+                                      self.queue)
         except redis.RedisError as exc:  # down, timed out, or OOM under noeviction
             raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
-        return task_id
-
-    def started(self, task_id: str) -> None:
-        """The task is running: it can no longer be lost between the queue and a worker."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hdel(NOT_STARTED_KEY, task_id)
-        pipe.zrem(NOT_STARTED_DUE_KEY, task_id)
-        pipe.execute()
-
-    def requeue_lost(self, now: float | None = None, limit: int = 500) -> int:
-        """Put back tasks that never started within ``grace``, while the queue is empty."""
-        return int(self._requeue_lost(
-            keys=[self.queue, NOT_STARTED_KEY, NOT_STARTED_DUE_KEY],
-            args=[now if now is not None else time.time(), self.grace, limit]))
-
-    def park(self, name: str, args: Sequence[Any], argsrepr: str, due: float) -> str:
-        """Queue the task at ``due`` (epoch seconds)."""
-        message, task_id = task_message(name, args, argsrepr, queue=self.queue)
-        self.redis.zadd(SCHEDULED_KEY, {message: due})
-        return task_id
-
-    def release_due(self, now: float | None = None, limit: int = 500) -> int:
-        """Move due parked tasks onto the queue; atomic, so safe from every worker at once."""
-        moved = self._release(keys=[SCHEDULED_KEY, self.queue, NOT_STARTED_KEY,
-                                    NOT_STARTED_DUE_KEY],
-                              args=[now if now is not None else time.time(), limit, self.grace])
-        return int(moved)
 
     def depth(self) -> int:
-        return int(self.redis.llen(self.queue))
+        return self.lanes.depth()
 
-    def scheduled(self) -> int:
-        return int(self.redis.zcard(SCHEDULED_KEY))
+
+class Kicks:
+    """Queue ``relay.admit`` and ``relay.drain`` tasks by name (Flower shows their arguments:
+    a destination and a batch size, never lead data)."""
+
+    def __init__(self, client: redis.Redis, queue: str = QUEUE) -> None:
+        self.redis = client
+        self.queue = queue
+
+    def send(self, lane: str, batch: int = 0) -> None:
+        """Queue the task for a lane (``""``: the intake)."""
+        if lane == "":
+            message, _ = task_message(ADMIT, [], "()", queue=self.queue)
+        else:
+            message, _ = task_message(DRAIN, [lane, batch], f"({lane!r}, {batch})",
+                                      queue=self.queue)
+        self.redis.lpush(self.queue, message)
 
 
 def connect(url: str, *, timeout: float = 1.0, max_connections: int | None = None) -> redis.Redis:

@@ -28,7 +28,7 @@ from flask import Flask
 from relay.app import create_app
 from relay.config import RelayConfig, parse_config
 from relay.events import EVENTS
-from relay.pipeline import Relay
+from relay.delivery.engine import Relay
 from relay.settings import Settings
 from relay.taskqueue import PROCESS_EVENT, QUEUE, SCHEDULED_KEY
 

@@ -13,10 +13,10 @@ from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 
 from relay import store as store_module
-from relay.gates import default_gates
-from relay.pipeline import Relay
+from relay.delivery.gates import default_gates
+from relay.delivery.engine import Relay
 from relay.settings import Settings
-from relay.store import LOG_CAP, Attempt, recent_key
+from relay.delivery.state import LOG_CAP, Attempt, recent_key
 
 KEY = "admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -194,13 +194,13 @@ def test_the_delivery_log_stays_bounded_under_a_flood(sink: Sink,
             assert 0 < world.redis.ttl(key) <= 24 * 3600, name
 
     # One event attempted far more often than the log keeps.
-    event = world.relay.store.load_event(world.post(99))
+    event = world.relay.delivery.state.load_event(world.post(99))
     assert event is None  # not processed yet
     world.run_queue()
-    event = world.relay.store.load_event(world.relay.store.redis.zrevrange(
+    event = world.relay.delivery.state.load_event(world.relay.delivery.state.redis.zrevrange(
         recent_key("crm", "delivered"), 0, 0)[0].decode())
     assert event is not None
     for attempt in range(LOG_CAP + 30):
-        world.relay.store.confirm(event, Attempt("crm", attempt, "retrying", 500, 1.0, "x"))
+        world.relay.delivery.state.confirm(event, Attempt("crm", attempt, "retrying", 500, 1.0, "x"))
     assert world.redis.llen(f"relay:log:{event.event_id}") == LOG_CAP
     assert world.redis.ttl(f"relay:log:{event.event_id}") <= 120

@@ -14,7 +14,7 @@ from helpers import config, make_app, run_queue, sample
 
 from relay import cli_ops
 from relay.cli import main
-from relay.pipeline import Relay
+from relay.delivery.engine import Relay
 from relay.settings import Settings
 
 
@@ -122,10 +122,10 @@ def test_erase_asks_first(world: World) -> None:
     world.run_queue()
     aborted = world.relay_cli("erase", "--email", "lead1@example.com", input="n\n", code=1)
     assert "Aborted" in aborted.output
-    assert world.relay.store.load_event(event_id) is not None
+    assert world.relay.delivery.state.load_event(event_id) is not None
     done = world.relay_cli("erase", "--email", "lead1@example.com", "--yes").output
     assert done.startswith("1 event(s) of lead1@example.com")
-    assert world.relay.store.load_event(event_id) is None
+    assert world.relay.delivery.state.load_event(event_id) is None
 
 
 def test_redis_down_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

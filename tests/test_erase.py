@@ -11,8 +11,8 @@ from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 
 from relay.erase import erase_lead
-from relay.gates import PauseGate
-from relay.pipeline import Relay
+from relay.delivery.gates import PauseGate
+from relay.delivery.engine import Relay
 from relay.settings import Settings
 
 ADA = "ada.lovelace@example.com"

@@ -167,15 +167,17 @@ def test_kill_9_of_a_worker_with_1000_events_to_2_sinks_loses_none(
     killed_at = time.monotonic()
     deployment.start_worker(concurrency=4)
 
-    # The killed worker's unacknowledged messages come back after the visibility timeout (10 s
-    # here) plus the restore sweep; a minute on top is the bound the issue sets.
+    # The killed worker's deliveries stay pending in their lanes and are taken over once their
+    # lease (2 x timeout + 10 s) has run out: well within the minute the issue sets.
     wait_for(lambda: delivered(sink, "/a") == ids and delivered(sink, "/b") == ids,
              timeout=70, interval=0.5, message="every event at both sinks after kill -9")
+    recovered = time.monotonic() - killed_at
     extra = duplicates(sink)
-    print(f"\nkill -9, 1000 events x 2 sinks: recovered in {time.monotonic() - killed_at:.1f} s, "
+    print(f"\nkill -9, 1000 events x 2 sinks: recovered in {recovered:.1f} s, "
           f"{extra} duplicate deliveries")
-    # Only sends not yet confirmed when the pool died may repeat: a handful per process.
-    assert extra <= 10
+    assert recovered <= 60
+    # Only sends not yet confirmed when the worker died may repeat: at most 1 % (issue 11).
+    assert extra <= 20
 
 
 # -- 2. kill -9 of Redis -------------------------------------------------------------------

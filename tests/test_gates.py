@@ -15,12 +15,12 @@ import pytest
 from conftest import Sink
 from helpers import config, decode_task, make_app, parked_tasks, sample
 
-from relay.delivery import Gate
-from relay.gates import CircuitBreaker, CircuitPolicy, PauseGate, RateLimitGate
+from relay.delivery.attempt import Gate
+from relay.delivery.gates import CircuitBreaker, CircuitPolicy, PauseGate, RateLimitGate
 from relay.models import Destination, RateLimit
-from relay.pipeline import Relay
+from relay.delivery.engine import Relay
 from relay.settings import Settings
-from relay.store import stats_key
+from relay.delivery.state import stats_key
 from relay.taskqueue import PROCESS_EVENT, QUEUE
 
 

@@ -14,10 +14,10 @@ from conftest import Sink
 from helpers import config, decode_task, make_app, sample
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.gates import CircuitBreaker, PauseGate
+from relay.delivery.gates import CircuitBreaker, PauseGate
 from relay.logs import TextFormatter
 from relay.metrics import Metrics, metrics_for
-from relay.pipeline import Relay
+from relay.delivery.engine import Relay
 from relay.settings import Settings
 from relay.taskqueue import PROCESS_EVENT, QUEUE
 

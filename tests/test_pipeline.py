@@ -19,7 +19,7 @@ from helpers import config, decode_task, make_app, parked_tasks, queued_tasks, s
 from vendor_server import VendorServer
 
 from relay.models import LeadEvent
-from relay.pipeline import Relay
+from relay.delivery.engine import Relay
 from relay.settings import Settings
 from relay.taskqueue import DELIVER, PROCESS_EVENT, QUEUE
 
@@ -52,7 +52,7 @@ class World:
         self.app = make_app(self.config, self.redis, self.settings)
         self.client = self.app.test_client()
         self.relay = Relay(self.settings, self.config, self.redis)
-        self.store = self.relay.store
+        self.store = self.relay.delivery.state
 
     def accept(self, payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """POST to the ingress and take the queued message off the broker list."""

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from relay.models import RetryPolicy
-from relay.retry import next_delay
+from relay.delivery.retry import next_delay
 
 SCHEDULE = (10.0, 60.0, 300.0, 1800.0)
 

@@ -12,7 +12,7 @@ from conftest import RelayDeployment, Sink, wait_for
 from conftest import sample as _sample
 
 from relay.embedded_redis import EmbeddedRedis
-from relay.store import DeliveryStore
+from relay.delivery.state import DeliveryStore
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import fakeredis
 from helpers import config, sample
 
 from relay.models import LeadEvent
-from relay.pipeline import Relay
+from relay.delivery.engine import Relay
 from relay.settings import Settings
 from relay.taskqueue import (
     DELIVER,

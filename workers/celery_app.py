@@ -1,17 +1,22 @@
 """The Celery app: ``celery -A workers.celery_app worker`` (what ``relay worker`` runs).
 
-The one module that builds at import time. Settings are chosen for SPEC §4 (at least once):
+The one module that builds at import time. Settings are chosen for SPEC §4 (at least once) and
+the delivery lanes (:mod:`relay.delivery`):
 
-- JSON only, results ignored (nobody reads them; the delivery log is the record).
-- ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after its
-  task finished, and comes back if the worker process dies; a per-task run counter in Redis
-  turns a task that kills its worker ``RELAY_MAX_TASK_RUNS`` times into a dead letter.
-- ``visibility_timeout`` (RELAY_VISIBILITY_TIMEOUT, 5 min) is above the hard time limit
-  (RELAY_TASK_TIME_LIMIT, 2 min): a running task is never handed to a second worker, and the
-  tasks of a ``kill -9``-ed worker come back within minutes. Long retry delays never use ETAs or
-  countdowns (which the visibility timeout would cut short); they are parked in Redis.
-- prefetch 4 per process: enough to hide the broker round trip, few enough that a SIGTERM-ed
-  worker hands little back (warm shutdown requeues unacknowledged messages at once).
+- A task is a batch: ``relay.admit`` drains the intake stream, ``relay.drain`` one
+  destination's lane, each until its stream is empty or its budget is spent. The streams hold
+  every event and delivery until its outcome is recorded, so what a lost or failed task did
+  not finish stays in its stream for the next one.
+- The **threads** pool: ``--concurrency`` tasks (lanes) at once in one process, and every
+  drain sends on the process's pool of ``RELAY_MAX_IN_FLIGHT`` threads, so a destination
+  that takes 2 s to answer holds its own share of those and nothing else. Time limits are the
+  engine's own (a drain hands over after its budget and gives up on a send past
+  ``RELAY_TASK_TIME_LIMIT``; each request is cut at its destination's ``timeout``): Celery's
+  threads pool enforces none.
+- JSON only, results ignored (the delivery log is the record), ``task_acks_late`` with
+  ``task_reject_on_worker_lost``, ``visibility_timeout`` (RELAY_VISIBILITY_TIMEOUT) above the
+  task time limit. Retry delays never use ETAs or countdowns: they are parked in Redis.
+- prefetch 1 per thread: kicks are cheap to fetch, and a SIGTERM-ed worker hands back little.
 """
 
 from __future__ import annotations
@@ -55,16 +60,10 @@ def create_celery(settings: Settings) -> Celery:
         result_backend=None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # A hard time limit kills the pool process mid-task: requeue the message like any
-        # lost worker (the run counter turns a repeat offender into a dead letter) instead of
-        # acknowledging it, which would drop the event's remaining deliveries unrecorded.
-        task_acks_on_failure=True,
-        task_acks_on_timeout=False,
-        task_time_limit=int(settings.task_time_limit),
-        task_soft_time_limit=max(1, int(settings.task_time_limit) - 5),
+        worker_pool="threads",
         task_default_queue=QUEUE,
         task_queues=(Queue(QUEUE),),
-        worker_prefetch_multiplier=4,
+        worker_prefetch_multiplier=1,
         # Off by default (a quarter of a delivery's CPU): Flower turns them on while it runs,
         # `relay worker --task-events` from the start.
         worker_send_task_events=False,

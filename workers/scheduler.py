@@ -1,6 +1,8 @@
-"""The retry scheduler that runs inside every ``relay worker``: once a second it moves due
-parked tasks (retries, held deliveries) onto the queue. The move is one Lua script, so any
-number of workers can run it at once and each parked task is queued exactly once."""
+"""The scheduler that runs inside every ``relay worker``: once a second (RELAY_SCHEDULER_INTERVAL)
+it moves due parked deliveries (retries) back into their lanes and sweeps the lanes, kicking
+any that has work and no drainer: a kick lost with a killed worker, a hold that ran out
+(pause lifted, circuit cool-down over, next rate window), a dead worker's deliveries to take
+over. Both are Lua scripts, so any number of workers can run them at once."""
 
 from __future__ import annotations
 
@@ -11,36 +13,42 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from relay.delivery.engine import MAX_DRAINERS
+from relay.delivery.lanes import Lanes
 from relay.settings import Settings
-from relay.taskqueue import TaskQueue, connect
+from relay.taskqueue import Kicks, connect
 
 log = logging.getLogger("relay.scheduler")
 
 
 class Scheduler:
-    def __init__(self, queue: TaskQueue, interval: float = 1.0) -> None:
-        self.queue = queue
+    def __init__(self, lanes: Lanes, kicks: Kicks, interval: float = 1.0) -> None:
+        self.lanes = lanes
+        self.kicks = kicks
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> int:
         moved = 0
+        touched: set[str] = set()
         while True:  # drain a backlog in batches, without holding Redis in one long script
-            batch = self.queue.release_due()
+            batch, lanes = self.lanes.release_due()
             moved += batch
+            touched.update(lanes)
             if batch < 500:
                 break
-        lost = self.queue.requeue_lost()
-        if lost:
-            log.warning("requeued %d tasks that never started (lost by a killed worker?)", lost)
-        return moved + lost
+        kicks = set(self.lanes.claim_kicks(touched))
+        kicks.update(self.lanes.sweep(MAX_DRAINERS))
+        for lane in sorted(kicks):
+            self.kicks.send(lane)
+        return moved + len(kicks)
 
     def _loop(self) -> None:
         failing = False
         while not self._stop.wait(self.interval):
             try:
-                moved = self.run_once()
+                self.run_once()
             except redis.RedisError as exc:
                 if not failing:
                     log.warning("scheduler cannot reach Redis: %s", exc)
@@ -49,8 +57,6 @@ class Scheduler:
             if failing:
                 log.info("scheduler reconnected to Redis")
                 failing = False
-            if moved:
-                log.debug("released %d parked tasks", moved)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="relay-scheduler", daemon=True)
@@ -71,10 +77,8 @@ class SchedulerStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         settings = Settings.from_env()
-        queue = TaskQueue(connect(settings.redis_url, timeout=5),
-                          grace=settings.visibility_timeout)
-        self.scheduler = Scheduler(queue,
-                                   settings.scheduler_interval)
+        client = connect(settings.redis_url, timeout=5)
+        self.scheduler = Scheduler(Lanes(client), Kicks(client), settings.scheduler_interval)
         self.scheduler.start()
 
     def stop(self, worker: Any) -> None:

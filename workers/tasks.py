@@ -1,11 +1,11 @@
-"""The two tasks. Thin on purpose: the work is in :mod:`relay.pipeline`.
+"""The two tasks. Thin on purpose: the work is in :mod:`relay.delivery.engine`.
 
-A task must never fail in a way that acknowledges its message without having done its work:
-Celery acknowledges a failed ``acks_late`` task, which would lose an accepted event. So every
-failure is turned into a requeue (:class:`celery.exceptions.Reject`). When Redis itself is
-away, the requeue cannot happen either, and the message stays among the broker's unacknowledged
-messages until the visibility timeout brings it back. A task that fails every time is stopped
-by the run counter (``RELAY_MAX_TASK_RUNS``) and becomes a dead letter.
+A task is a *kick*: ``relay.admit`` drains the intake, ``relay.drain`` one destination's lane,
+each until its stream is empty or its time budget is spent. The streams hold every event and
+delivery until its outcome is recorded, so a task that fails or whose worker dies loses
+nothing: the next kick (or the sweep in every worker's scheduler) picks its work up again.
+So a task never needs a requeue, and a failure is logged and answered with a pause, so that a
+persistent one (Redis away) does not spin a core.
 """
 
 from __future__ import annotations
@@ -14,60 +14,68 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
-from celery import Task, shared_task
-from celery.exceptions import Reject
-from celery.signals import worker_process_shutdown
+from celery import shared_task
+from celery.signals import worker_process_shutdown, worker_shutting_down
 
-from relay.pipeline import Relay
-from relay.runtime import build_relay
+from relay.delivery.engine import Engine
+from relay.runtime import build_engine
 
 log = logging.getLogger("relay.tasks")
-T = TypeVar("T")
-#: Pause before a requeue, so a persistent failure (Redis full) does not spin a core.
-REQUEUE_PAUSE = 1.0
+#: Pause after a failed task, so a persistent failure (Redis away) does not spin a core.
+FAILURE_PAUSE = 1.0
+#: How long one task drains before it hands over to a fresh one (Flower, warm shutdown).
+DRAIN_BUDGET = 10.0
 
-_relay: tuple[int, Relay] | None = None
-
-
-def current_relay() -> Relay:
-    """The process's Relay, built after fork so each prefork child has its own pools."""
-    global _relay
-    if _relay is None or _relay[0] != os.getpid():
-        _relay = (os.getpid(), build_relay())
-    return _relay[1]
+_engine: tuple[int, Engine] | None = None
 
 
-def _requeue_on_failure(task_id: str, work: Callable[[], T]) -> T:
+def current_engine() -> Engine:
+    """The process's engine, built after fork so each process has its own pools."""
+    global _engine
+    if _engine is None or _engine[0] != os.getpid():
+        _engine = (os.getpid(), build_engine())
+    return _engine[1]
+
+
+def _budget(engine: Engine) -> float:
+    return min(DRAIN_BUDGET, engine.time_limit / 2)
+
+
+def _guarded(what: str, work: Callable[[], dict[str, int]]) -> dict[str, int]:
     try:
         return work()
     except redis.RedisError as exc:
-        log.warning("Redis error, requeueing task %s: %s", task_id, exc)
-        time.sleep(REQUEUE_PAUSE)
-        raise Reject(f"Redis error: {exc}", requeue=True) from exc
-    except Exception as exc:
-        log.exception("task %s failed, requeueing", task_id)
-        time.sleep(REQUEUE_PAUSE)
-        raise Reject(f"{type(exc).__name__}: {exc}", requeue=True) from exc
+        log.warning("%s: Redis error, the next kick resumes it: %s", what, exc)
+    except Exception:
+        log.exception("%s failed; the next kick resumes it", what)
+    time.sleep(FAILURE_PAUSE)
+    return {"failed": 1}
 
 
-@shared_task(name="relay.process_event", bind=True)
-def process_event(self: Task, message: dict[str, Any]) -> dict[str, str]:
-    task_id = self.request.id
-    return _requeue_on_failure(task_id,
-                               lambda: current_relay().process_event(message, task_id))
+@shared_task(name="relay.admit")
+def admit() -> dict[str, int]:
+    engine = current_engine()
+    return _guarded("admit", lambda: engine.admit(_budget(engine)).as_dict())
 
 
-@shared_task(name="relay.deliver", bind=True)
-def deliver(self: Task, event_id: str, destination: str) -> str:
-    task_id = self.request.id
-    return _requeue_on_failure(task_id,
-                               lambda: current_relay().deliver(event_id, destination, task_id))
+@shared_task(name="relay.drain")
+def drain(destination: str, batch: int = 0) -> dict[str, int]:
+    engine = current_engine()
+    return _guarded(f"drain {destination}",
+                    lambda: engine.drain(destination, _budget(engine), batch or None).as_dict())
+
+
+@worker_shutting_down.connect
+def _stop_reading(**_: Any) -> None:
+    # Warm shutdown: drainers stop taking new deliveries, finish and confirm what is in flight.
+    if _engine is not None and _engine[0] == os.getpid():
+        _engine[1].stopping.set()
 
 
 @worker_process_shutdown.connect
-def _close_drivers(**_: Any) -> None:
-    if _relay is not None and _relay[0] == os.getpid():
-        _relay[1].deliverer.drivers.close()
+def _close(**_: Any) -> None:
+    if _engine is not None and _engine[0] == os.getpid():
+        _engine[1].close()

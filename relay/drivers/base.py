@@ -15,15 +15,22 @@ A driver delivers one lead event to one kind of destination::
 ``send`` either returns a :class:`DeliveryResult` or raises ``RetryableDeliveryError`` (with
 ``retry_after`` when the destination said when) or ``PermanentDeliveryError`` with a message a
 person can act on. It never retries, sleeps, or swallows a failure: the delivery step decides.
-Drivers are built once per worker process and destination and must be thread-safe.
+Drivers are built once per worker process and destination and must be thread-safe: a
+worker keeps many deliveries in flight at once, up to the destination's ``concurrency``.
+
+A driver for a bulk API sets ``max_batch`` and overrides ``send_batch``: the engine then hands
+it up to that many claimed deliveries of one destination per call, and the driver answers one
+result or error per event, in order (each delivery keeps its own retry and dead letter).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from marshmallow import Schema
 
+from relay.errors import DeliveryError
 from relay.http import HttpClient, shared_client
 from relay.models import DeliveryResult, Destination, LeadEvent
 
@@ -34,6 +41,11 @@ class Driver:
     secret_fields: ClassVar[frozenset[str]] = frozenset()
     #: The vendor's real API host; ``base_url`` in the YAML overrides it (tests, proxies).
     default_base_url: ClassVar[str | None] = None
+    #: Deliveries in flight to one destination across all workers, unless the YAML says
+    #: ``concurrency:``. Vendor drivers keep a common account tier clear of 429s.
+    default_concurrency: ClassVar[int] = 50
+    #: Events per ``send_batch`` call (1: the engine sends each event on its own).
+    max_batch: ClassVar[int] = 1
 
     def __init__(self, destination: Destination, http: HttpClient | None = None) -> None:
         self.destination = destination
@@ -54,6 +66,18 @@ class Driver:
 
     def send(self, event: LeadEvent) -> DeliveryResult:
         raise NotImplementedError
+
+    def send_batch(self, events: Sequence[LeadEvent]
+                   ) -> Sequence[DeliveryResult | DeliveryError | Exception]:
+        """One answer per event, in order: a result, or the error its delivery met. The
+        default sends each event with :meth:`send`."""
+        answers: list[DeliveryResult | DeliveryError | Exception] = []
+        for event in events:
+            try:
+                answers.append(self.send(event))
+            except Exception as exc:  # noqa: BLE001 - the engine decides about every failure
+                answers.append(exc)
+        return answers
 
     def close(self) -> None:
         """Release pooled resources (database engines); HTTP pools are process-wide."""

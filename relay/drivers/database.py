@@ -148,6 +148,7 @@ def build_tables(prefix: str) -> tuple[Table, Table]:
 
 class DatabaseDriver(Driver):
     type_name: ClassVar[str] = "database"
+    default_concurrency: ClassVar[int] = 5  # a small connection pool's worth
     options_schema: ClassVar[type[Schema]] = DatabaseOptions
     secret_fields: ClassVar[frozenset[str]] = frozenset({"url"})
 

@@ -61,6 +61,8 @@ class HubSpotOptions(Schema):
 
 class HubSpotDriver(Driver):
     type_name = "hubspot"
+    # HubSpot answers 429 past 100 requests / 10 s on the common tiers.
+    default_concurrency = 4
     options_schema = HubSpotOptions
     secret_fields = frozenset({"access_token"})
     default_base_url = "https://api.hubapi.com"

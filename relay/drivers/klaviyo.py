@@ -81,6 +81,7 @@ class KlaviyoOptions(Schema):
 
 class KlaviyoDriver(Driver):
     type_name = "klaviyo"
+    default_concurrency = 10  # Klaviyo profile endpoints burst at 75/s: ten in flight stay under
     options_schema = KlaviyoOptions
     secret_fields = frozenset({"api_key"})
     default_base_url = "https://a.klaviyo.com"

@@ -85,6 +85,7 @@ class MailchimpOptions(Schema):
 
 class MailchimpDriver(Driver):
     type_name = "mailchimp"
+    default_concurrency = 10  # Mailchimp allows 10 simultaneous connections per API key
     options_schema = MailchimpOptions
     secret_fields = frozenset({"api_key"})
     # No fixed host: see base_url, which derives it from the api_key's data-centre suffix.

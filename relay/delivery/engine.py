@@ -1,0 +1,464 @@
+"""The delivery engine: what a worker does, Celery-free, so it can be tested on fakeredis and
+called by the thin tasks in ``workers``.
+
+- :meth:`Engine.admit` drains the intake: each batch of accepted events is deduped, stored and
+  routed into the destinations' lanes by one script (:mod:`relay.delivery.lanes`).
+- :meth:`Engine.drain` drains one destination's lane: it keeps up to the destination's
+  ``concurrency`` deliveries in flight (shared by every worker through Redis, and within this
+  process's ``max_in_flight``), each claimed before it is sent and confirmed after, in batches:
+  one round trip claims what the free slots allow, one confirms whatever has finished.
+
+Sends run on a thread pool of ``max_in_flight`` threads: a slow destination fills its own share
+of it and waits there, while every other lane is drained by its own task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis
+
+from relay.config import RelayConfig, Source
+from relay.delivery.attempt import Decider, DriverCache, Sent, send
+from relay.delivery.gates import Gate
+from relay.delivery.keys import INTAKE, lane_key
+from relay.delivery.lanes import IntakeEntry, Lanes
+from relay.delivery.state import Claim, Confirmation, DeliveryStore
+from relay.metrics import metrics_for
+from relay.models import Destination, LeadEvent
+from relay.routing import route
+from relay.settings import Settings
+
+log = logging.getLogger("relay.engine")
+
+#: Drain tasks that may work one lane at once, across all workers.
+MAX_DRAINERS = 4
+#: A lane keeps about ``latency x LANE_RATE`` deliveries in flight (Little's law): enough for
+#: the most one worker process can send, and no more, so a fast destination does not fill the
+#: pool with threads that only contend for the CPU (and a crash has few sends unconfirmed).
+LANE_RATE = 1000.0
+MIN_WINDOW = 4
+#: How often a drainer also looks for deliveries a dead worker left pending.
+RECLAIM_EVERY = 2.0
+ADMIT_BATCH = 200
+
+
+class SubscriptionSource(Protocol):
+    """Destinations registered at run time (the subscription API).
+
+    ``version_key`` names a Redis key whose value changes with every change of the
+    subscriptions: the admit script checks it in its round trip, and ``for_event`` reuses what
+    it read for the same version instead of asking Redis again."""
+
+    version_key: str
+
+    def for_event(self, event: LeadEvent, version: bytes | None = None) -> list[Destination]: ...
+
+    def get(self, name: str) -> Destination | None: ...
+
+    def remove_destination(self, destination: Destination, reason: str) -> None: ...
+
+
+@dataclass
+class Report:
+    """What one admit or drain task did (its Celery return value, and what tests look at)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, outcome: str, n: int = 1) -> None:
+        if n:
+            self.counts[outcome] += n
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class Slots:
+    """The process's in-flight budget (``max_in_flight``), shared by its drainers."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> int:
+        with self._lock:
+            granted = max(0, min(n, self._free))
+            self._free -= granted
+            return granted
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self._free = min(self.size, self._free + n)
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+
+class Engine:
+    """The worker-side core, built once per worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: RelayConfig,
+        client: redis.Redis,
+        subscriptions: SubscriptionSource | None = None,
+        drivers: DriverCache | None = None,
+        gates: tuple[Gate, ...] = (),
+        kick: Callable[[str, int], None] | None = None,
+        max_in_flight: int = 100,
+        consumer: str = "relay",
+        time_limit: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.redis = client
+        self.consumer = consumer
+        self.store = DeliveryStore(client, settings.retention)
+        self.lanes = Lanes(client, consumer)
+        self.subscriptions = subscriptions
+        self.drivers = drivers or DriverCache()
+        self.gates = gates
+        self.decider = Decider(on_gone=self._gone)
+        self.metrics = metrics_for(client)
+        #: Queues a task for a lane (``""``: an admit task); None: nothing to queue (tests
+        #: call admit and drain themselves).
+        self.send_kick = kick
+        self.slots = Slots(max_in_flight)
+        self.time_limit = time_limit if time_limit is not None else settings.task_time_limit
+        self.stopping = threading.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._version: bytes | None = None
+        self._draining: dict[str, int] = {}  # lanes this process drains now
+        self._wanted: set[str] = set()  # ... and kicked again meanwhile
+        self._latency: dict[str, float] = {}  # lane -> moving average of attempt latency, s
+        self._draining_lock = threading.Lock()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def source(self, name: str) -> Source:
+        return self.config.sources.get(name) or Source(name)
+
+    def destination(self, name: str) -> Destination | None:
+        found = self.config.destination(name)
+        if found is None and self.subscriptions is not None:
+            found = self.subscriptions.get(name)
+        return found
+
+    def destinations_for(self, event: LeadEvent, version: bytes | None = None
+                         ) -> list[Destination]:
+        targets = route(event, self.config.destinations)
+        if self.subscriptions is not None:
+            targets += route(event, self.subscriptions.for_event(event, version))
+        return targets
+
+    # -- kicks -----------------------------------------------------------------------------
+
+    def kick(self, lanes: Iterable[str]) -> list[str]:
+        """Queue a task for each lane (``""``: the intake) that has none queued."""
+        if self.send_kick is None:
+            return []
+        kicked = self.lanes.claim_kicks(lanes)
+        for lane in kicked:
+            destination = self.destination(lane) if lane else None
+            self.send_kick(lane, destination.concurrency if destination else 0)
+        return kicked
+
+    # -- admission -------------------------------------------------------------------------
+
+    def admit(self, budget: float = 5.0, batch: int = ADMIT_BATCH) -> Report:
+        """Admit accepted events until the intake is empty or ``budget`` seconds are spent."""
+        self.lanes.kicked("")
+        report = Report()
+        deadline = time.monotonic() + budget
+        reclaim = True  # once per task: a dead worker's entries, idle long enough
+        while not self.stopping.is_set():
+            entries = self.lanes.read_intake(batch, reclaim=reclaim)
+            reclaim = False
+            if not entries:
+                break
+            self._admit_batch(entries, report)
+            if time.monotonic() > deadline:
+                self.kick([""])
+                break
+        return report
+
+    def _admit_batch(self, entries: Sequence[IntakeEntry], report: Report) -> None:
+        events: list[tuple[IntakeEntry, LeadEvent]] = []
+        bad: list[str] = []
+        for entry in entries:
+            try:
+                assert entry.event is not None
+                events.append((entry, LeadEvent.from_json(entry.event)))
+            except (AssertionError, KeyError, TypeError):
+                bad.append(entry.entry_id)
+        if bad:  # never written so by the ingress: nothing could deliver them
+            log.error("dropped %d unreadable intake entries: %s", len(bad), ", ".join(bad))
+            self.lanes.drop(INTAKE, bad)
+        if not events:
+            return
+        version_key = self.subscriptions.version_key if self.subscriptions else "relay:nothing"
+        if self._version is None:
+            self._version = self.redis.get(version_key) or b""
+        for _ in range(10):  # a subscription change between routing and admitting: route again
+            items = [(entry.entry_id, event.event_id, self.source(event.source).dedupe_window,
+                      entry.raw.decode() or json.dumps(event.to_json()),
+                      [d.name for d in self.destinations_for(event, self._version)])
+                     for entry, event in events]
+            outcomes = self.lanes.admit(version_key, self._version, time.time(),
+                                        self.settings.retention, items)
+            if isinstance(outcomes, list):
+                break
+            self._version = outcomes
+        else:
+            raise RuntimeError("the subscriptions kept changing while admitting a batch")
+        touched: set[str] = set()
+        for (_, event), item, outcome in zip(events, items, outcomes, strict=True):
+            report.add(outcome)
+            if outcome == "duplicate":
+                log.info("duplicate dropped", extra={"event_id": event.event_id})
+            elif outcome == "new":
+                touched.update(item[4])
+                if not item[4]:
+                    log.info("no destination subscribed", extra={"event_id": event.event_id,
+                                                                 "event": event.name})
+        if report.counts["duplicate"]:
+            self.metrics.inc("events_duplicate", amount=sum(o == "duplicate" for o in outcomes))
+        self.kick(touched)
+
+    # -- draining --------------------------------------------------------------------------
+
+    def drain(self, lane: str, budget: float = 10.0, batch: int | None = None) -> Report:
+        """Deliver a lane's deliveries until it is empty, ``budget`` seconds are spent, or the
+        worker is stopping; at most ``self.time_limit`` seconds in all, and at most ``batch``
+        in flight at once (default: the destination's concurrency)."""
+        self.lanes.kicked(lane)
+        report = Report()
+        destination = self.destination(lane)
+        if destination is None:
+            dropped = self.lanes.drop_lane(lane)
+            log.warning("dropped %d deliveries: destination no longer configured", dropped,
+                        extra={"destination": lane})
+            report.add("gone", dropped)
+            return report
+        with self._draining_lock:
+            # One drainer per lane in a process: it keeps the lane's whole window in flight;
+            # a second would only double the window (more threads, more unconfirmed sends).
+            # A kick that finds one here asks it to look at the lane again before it leaves.
+            if lane in self._draining:
+                self._wanted.add(lane)
+                report.add("crowded")
+                return report
+            self._draining[lane] = 1
+        holder = f"{self.consumer}:{uuid.uuid4().hex[:8]}"
+        started = time.monotonic()
+        try:
+            if not self.lanes.join(lane, holder, destination.lease, MAX_DRAINERS):
+                report.add("crowded")
+                return report
+            while True:
+                _Drain(self, destination, holder, report, batch).run(
+                    budget - (time.monotonic() - started))
+                with self._draining_lock:
+                    again = lane in self._wanted
+                    self._wanted.discard(lane)
+                if not again or self.stopping.is_set() or time.monotonic() - started > budget:
+                    break
+        finally:
+            with self._draining_lock:
+                self._draining.pop(lane, None)
+                late = lane in self._wanted  # kicked between our last look and now
+                self._wanted.discard(lane)
+            with contextlib.suppress(redis.RedisError):  # else its lease runs out by itself
+                self.lanes.leave(lane, holder)
+                if late and not self.stopping.is_set():
+                    self.kick([lane])
+        return report
+
+    def lane_share(self, destination: Destination) -> int:
+        """How many of this process's slots one lane may use: what its latency needs, within
+        its ``concurrency`` and an equal share when several lanes are being drained here."""
+        lanes = max(1, len(self._draining))
+        latency = self._latency.get(destination.name)
+        needed = MIN_WINDOW if latency is None else max(MIN_WINDOW,
+                                                        math.ceil(latency * LANE_RATE))
+        return max(1, min(destination.concurrency, needed, math.ceil(self.slots.size / lanes)))
+
+    def observed(self, lane: str, latency_ms: float) -> None:
+        previous = self._latency.get(lane)
+        seconds = latency_ms / 1000
+        self._latency[lane] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            with self._executor_lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self.slots.size,
+                                                        thread_name_prefix="relay-send")
+        return self._executor
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self.drivers.close()
+
+    def _gone(self, destination: Destination) -> None:
+        if destination.untrusted and self.subscriptions is not None:
+            self.subscriptions.remove_destination(destination, "the URL answered 410 Gone")
+
+
+class _Drain:
+    """One drain task's loop over its lane."""
+
+    def __init__(self, engine: Engine, destination: Destination, holder: str,
+                 report: Report, batch: int | None = None) -> None:
+        self.engine = engine
+        self.destination = destination
+        self.lane = destination.name
+        self.holder = holder
+        self.report = report
+        self.finished: queue.SimpleQueue[tuple[Future[list[Sent]], list[Claim]]] = (
+            queue.SimpleQueue())
+        self.batch = batch or destination.concurrency
+        self.in_flight = 0
+        self.held_until: float | None = None
+
+    def run(self, budget: float) -> None:
+        engine = self.engine
+        started = time.monotonic()
+        deadline = started + budget
+        hard_deadline = started + engine.time_limit
+        last_reclaim = -math.inf
+        lane_empty = False
+        while True:
+            now = time.monotonic()
+            if (not lane_empty and self.held_until is None and now < deadline
+                    and not engine.stopping.is_set()):
+                reclaim = now - last_reclaim >= RECLAIM_EVERY
+                if reclaim:
+                    last_reclaim = now
+                lane_empty = not self._refill(reclaim)
+            if self.in_flight == 0:
+                break
+            remaining = hard_deadline - time.monotonic()
+            if remaining <= 0:
+                self._abandon()
+                return
+            try:
+                first = self.finished.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                continue
+            done = [first]
+            while True:
+                try:
+                    done.append(self.finished.get_nowait())
+                except queue.Empty:
+                    break
+            self._confirm(done)
+            lane_empty = False  # look again: entries may have come while these were out
+        if self.held_until is not None:
+            engine.lanes.hold(self.lane, self.held_until)
+        elif (time.monotonic() >= deadline and not engine.stopping.is_set()
+              and engine.redis.xlen(lane_key(self.lane))):
+            engine.kick([self.lane])  # budget spent, work left: hand over to a new task
+
+    def _refill(self, reclaim: bool) -> bool:
+        """Claim and send as many deliveries as the free slots allow. False when the lane had
+        nothing to read (or the destination's shared concurrency is used up)."""
+        engine, destination = self.engine, self.destination
+        free = min(engine.lane_share(destination), self.batch) - self.in_flight
+        if free <= 0:
+            return True
+        want = free
+        for gate in engine.gates:
+            granted, until = gate.allow(destination, want)
+            if granted < want:
+                want = granted
+                self.held_until = until
+            if want <= 0:
+                return True
+        want = engine.slots.take(want)
+        if want <= 0:
+            return True
+        try:
+            taken = engine.store.take(self.lane, engine.consumer, self.holder, want,
+                                      destination.concurrency, destination.lease,
+                                      destination.lease if reclaim else 0.0)
+        except BaseException:
+            engine.slots.give(want)
+            raise
+        engine.slots.give(want - len(taken.claims))
+        self.report.add("already-done", taken.done)
+        self.report.add("busy", taken.busy)
+        self.report.add("gone", taken.gone)
+        claims: list[Claim] = []
+        buried: list[Confirmation] = []
+        max_crashes = engine.settings.max_task_runs
+        for claim in taken.claims:
+            if max_crashes and claim.crashes >= max_crashes:
+                buried.append(engine.decider.bury(
+                    destination, claim,
+                    f"the delivery crashed its worker {claim.crashes} times"))
+            else:
+                claims.append(claim)
+        if buried:
+            engine.slots.give(len(buried))
+            engine.store.confirm(self.lane, self.holder, destination.lease, buried)
+            self.report.add("dead", len(buried))
+        if claims:
+            driver = engine.drivers.get(destination)
+            size = max(1, driver.max_batch)
+            for i in range(0, len(claims), size):
+                group = claims[i:i + size]
+                future = engine.executor().submit(send, driver, group)
+                self.in_flight += len(group)
+                future.add_done_callback(self._finished_callback(group))
+        return bool(taken.claims or taken.done or taken.busy or taken.gone)
+
+    def _finished_callback(self, group: list[Claim]) -> Callable[[Future[list[Sent]]], None]:
+        def finished(future: Future[list[Sent]]) -> None:
+            self.engine.slots.give(len(group))
+            self.finished.put((future, group))
+        return finished
+
+    def _confirm(self, done: list[tuple[Future[list[Sent]], list[Claim]]]) -> None:
+        engine, destination = self.engine, self.destination
+        confirmations: list[Confirmation] = []
+        for future, group in done:
+            self.in_flight -= len(group)
+            try:
+                sent = future.result()
+            except BaseException as exc:  # cancelled at shutdown: never sent
+                sent = [Sent(claim, exc, 0.0) for claim in group]
+            for item in sent:
+                engine.observed(self.lane, item.latency_ms)
+                confirmation = engine.decider.decide(destination, item)
+                succeeded = confirmation.attempt.outcome in ("delivered", "skipped")
+                for gate in engine.gates:
+                    gate.attempted(destination, succeeded)
+                confirmations.append(confirmation)
+                self.report.add(confirmation.attempt.outcome)
+        engine.store.confirm(self.lane, self.holder, destination.lease, confirmations)
+
+    def _abandon(self) -> None:
+        """Past the time limit: leave what is still in flight unconfirmed. Its lease runs
+        out, another drainer takes it over and counts it as a crash."""
+        log.error("gave up waiting for %d deliveries after the %g s time limit", self.in_flight,
+                  self.engine.time_limit, extra={"destination": self.lane})
+        self.report.add("abandoned", self.in_flight)

@@ -1,0 +1,319 @@
+"""Gates decide, before a drainer reads more of a lane, how many deliveries may go now:
+pause / resume, the circuit breaker and the per-destination rate limit. All their state is in
+Redis, so every worker process agrees, and each check is one Lua script (one round trip,
+atomic across workers).
+
+A gate never takes a delivery out of its lane: it *holds the lane* (the drainer stops reading
+it and the sweep leaves it alone until the hold's time), so held deliveries keep their order
+and come back by themselves, a resumed or closed destination's oldest first.
+
+Keys (all under ``relay:``):
+
+=============================  ===========================================================
+``paused``                     hash: destination -> JSON {paused_at, reason}
+``circuit:<destination>``      hash: state (closed | open), reopen_at, reason, the success
+                               and failure totals seen at the last probe, the failure-rate
+                               window's start and totals
+``circuit:<destination>:probe``  the half-open probe lease (``SET NX PX``): one worker probes
+``rate:<destination>:<n>``     deliveries in fixed window ``n`` (expires after two windows)
+=============================  ===========================================================
+
+The breaker reads the counters :class:`relay.delivery.state.DeliveryStore` already keeps in
+``stats:<destination>`` (``consecutive_failures``, ``delivered``, ``failed``), so closing it on
+success and counting failures needs nothing from the delivery code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+
+from relay.delivery.keys import PAUSED_KEY, PREFIX, circuit_key, hold_key, stats_key
+from relay.metrics import metrics_for
+from relay.models import Destination
+
+log = logging.getLogger("relay.gates")
+
+Clock = Callable[[], float]
+
+
+class Gate(Protocol):
+    """Decides how many of a lane's deliveries may be attempted now."""
+
+    name: str
+
+    def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
+        """How many of ``want`` deliveries may go now and, when fewer, the epoch time until
+        which the lane is held (None: ask again at the next read)."""
+        ...
+
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        """Told the outcome of each attempt this process made (a gate may cache state)."""
+        ...
+
+
+# KEYS: circuit hash, probe lease, stats hash
+# ARGV: now, threshold, cooldown, probe ttl, probe wait, window, failure rate, min volume
+# Answers {action, hold until ('' to go ahead)}.
+_CIRCUIT = """
+local now = tonumber(ARGV[1])
+local c = redis.call('HMGET', KEYS[1], 'state', 'reopen_at', 'probe_ok', 'probe_failed',
+                     'win_start', 'win_ok', 'win_failed')
+local s = redis.call('HMGET', KEYS[3], 'consecutive_failures', 'delivered', 'failed')
+local cf = tonumber(s[1] or '0')
+local ok = tonumber(s[2] or '0')
+local failed = tonumber(s[3] or '0')
+local cooldown = tonumber(ARGV[3])
+
+local function open(reason)
+  local until_ = string.format('%.6f', now + cooldown)
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1], 'reason', reason,
+             'reopen_at', until_)
+  redis.call('DEL', KEYS[2])
+  return {'opened', until_}
+end
+
+if c[1] ~= 'open' then
+  if cf >= tonumber(ARGV[2]) then
+    return open(cf .. ' consecutive failures')
+  end
+  local ws = tonumber(c[5] or '0')
+  if now - ws >= tonumber(ARGV[6]) then
+    redis.call('HSET', KEYS[1], 'state', 'closed', 'win_start', ARGV[1], 'win_ok', ok,
+               'win_failed', failed)
+  else
+    local d_ok = ok - tonumber(c[6] or '0')
+    local d_failed = failed - tonumber(c[7] or '0')
+    local total = d_ok + d_failed
+    if total >= tonumber(ARGV[8]) and d_failed / total >= tonumber(ARGV[7]) then
+      return open(string.format('failure rate %d/%d', d_failed, total))
+    end
+  end
+  return {'go', ''}
+end
+
+local reopen_at = tonumber(c[2] or '0')
+if now < reopen_at then
+  return {'open', c[2]}
+end
+-- Half-open: has the probe (or anything since the last probe began) answered?
+if c[3] and ok > tonumber(c[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'closed', 'win_start', ARGV[1], 'win_ok', ok,
+             'win_failed', failed)
+  redis.call('HDEL', KEYS[1], 'reopen_at', 'probe_ok', 'probe_failed', 'opened_at', 'reason')
+  redis.call('DEL', KEYS[2])
+  return {'closed', ''}
+end
+if c[4] and failed > tonumber(c[4]) then
+  redis.call('HDEL', KEYS[1], 'probe_ok', 'probe_failed')
+  return open('the probe failed')
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', math.floor(tonumber(ARGV[4]) * 1000)) then
+  redis.call('HSET', KEYS[1], 'probe_ok', ok, 'probe_failed', failed)
+  return {'probe', ''}
+end
+return {'half-open', string.format('%.6f', now + tonumber(ARGV[5]))}
+"""
+
+# KEYS: window counter; ARGV: wanted, limit, ttl ms. Answers how many of the wanted fit.
+_RATE = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+local over = n - tonumber(ARGV[2])
+if over <= 0 then return tonumber(ARGV[1]) end
+local granted = math.max(0, tonumber(ARGV[1]) - over)
+redis.call('DECRBY', KEYS[1], tonumber(ARGV[1]) - granted)  -- what was refused is not used
+return granted
+"""
+
+
+def _held(client: redis.Redis, gate: str, destination: str, refused: int) -> None:
+    if refused > 0:
+        metrics_for(client).inc("deliveries_held", {"destination": destination, "gate": gate},
+                                refused)
+
+
+class PauseGate:
+    """Holds a paused destination's lane until it is resumed.
+
+    The hold lasts ``recheck`` seconds (one hour): :meth:`resume` lifts it at once; a lane held
+    in the instant between a resume and its own check comes back after at most ``recheck``
+    instead of never."""
+
+    name = "pause"
+
+    def __init__(self, client: redis.Redis, recheck: float = 3600.0,
+                 clock: Clock = time.time, snapshot_ttl: float = 0.0) -> None:
+        self.redis = client
+        self.recheck = recheck
+        self.clock = clock
+        # Workers pass ``snapshot_ttl``: the set of paused names is read at most that often,
+        # so a read of an unpaused lane costs no round trip; a pause then takes effect within
+        # ``snapshot_ttl`` seconds.
+        self.snapshot_ttl = snapshot_ttl
+        self._snapshot: tuple[float, frozenset[bytes]] = (float("-inf"), frozenset())
+
+    def _paused_now(self, destination: str) -> bool:
+        if self.snapshot_ttl <= 0:
+            return bool(self.redis.hexists(PAUSED_KEY, destination))
+        now = time.monotonic()
+        taken, paused = self._snapshot
+        if now - taken >= self.snapshot_ttl:
+            paused = frozenset(self.redis.hkeys(PAUSED_KEY))
+            self._snapshot = (now, paused)
+        return destination.encode() in paused
+
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        pass
+
+    def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
+        if not self._paused_now(destination.name):
+            return want, None
+        _held(self.redis, self.name, destination.name, want)
+        return 0, self.clock() + self.recheck
+
+    def pause(self, destination: str, reason: str = "") -> None:
+        self.redis.hset(PAUSED_KEY, destination,
+                        json.dumps({"paused_at": self.clock(), "reason": reason}))
+        log.warning("destination paused", extra={"destination": destination, "reason": reason})
+
+    def paused(self) -> dict[str, dict[str, object]]:
+        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(PAUSED_KEY).items()}
+
+    def resume(self, destination: str) -> int:
+        """Unpause and lift the lane's hold: its deliveries go out again, oldest first, as
+        soon as a worker's sweep sees it (within a second). A delivery waiting out a retry
+        delay keeps its due time. Returns how many deliveries the lane holds."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(PAUSED_KEY, destination)
+        pipe.delete(hold_key(destination))
+        pipe.xlen(PREFIX + "lane:" + destination)
+        waiting = int(pipe.execute()[2])
+        log.warning("destination resumed", extra={"destination": destination,
+                                                  "released": waiting})
+        return waiting
+
+
+@dataclass(frozen=True)
+class CircuitPolicy:
+    threshold: int = 10  # consecutive failures that open the circuit
+    cooldown: float = 60.0  # open this long before one probe is let through
+    probe_wait: float = 5.0  # how long others wait for the probe's answer before looking again
+    window: float = 60.0  # failure-rate window
+    failure_rate: float = 0.5  # open when this share of the window's attempts failed ...
+    min_volume: int = 20  # ... and the window has at least this many attempts
+
+
+class CircuitBreaker:
+    """Closed → open (after ``threshold`` consecutive failures or a failure rate over the
+    window) → after ``cooldown`` half-open: one worker wins the probe lease and sends one
+    delivery; a success since the probe began closes the circuit, a failure opens it for
+    another cool-down. While open, the lane is held."""
+
+    name = "circuit"
+
+    def __init__(self, client: redis.Redis, policy: CircuitPolicy | None = None,
+                 clock: Clock = time.time, snapshot_ttl: float = 0.0) -> None:
+        self.redis = client
+        self.policy = policy or CircuitPolicy()
+        self.clock = clock
+        self._script = client.register_script(_CIRCUIT)
+        # Workers pass ``snapshot_ttl``: after the script said "go", this process lets a
+        # destination's deliveries through without asking again for that long, as long as
+        # each of its own attempts succeeds. A failure here, or the time running out, sends
+        # the next read through the script, so a circuit that other workers opened stops
+        # this one after at most ``snapshot_ttl`` seconds of successes or one failure.
+        self.snapshot_ttl = snapshot_ttl
+        self._healthy: dict[str, float] = {}  # destination -> monotonic time of the last "go"
+
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        if not succeeded:
+            self._healthy.pop(destination.name, None)
+
+    def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
+        p = self.policy
+        name = destination.name
+        now = time.monotonic()
+        if self.snapshot_ttl > 0 and now - self._healthy.get(name, -math.inf) < self.snapshot_ttl:
+            return want, None
+        action, until = self._script(
+            keys=[circuit_key(name), circuit_key(name) + ":probe", stats_key(name)],
+            args=[self.clock(), p.threshold, p.cooldown, destination.timeout * 2 + 10,
+                  p.probe_wait, p.window, p.failure_rate, p.min_volume],
+        )
+        action = action.decode()
+        if action == "opened":
+            log.error("circuit opened", extra={"destination": name})
+        elif action == "closed":
+            log.warning("circuit closed", extra={"destination": name})
+        elif action == "probe":
+            log.info("circuit half-open: probing", extra={"destination": name})
+            _held(self.redis, self.name, name, want - 1)
+            return min(want, 1), None
+        if action in ("go", "closed"):
+            if self.snapshot_ttl > 0:
+                self._healthy[name] = now
+            return want, None
+        _held(self.redis, self.name, name, want)
+        return 0, float(until)
+
+    def state(self, destination: str) -> str:
+        """``closed``, ``open`` or ``half-open`` (open, cool-down over, waiting for a probe)."""
+        state, reopen_at = self.redis.hmget(circuit_key(destination), "state", "reopen_at")
+        if state != b"open":
+            return "closed"
+        return "open" if self.clock() < float(reopen_at or 0) else "half-open"
+
+    def reset(self, destination: str) -> None:
+        self.redis.delete(circuit_key(destination), circuit_key(destination) + ":probe")
+
+
+class RateLimitGate:
+    """``rate_limit: 20/s``: a fixed-window counter per destination shared by all workers; when
+    a window is used up, the lane is held until the next one."""
+
+    name = "rate"
+
+    def __init__(self, client: redis.Redis, clock: Clock = time.time) -> None:
+        self.redis = client
+        self.clock = clock
+        self._script = client.register_script(_RATE)
+
+    def attempted(self, destination: Destination, succeeded: bool) -> None:
+        pass
+
+    def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
+        limit = destination.rate_limit
+        if limit is None or want <= 0:
+            return want, None
+        per = limit.per_seconds
+        window = math.floor(self.clock() / per)
+        granted = int(self._script(keys=[f"{PREFIX}rate:{destination.name}:{window}"],
+                                   args=[want, limit.count, int(per * 2000) + 1000]))
+        if granted >= want:
+            return want, None
+        _held(self.redis, self.name, destination.name, want - granted)
+        return granted, (window + 1) * per
+
+
+def default_gates(client: redis.Redis, snapshot_ttl: float = 0.0) -> tuple[Gate, ...]:
+    """The gates every worker runs, in order: a paused destination is not even counted
+    against its circuit or its rate. With ``snapshot_ttl``, the pause and circuit gates skip
+    their round trip for a destination that was neither paused nor failing that recently."""
+    return (PauseGate(client, snapshot_ttl=snapshot_ttl),
+            CircuitBreaker(client, snapshot_ttl=snapshot_ttl), RateLimitGate(client))
+
+
+def destination_state(client: redis.Redis, destination: str, clock: Clock = time.time) -> str:
+    """``paused``, ``open``, ``half-open`` or ``active``."""
+    if client.hexists(PAUSED_KEY, destination):
+        return "paused"
+    state = CircuitBreaker(client, clock=clock).state(destination)
+    return "active" if state == "closed" else state

@@ -1,0 +1,390 @@
+"""Everything the relay keeps in Redis about events and deliveries (keys: :mod:`.keys`).
+
+Delivery state moves ``pending → inflight → delivered | retrying | dead`` with
+claim-then-confirm, per (event, destination), whatever the batch it travels in:
+:meth:`DeliveryStore.take` reads a batch of a lane's entries and claims each delivery with a
+lease in the same script (a second claimant is told ``busy`` or ``done``), and
+:meth:`DeliveryStore.confirm` records the outcomes of a batch in one script that never turns a
+``delivered`` back into anything else and acknowledges the lane entries only then.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis
+
+from relay.delivery.keys import (
+    DEAD_INDEX,
+    DEAD_KEY,
+    DRAINERS_PREFIX,
+    GROUP,
+    INFLIGHT_PREFIX,
+    LANES,
+    PREFIX,
+    SCHEDULED,
+    dead_id,
+    delivery_key,
+    event_key,
+    lane_key,
+    log_key,
+    recent_key,
+    stats_key,
+)
+from relay.metrics import metrics_for
+from relay.models import LeadEvent
+
+LOG_CAP = 100
+RECENT_CAP = 10_000  # per destination and status: what the admin API lists
+RECENT_STATUSES = ("delivered", "retrying", "dead")
+ERROR_TEXT_LIMIT = 500
+
+# Reads up to ARGV[4] entries of a lane and claims each delivery, within the destination's
+# concurrency (the sum of what its drainers hold in flight stays <= ARGV[5]).
+# KEYS: lane stream, drainers zset, in-flight hash, scheduled zset
+# ARGV: group, consumer, holder, want, limit, now, lease until, retention s, destination,
+#       reclaim idle ms (0: read new entries only)
+# Answers {in flight before, {claimed: entry, event id, attempts, crashes, event json}...,
+#          done count, busy count, gone count}
+_TAKE = """
+local now = tonumber(ARGV[6])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+if #expired > 0 then  -- drainers whose worker died: their slots are free again
+  redis.call('ZREM', KEYS[2], unpack(expired))
+  redis.call('HDEL', KEYS[3], unpack(expired))
+end
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[3])
+redis.call('EXPIRE', KEYS[2], 3600)
+local used = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[3])) do used = used + tonumber(n) end
+local want = math.min(tonumber(ARGV[4]), tonumber(ARGV[5]) - used)
+local claimed, done, busy, gone = {}, 0, 0, 0
+if want <= 0 then return {used, claimed, done, busy, gone} end
+local entries = {}
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want,
+                         'STREAMS', KEYS[1], '>')
+if reply then entries = reply[1][2] end
+if #entries < want and tonumber(ARGV[10]) > 0 then
+  local stale = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[10], '0-0',
+                           'COUNT', want - #entries)
+  for _, item in ipairs(stale[2]) do table.insert(entries, item) end
+end
+local dest = ARGV[9]
+local function finish(entry)
+  redis.call('XACK', KEYS[1], ARGV[1], entry)
+  redis.call('XDEL', KEYS[1], entry)
+end
+for _, item in ipairs(entries) do
+  local entry, fields = item[1], item[2]
+  local id = fields and fields[2]
+  local event = id and redis.call('HGET', 'relay:event:' .. id, 'event')
+  if not event then
+    finish(entry)  -- erased, expired, or an entry deleted while pending
+    gone = gone + 1
+  else
+    local key = 'relay:delivery:' .. id
+    local raw = redis.call('HGET', key, dest)
+    local st = {status = 'pending', attempts = 0}
+    if raw then st = cjson.decode(raw) end
+    if st.status == 'delivered' or st.status == 'dead' then
+      finish(entry)
+      done = done + 1
+    elseif st.status == 'inflight' and tonumber(st.lease_until) > now then
+      -- another drainer is sending it (or died doing so): look again after its lease
+      redis.call('ZADD', KEYS[4], tonumber(st.lease_until) + 1, id .. '|' .. dest)
+      finish(entry)
+      busy = busy + 1
+    else
+      -- An expired lease on an inflight delivery: the attempt that took it never confirmed
+      -- (its worker died, or gave up at the time limit). Counted, so that a delivery that
+      -- kills its worker every time becomes a dead letter.
+      if st.status == 'inflight' then st.crashes = (st.crashes or 0) + 1 end
+      st.attempts = st.attempts + 1
+      st.status = 'inflight'
+      st.lease_until = tonumber(ARGV[7])
+      st.updated_at = now
+      redis.call('HSET', key, dest, cjson.encode(st))
+      redis.call('EXPIRE', key, ARGV[8])
+      table.insert(claimed, {entry, id, st.attempts, st.crashes or 0, event})
+    end
+  end
+end
+if #claimed > 0 then redis.call('HINCRBY', KEYS[3], ARGV[3], #claimed) end
+redis.call('EXPIRE', KEYS[3], 3600)
+return {used, claimed, done, busy, gone}
+"""
+
+# Records the outcomes of a batch of one destination's deliveries, acknowledges their lane
+# entries and gives back their concurrency slots: one script, all of it or nothing.
+# KEYS: lane stream, in-flight hash, drainers zset, stats hash, recent delivered / retrying /
+#       dead zsets, dead letters hash, dead letters index, scheduled zset
+# ARGV: group, holder, destination, retention s, log cap, recent cap, lease until, then per
+#       delivery: entry, event id, state json, attempt json, outcome, time, error, listed
+#       status, dead letter json ('' if none), retry due time ('' if none)
+_CONFIRM = """
+local dest, retention = ARGV[3], ARGV[4]
+local n = 0
+for i = 8, #ARGV, 10 do
+  local entry, id, outcome, at = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 5]
+  local delivery, log = 'relay:delivery:' .. id, 'relay:log:' .. id
+  local raw = redis.call('HGET', delivery, dest)
+  if not (raw and cjson.decode(raw).status == 'delivered') then
+    redis.call('HSET', delivery, dest, ARGV[i + 2])   -- never downgrade a confirmed delivery
+    redis.call('EXPIRE', delivery, retention)
+  end
+  redis.call('RPUSH', log, ARGV[i + 3])
+  redis.call('LTRIM', log, -tonumber(ARGV[5]), -1)
+  redis.call('EXPIRE', log, retention)
+  if outcome == 'delivered' or outcome == 'skipped' then
+    redis.call('HINCRBY', KEYS[4], 'delivered', 1)
+    redis.call('HSET', KEYS[4], 'consecutive_failures', 0, 'last_success_at', at)
+  else
+    redis.call('HINCRBY', KEYS[4], 'failed', 1)
+    redis.call('HINCRBY', KEYS[4], 'consecutive_failures', 1)
+    redis.call('HSET', KEYS[4], 'last_error', ARGV[i + 6], 'last_error_at', at)
+  end
+  if ARGV[i + 9] ~= '' then
+    redis.call('ZADD', KEYS[10], ARGV[i + 9], id .. '|' .. dest)
+  end
+  if outcome == 'dead' then
+    redis.call('HINCRBY', KEYS[4], 'dead', 1)
+    redis.call('HSET', KEYS[8], id .. '|' .. dest, ARGV[i + 8])
+    redis.call('ZADD', KEYS[9], at, id .. '|' .. dest)
+  end
+  local statuses = {'delivered', 'retrying', 'dead'}
+  for s = 1, 3 do
+    local recent = KEYS[4 + s]
+    if statuses[s] == ARGV[i + 7] then
+      redis.call('ZADD', recent, at, id)
+      redis.call('ZREMRANGEBYRANK', recent, 0, -tonumber(ARGV[6]) - 1)
+      redis.call('EXPIRE', recent, retention)
+    else
+      redis.call('ZREM', recent, id)
+    end
+  end
+  if entry ~= '' then
+    redis.call('XACK', KEYS[1], ARGV[1], entry)
+    redis.call('XDEL', KEYS[1], entry)
+    n = n + 1
+  end
+end
+if n > 0 and redis.call('HINCRBY', KEYS[2], ARGV[2], -n) < 0 then
+  redis.call('HSET', KEYS[2], ARGV[2], 0)
+end
+redis.call('ZADD', KEYS[3], 'XX', ARGV[7], ARGV[2])
+return n
+"""
+
+Outcome = Literal["delivered", "retrying", "dead", "skipped"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One delivery a drainer took from its lane and holds the lease of."""
+
+    entry_id: str
+    event: LeadEvent
+    attempt: int
+    crashes: int = 0  # earlier attempts that never confirmed (their worker died)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What :meth:`DeliveryStore.take` did: the claims, and the entries it settled itself."""
+
+    claims: list[Claim]
+    in_flight_before: int = 0
+    done: int = 0  # already delivered or dead: acknowledged
+    busy: int = 0  # another drainer holds the lease: parked until it ends
+    gone: int = 0  # the event was erased or expired: acknowledged
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt, as the delivery log records it."""
+
+    destination: str
+    attempt: int
+    outcome: Outcome
+    status_code: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    next_attempt_at: float | None = None
+    at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """An attempt's outcome, ready for :meth:`DeliveryStore.confirm`."""
+
+    event: LeadEvent
+    attempt: Attempt
+    entry_id: str = ""  # the lane entry to acknowledge ('' for none)
+    dead_reason: str | None = None
+    retry_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DeliveryStore:
+    def __init__(self, client: redis.Redis, retention: float = 7 * 86400) -> None:
+        self.redis = client
+        self.retention = int(retention)
+        self._take = client.register_script(_TAKE)
+        self._confirm = client.register_script(_CONFIRM)
+        self.metrics = metrics_for(client)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def load_event(self, event_id: str) -> LeadEvent | None:
+        raw = self.redis.hget(event_key(event_id), "event")
+        return LeadEvent.from_json(json.loads(raw)) if raw else None
+
+    def event_record(self, event_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(event_key(event_id))
+        if not raw:
+            return None
+        record = {k.decode(): v.decode() for k, v in raw.items()}
+        if "event" not in record:
+            return None  # only duplicates counted so far: the first one is not admitted yet
+        return {
+            "event": json.loads(record["event"]),
+            "duplicates": int(record.get("duplicates", 0)),
+            "admitted_at": float(record.get("admitted_at", 0)),
+        }
+
+    # -- deliveries -----------------------------------------------------------------------
+
+    def take(self, lane: str, consumer: str, holder: str, want: int, limit: int,
+             lease: float, reclaim_idle: float = 0.0) -> Taken:
+        """Read up to ``want`` of the lane's entries (with ``reclaim_idle``, also entries a
+        dead worker left pending that long) and claim each delivery for ``lease`` seconds,
+        keeping the destination's in-flight total within ``limit``. One round trip."""
+        now = time.time()
+        used, claimed, done, busy, gone = self._take(
+            keys=[lane_key(lane), DRAINERS_PREFIX + lane, INFLIGHT_PREFIX + lane, SCHEDULED],
+            args=[GROUP, consumer, holder, want, limit, now, now + lease, self.retention, lane,
+                  int(reclaim_idle * 1000)])
+        claims = [Claim(entry.decode(), LeadEvent.from_json(json.loads(event)), int(attempts),
+                        int(crashes))
+                  for entry, _id, attempts, crashes, event in claimed]
+        return Taken(claims, int(used), int(done), int(busy), int(gone))
+
+    def confirm(self, lane: str, holder: str, lease: float,
+                confirmations: Sequence[Confirmation]) -> None:
+        """Record a batch of one destination's outcomes: each delivery state (never
+        downgrading a confirmed delivery), log line, counter, per-destination list, retry or
+        dead letter; then acknowledge their lane entries and free their slots."""
+        if not confirmations:
+            return
+        args: list[Any] = [GROUP, holder, lane, self.retention, LOG_CAP, RECENT_CAP,
+                           time.time() + lease]
+        for c in confirmations:
+            args += _confirm_args(c)
+        self._confirm(
+            keys=[lane_key(lane), INFLIGHT_PREFIX + lane, DRAINERS_PREFIX + lane,
+                  stats_key(lane), *(recent_key(lane, s) for s in RECENT_STATUSES),
+                  DEAD_KEY, DEAD_INDEX, SCHEDULED],
+            args=args)
+        for c in confirmations:
+            self.metrics.inc("deliveries", {"destination": lane, "outcome": c.attempt.outcome})
+            if c.attempt.latency_ms is not None:
+                self.metrics.observe("attempt_latency_seconds", c.attempt.latency_ms / 1000,
+                                     {"destination": lane})
+
+    def delivery_states(self, event_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.redis.hgetall(delivery_key(event_id))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def attempts(self, event_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.redis.lrange(log_key(event_id), 0, -1)]
+
+    def stats(self, destination: str) -> dict[str, str]:
+        raw = self.redis.hgetall(stats_key(destination))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    def dead_letters(
+        self, destination: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """Newest first."""
+        ids = self.redis.zrevrange(DEAD_INDEX, 0, -1)
+        keys = [k.decode() for k in ids]
+        if destination:
+            keys = [k for k in keys if k.rsplit("|", 1)[1] == destination]
+        keys = keys[offset : offset + limit]
+        if not keys:
+            return []
+        records = self.redis.hmget(DEAD_KEY, keys)
+        return [json.loads(r) for r in records if r]
+
+    def replay(self, event_id: str, destination: str) -> LeadEvent | None:
+        """Take a dead letter out and put a fresh delivery into its lane, atomically (two
+        replays of one dead letter queue it once): the delivery becomes pending again and
+        the event record is restored (it may have expired). None when there is no such dead
+        letter."""
+        key = dead_id(event_id, destination)
+        raw = self.redis.hget(DEAD_KEY, key)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        event = LeadEvent.from_json(record["event"])
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(DEAD_KEY, key)
+        pipe.zrem(DEAD_INDEX, key)
+        pipe.hset(event_key(event_id), "event", json.dumps(record["event"]))
+        pipe.expire(event_key(event_id), self.retention)
+        pipe.hset(
+            delivery_key(event_id),
+            destination,
+            json.dumps({"status": "pending", "attempts": 0, "replayed_at": time.time()}),
+        )
+        pipe.expire(delivery_key(event_id), self.retention)
+        pipe.hincrby(stats_key(destination), "dead", -1)
+        pipe.zrem(recent_key(destination, "dead"), event_id)
+        results = pipe.execute()
+        if not results[0]:
+            return None  # another replay took it between our read and the transaction
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(lane_key(destination), {"e": event_id})
+        pipe.sadd(LANES, destination)
+        pipe.execute()
+        return event
+
+
+def _confirm_args(c: Confirmation) -> list[Any]:
+    attempt = c.attempt
+    state: dict[str, Any] = {"status": attempt.outcome, "attempts": attempt.attempt,
+                             "updated_at": attempt.at, **c.extra}
+    if attempt.status_code is not None:
+        state["last_status"] = attempt.status_code
+    if attempt.error:
+        state["last_error"] = attempt.error
+    if attempt.next_attempt_at:
+        state["next_attempt_at"] = attempt.next_attempt_at
+    event_id = c.event.event_id
+    letter = ""
+    if attempt.outcome == "dead":
+        letter = json.dumps({
+            "event_id": event_id, "destination": attempt.destination,
+            "reason": c.dead_reason or "", "attempts": attempt.attempt,
+            "status_code": attempt.status_code, "dead_at": attempt.at,
+            "event": c.event.to_json(),
+        })
+    # Each delivery is listed under its current status only (skipped counts as delivered).
+    listed = "delivered" if attempt.outcome == "skipped" else attempt.outcome
+    return [c.entry_id, event_id, json.dumps(state), json.dumps(attempt.to_json()),
+            attempt.outcome, attempt.at, attempt.error or "", listed, letter,
+            "" if c.retry_at is None else c.retry_at]
+
+
+__all__ = ["DEAD_INDEX", "DEAD_KEY", "PREFIX", "Attempt", "Claim", "Confirmation",
+           "DeliveryStore", "Outcome", "Taken", "dead_id", "delivery_key", "event_key",
+           "log_key", "recent_key", "stats_key"]
