@@ -57,7 +57,7 @@ from bench.common import (
     verdict,
     write_config,
 )
-from relay.store import stats_key
+from relay.delivery.state import stats_key
 from relay.taskqueue import QUEUE
 
 TARGET_RATIO = 0.5

@@ -2,12 +2,12 @@
 
 ::
 
-    from helpers import make_app, queued_tasks, sample
+    from helpers import accepted_events, make_app, sample
 
     app = make_app()
     app.test_client().post("/hooks/kickofflabs", json=sample("new_signup"))
-    [task] = queued_tasks(app.extensions["relay"].redis)
-    assert task.name == "relay.process_event"
+    [event] = accepted_events(app.extensions["relay"].redis)
+    assert event["name"] == "new_signup"
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from flask import Flask
 
 from relay.app import create_app
 from relay.config import RelayConfig, parse_config
+from relay.delivery.engine import Engine
+from relay.delivery.keys import INTAKE, SCHEDULED
+from relay.delivery.lanes import Lanes
 from relay.events import EVENTS
-from relay.delivery.engine import Relay
 from relay.settings import Settings
-from relay.taskqueue import PROCESS_EVENT, QUEUE, SCHEDULED_KEY
+from relay.taskqueue import QUEUE
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 SAMPLE_EVENTS: tuple[str, ...] = EVENTS
@@ -97,12 +99,22 @@ def queued_tasks(client: redis.Redis, queue: str = QUEUE) -> list[QueuedTask]:
     return [decode_task(raw) for raw in reversed(client.lrange(queue, 0, -1))]
 
 
-def parked_tasks(client: redis.Redis) -> list[tuple[QueuedTask, float]]:
-    """Parked (delayed) task messages with their due times, soonest first."""
-    return [
-        (decode_task(raw), score)
-        for raw, score in client.zrange(SCHEDULED_KEY, 0, -1, withscores=True)
-    ]
+def accepted_events(client: redis.Redis) -> list[dict[str, Any]]:
+    """The events in the intake stream (accepted, not yet admitted), oldest first."""
+    return [json.loads(fields[b"e"]) for _, fields in client.xrange(INTAKE)]
+
+
+def parked_deliveries(client: redis.Redis) -> list[tuple[str, str, float]]:
+    """Deliveries waiting out a retry delay: (event id, destination, due), soonest first."""
+    return [(*member.decode().rsplit("|", 1), score)  # type: ignore[misc]
+            for member, score in client.zrange(SCHEDULED, 0, -1, withscores=True)]
+
+
+def release_parked(client: redis.Redis, now: float | None = None) -> int:
+    """Play the scheduler: move parked deliveries due by ``now`` (default: all) into their
+    lanes."""
+    moved, _ = Lanes(client).release_due(now=now if now is not None else float("inf"))
+    return moved
 
 
 def closed_port() -> int:
@@ -127,11 +139,19 @@ def silent_server() -> Iterator[str]:
         sock.close()
 
 
-def run_queue(relay: Relay, client: redis.Redis) -> None:
-    """Play the worker in this process: run every queued task until the queue is empty."""
-    while (raw := client.rpop(QUEUE)) is not None:
-        task = decode_task(raw)
-        if task.name == PROCESS_EVENT:
-            relay.process_event(task.args[0], task.task_id)  # type: ignore[arg-type]
-        else:
-            relay.deliver(*task.args, task.task_id)  # type: ignore[arg-type]
+def run_queue(relay: Engine, client: redis.Redis) -> None:
+    """Play the worker in this process: admit what the intake holds and drain every lane
+    until nothing moves any more (parked retries stay parked until released, held lanes
+    stay held)."""
+    lanes = Lanes(client)
+    before = None
+    for _ in range(1000):
+        relay.admit()
+        for lane, waiting in lanes.lane_depths().items():
+            if waiting:
+                relay.drain(lane)
+        now = (lanes.depth(), lanes.lane_depths())
+        if now == before or not (now[0] or any(now[1].values())):
+            return
+        before = now
+    raise AssertionError("the queue never emptied")

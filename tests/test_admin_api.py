@@ -12,11 +12,11 @@ import pytest
 from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 
-from relay import store as store_module
+from relay.delivery import state as store_module
+from relay.delivery.engine import Engine
 from relay.delivery.gates import default_gates
-from relay.delivery.engine import Relay
+from relay.delivery.state import LOG_CAP, Attempt, Confirmation, recent_key
 from relay.settings import Settings
-from relay.delivery.state import LOG_CAP, Attempt, recent_key
 
 KEY = "admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -29,11 +29,13 @@ class World:
         self.settings = settings or Settings(api_keys=(KEY,))
         retry = {"schedule": schedule if schedule is not None else ["1h"]}
         self.config = config(
-            [{"name": name, "type": "webhook", "url": f"{sink.url}/{name}", "retry": retry}
+            # One delivery in flight at a time: lists "newest first" in a predictable order.
+            [{"name": name, "type": "webhook", "url": f"{sink.url}/{name}", "retry": retry,
+              "concurrency": 1}
              for name in ("crm", "backend")], sources={"kickofflabs": {}})
         self.app = make_app(self.config, self.redis, self.settings)
         self.client = self.app.test_client()
-        self.relay = Relay(self.settings, self.config, self.redis,
+        self.relay = Engine(self.settings, self.config, self.redis,
                            gates=default_gates(self.redis))
         self.sink = sink
 
@@ -157,11 +159,12 @@ def test_destinations_report_state_and_health(sink: Sink) -> None:
     assert crm["success_rate"] == pytest.approx(1 / 3, abs=0.001)
     assert crm["retrying"] == 2 and crm["parked"] == 2 and crm["dead"] == 0
     assert "500" in crm["last_error"]
-    assert backend["state"] == "paused" and backend["parked"] == 1 and backend["delivered"] == 2
+    # A paused destination's deliveries wait in its lane, in order.
+    assert backend["state"] == "paused" and backend["queued"] == 1 and backend["delivered"] == 2
+    assert backend["parked"] == 0
 
     resumed = world.post_api("/api/destinations/backend/resume")
     assert resumed == {"destination": "backend", "state": "active", "released": 1}
-    world.relay.queue.release_due()
     world.run_queue()
     assert len(sink.requests("/backend")) == 3
     assert world.post_api("/api/destinations/nope/pause", status=404)["error"]
@@ -194,13 +197,14 @@ def test_the_delivery_log_stays_bounded_under_a_flood(sink: Sink,
             assert 0 < world.redis.ttl(key) <= 24 * 3600, name
 
     # One event attempted far more often than the log keeps.
-    event = world.relay.delivery.state.load_event(world.post(99))
+    event = world.relay.store.load_event(world.post(99))
     assert event is None  # not processed yet
     world.run_queue()
-    event = world.relay.delivery.state.load_event(world.relay.delivery.state.redis.zrevrange(
+    event = world.relay.store.load_event(world.relay.store.redis.zrevrange(
         recent_key("crm", "delivered"), 0, 0)[0].decode())
     assert event is not None
     for attempt in range(LOG_CAP + 30):
-        world.relay.delivery.state.confirm(event, Attempt("crm", attempt, "retrying", 500, 1.0, "x"))
+        world.relay.store.confirm("crm", "test", 10, [
+            Confirmation(event, Attempt("crm", attempt, "retrying", 500, 1.0, "x"))])
     assert world.redis.llen(f"relay:log:{event.event_id}") == LOG_CAP
     assert world.redis.ttl(f"relay:log:{event.event_id}") <= 120

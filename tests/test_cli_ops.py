@@ -14,7 +14,7 @@ from helpers import config, make_app, run_queue, sample
 
 from relay import cli_ops
 from relay.cli import main
-from relay.delivery.engine import Relay
+from relay.delivery.engine import Engine
 from relay.settings import Settings
 
 
@@ -27,7 +27,7 @@ class World:
             {"name": "backend", "type": "webhook", "url": f"{sink.url}/backend"},
         ], sources={"kickofflabs": {}})
         self.client = make_app(self.config, self.redis).test_client()
-        self.relay = Relay(Settings(), self.config, self.redis)
+        self.relay = Engine(Settings(), self.config, self.redis)
         self.sink = sink
         monkeypatch.setattr(cli_ops, "redis_client", lambda: self.redis)
         monkeypatch.setattr(cli_ops, "relay_config", lambda: self.config)
@@ -122,10 +122,10 @@ def test_erase_asks_first(world: World) -> None:
     world.run_queue()
     aborted = world.relay_cli("erase", "--email", "lead1@example.com", input="n\n", code=1)
     assert "Aborted" in aborted.output
-    assert world.relay.delivery.state.load_event(event_id) is not None
+    assert world.relay.store.load_event(event_id) is not None
     done = world.relay_cli("erase", "--email", "lead1@example.com", "--yes").output
     assert done.startswith("1 event(s) of lead1@example.com")
-    assert world.relay.delivery.state.load_event(event_id) is None
+    assert world.relay.store.load_event(event_id) is None
 
 
 def test_redis_down_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

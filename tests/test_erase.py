@@ -10,9 +10,9 @@ import redis
 from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 
-from relay.erase import erase_lead
+from relay.delivery.engine import Engine
 from relay.delivery.gates import PauseGate
-from relay.delivery.engine import Relay
+from relay.erase import erase_lead
 from relay.settings import Settings
 
 ADA = "ada.lovelace@example.com"
@@ -59,7 +59,7 @@ class World:
              "retry": {"schedule": ["1h"]}},
         ], sources={"kickofflabs": {}})
         self.client = make_app(cfg, self.redis, Settings(dev_inbox=True)).test_client()
-        self.relay = Relay(Settings(), cfg, self.redis, gates=(PauseGate(self.redis),))
+        self.relay = Engine(Settings(), cfg, self.redis, gates=(PauseGate(self.redis),))
 
     def post(self, email: str, event: str = "new_signup", **changes: Any) -> str:
         response = self.client.post("/hooks/kickofflabs",

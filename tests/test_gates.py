@@ -16,11 +16,11 @@ from conftest import Sink
 from helpers import config, decode_task, make_app, parked_tasks, sample
 
 from relay.delivery.attempt import Gate
+from relay.delivery.engine import Engine
 from relay.delivery.gates import CircuitBreaker, CircuitPolicy, PauseGate, RateLimitGate
-from relay.models import Destination, RateLimit
-from relay.delivery.engine import Relay
-from relay.settings import Settings
 from relay.delivery.state import stats_key
+from relay.models import Destination, RateLimit
+from relay.settings import Settings
 from relay.taskqueue import PROCESS_EVENT, QUEUE
 
 
@@ -46,7 +46,7 @@ class World:
                              sources={"kickofflabs": {}})
         self.client = make_app(self.config, self.redis).test_client()
         built = tuple(g(self.redis, self.clock) for g in gates)
-        self.relay = Relay(Settings(), self.config, self.redis, gates=built)
+        self.relay = Engine(Settings(), self.config, self.redis, gates=built)
         self.sink = sink
 
     def post(self, n: int) -> None:

@@ -14,10 +14,10 @@ from conftest import Sink
 from helpers import config, decode_task, make_app, sample
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.delivery.engine import Engine
 from relay.delivery.gates import CircuitBreaker, PauseGate
 from relay.logs import TextFormatter
 from relay.metrics import Metrics, metrics_for
-from relay.delivery.engine import Relay
 from relay.settings import Settings
 from relay.taskqueue import PROCESS_EVENT, QUEUE
 
@@ -28,7 +28,7 @@ class World:
         self.config = config([{"name": "crm", "type": "webhook", "url": f"{sink.url}/crm",
                                "retry": {"schedule": ["1h"]}}], sources={"kickofflabs": {}})
         self.client = make_app(self.config, self.redis).test_client()
-        self.relay = Relay(Settings(), self.config, self.redis)
+        self.relay = Engine(Settings(), self.config, self.redis)
 
     def post(self, n: int, **changes: Any) -> int:
         return self.client.post("/hooks/kickofflabs", json=sample(
@@ -155,7 +155,7 @@ def test_one_json_line_per_request_and_attempt_without_secrets(
     cfg = config([{"name": "crm", "type": "webhook", "url": f"{sink.url}/crm"}],
                  sources={"kickofflabs": {"token": "s3cret-token"}})
     app = make_app(cfg, client, Settings(log_format="json"))
-    relay = Relay(Settings(), cfg, client)
+    relay = Engine(Settings(), cfg, client)
     capsys.readouterr()
     response = app.test_client().post("/hooks/kickofflabs?token=s3cret-token",
                                       json=sample("new_signup"))

@@ -8,8 +8,8 @@ import json
 import fakeredis
 from helpers import config, sample
 
+from relay.delivery.engine import Engine
 from relay.models import LeadEvent
-from relay.delivery.engine import Relay
 from relay.settings import Settings
 from relay.taskqueue import (
     DELIVER,
@@ -49,7 +49,7 @@ def test_nothing_is_put_back_before_the_grace_or_while_the_queue_has_work() -> N
 
 def test_starting_a_task_forgets_it() -> None:
     client = fakeredis.FakeRedis()
-    relay = Relay(Settings(), config([]), client)
+    relay = Engine(Settings(), config([]), client)
     task_id = relay.queue.publish(PROCESS_EVENT, [event_message()], "evt_1")
     client.rpop(QUEUE)  # a worker takes it
     relay.process_event(event_message(), task_id)

@@ -102,7 +102,7 @@ class Decider:
                                          "destination": destination.name,
                                          "attempt": claim.attempt, "status": answer.status_code,
                                          "outcome": outcome})
-            return Confirmation(claim.event, attempt, claim.entry_id)
+            return Confirmation(claim.event, attempt, claim.entry_id, extra=_kept(claim))
         if isinstance(answer, PermanentDeliveryError):
             return self._dead(destination, claim, answer, sent.latency_ms)
         if not isinstance(answer, RetryableDeliveryError):
@@ -126,7 +126,8 @@ class Decider:
             "event_id": claim.event.event_id, "destination": destination.name,
             "attempt": claim.attempt, "status": exc.status_code, "retry_in": round(delay, 1),
             "error": _cut(exc.message)})
-        return Confirmation(claim.event, attempt, claim.entry_id, retry_at=due)
+        return Confirmation(claim.event, attempt, claim.entry_id, retry_at=due,
+                            extra=_kept(claim))
 
     def _dead(self, destination: Destination, claim: Claim, exc: DeliveryError,
               latency_ms: float | None) -> Confirmation:
@@ -137,11 +138,18 @@ class Decider:
             "attempt": claim.attempt, "status": exc.status_code, "error": _cut(exc.message)})
         if isinstance(exc, PermanentDeliveryError) and exc.gone and self.on_gone is not None:
             self.on_gone(destination)
-        return Confirmation(claim.event, attempt, claim.entry_id, dead_reason=_cut(exc.message))
+        return Confirmation(claim.event, attempt, claim.entry_id, dead_reason=_cut(exc.message),
+                            extra=_kept(claim))
 
     def bury(self, destination: Destination, claim: Claim, reason: str) -> Confirmation:
         """A dead letter without an attempt (the delivery kept killing its worker)."""
         return self._dead(destination, claim, PermanentDeliveryError(reason), None)
+
+
+def _kept(claim: Claim) -> dict[str, int]:
+    # The crash count outlives the attempt: it is what turns a repeat offender into a dead
+    # letter however its attempts ended.
+    return {"crashes": claim.crashes} if claim.crashes else {}
 
 
 def _cut(text: str) -> str:

@@ -67,11 +67,15 @@ if want <= 0 then return {used, claimed, done, busy, gone} end
 local entries = {}
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want,
                          'STREAMS', KEYS[1], '>')
-if reply then entries = reply[1][2] end
+if reply then
+  -- {{stream, entries}} from Redis; fakeredis (the unit layer) answers {stream, entries}
+  if type(reply[1]) == 'table' then entries = reply[1][2] else entries = reply[2] end
+  entries = entries or {}
+end
 if #entries < want and tonumber(ARGV[10]) > 0 then
   local stale = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[10], '0-0',
                            'COUNT', want - #entries)
-  for _, item in ipairs(stale[2]) do table.insert(entries, item) end
+  for _, item in ipairs(stale[2] or {}) do table.insert(entries, item) end
 end
 local dest = ARGV[9]
 local function finish(entry)
