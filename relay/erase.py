@@ -5,9 +5,8 @@ What a lead leaves here, and what goes:
 - stored events (``relay:event:<id>``) whose payload's ``email`` is the address, and with them
   each such event's delivery states, attempts log, dedupe marker and recent-delivery entries;
 - dead letters (they carry a copy of the event, which may outlive the event record);
-- events accepted and not yet admitted (intake entries carrying the lead), and parked retries of
-  its events (lane entries carry only an event id: a drainer finds the event gone and drops
-  them);
+- events accepted and not yet admitted (intake entries carrying the lead), and its events'
+  deliveries waiting in a lane or parked for a retry;
 - the dev inbox's copies.
 
 Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
@@ -35,10 +34,11 @@ from relay.delivery.keys import (
     SCHEDULED,
     delivery_key,
     event_key,
+    lane_key,
     log_key,
     parked_member,
 )
-from relay.delivery.lanes import intake_events, parked
+from relay.delivery.lanes import Lanes, intake_events, parked
 from relay.devinbox import INBOX_KEY
 
 BATCH = 500
@@ -129,11 +129,18 @@ def _queued_events(client: redis.Redis, email: str, report: ErasureReport) -> No
 
 
 def _parked(client: redis.Redis, report: ErasureReport) -> None:
-    """Retries of the erased events waiting for their time: they would find nothing to send."""
+    """Deliveries of the erased events, waiting in a lane or for a retry's time: they would
+    find nothing to send."""
     doomed = [parked_member(event_id, destination) for event_id, destination, _ in parked(client)
               if event_id in report.event_ids]
     for batch in _batches(doomed):
         report.removed["parked_deliveries"] += int(client.zrem(SCHEDULED, *batch))
+    lanes = Lanes(client)
+    for lane in lanes.lane_depths():
+        entries = [entry for entry, event_id in lanes.lane_entries(lane)
+                   if event_id in report.event_ids]
+        for batch in _batches(entries):
+            report.removed["lane_entries"] += int(client.xdel(lane_key(lane), *batch))
 
 
 def _remove_indexed(client: redis.Redis, records: str, index: str, ids: list[Any]) -> int:

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 from click.testing import CliRunner, Result
-from helpers import SAMPLE_EVENTS, closed_port, make_app, queued_tasks, sample
+from helpers import SAMPLE_EVENTS, closed_port, make_app, accepted_events, sample
 from vendor_server import VendorServer, vendor_server  # noqa: F401
 from werkzeug.serving import make_server
 
@@ -220,6 +220,6 @@ def test_every_sample_is_accepted_by_the_real_ingress(in_repo: Path,
         assert ids[name, False] == ids[name, True], name
     assert ids["fraudulent", False] == ids["marked_as_fraudulent", False]
     assert len({ids[name, False] for name in SAMPLE_EVENTS}) == len(SAMPLE_EVENTS)
-    tasks = queued_tasks(app.extensions["relay"].redis)
-    assert len(tasks) == 2 * len(ALL_NAMES)
-    assert {t.args[0]["name"] for t in tasks} == set(SAMPLE_EVENTS)
+    events = accepted_events(app.extensions["relay"].redis)
+    assert len(events) == 2 * len(ALL_NAMES)
+    assert {e["name"] for e in events} == set(SAMPLE_EVENTS)

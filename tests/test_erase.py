@@ -32,6 +32,8 @@ def dump(client: redis.Redis) -> dict[str, Any]:
             value = client.lrange(key, 0, -1)
         elif kind == "zset":
             value = client.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            value = client.xrange(key)
         else:
             value = sorted(client.smembers(key))
         found[key.decode()] = str(value)
@@ -74,11 +76,13 @@ class World:
 
 def test_erasure_removes_every_trace_of_one_lead_and_nothing_else(sink: Sink) -> None:
     world = World(sink)
-    sink.script("/crm", [400])  # Ada's signup: a dead letter at the CRM
+    sink.script("/crm", [400])  # Ada's signup: a dead letter at the CRM ...
+    sink.script("/inbox", [500])  # ... and a retry parked for an hour at the inbox
     world.post(ADA.upper(), social_id="ada1")
+    world.run_queue()
     world.post(GRACE, social_id="grace1")
     world.run_queue()
-    PauseGate(world.redis).pause("inbox")  # Ada's next event: held (parked) for the inbox
+    PauseGate(world.redis).pause("inbox")  # Ada's next event: held in the inbox's lane
     world.post(ADA, "score_change", social_id="ada1")
     world.post(GRACE, "score_change", social_id="grace1")
     world.run_queue()
@@ -99,8 +103,9 @@ def test_erasure_removes_every_trace_of_one_lead_and_nothing_else(sink: Sink) ->
     assert len(report.event_ids) == 3
     assert report.removed["dead_letters"] == 1
     assert report.removed["dev_inbox"] == 2
-    assert report.removed["queued_tasks"] == 1
-    assert report.removed["parked_tasks"] == 1
+    assert report.removed["queued_events"] == 1
+    assert report.removed["parked_deliveries"] == 1
+    assert report.removed["lane_entries"] == 1
     assert grace_traces(world.redis) == grace_before
 
 

@@ -13,7 +13,15 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import SAMPLE_EVENTS, closed_port, config, make_app, queued_tasks, sample
+from helpers import (
+    SAMPLE_EVENTS,
+    accepted_events,
+    closed_port,
+    config,
+    make_app,
+    queued_tasks,
+    sample,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import TestResponse
@@ -21,7 +29,7 @@ from werkzeug.test import TestResponse
 from relay import forms
 from relay.events import event_id_from_header
 from relay.settings import Settings
-from relay.taskqueue import PROCESS_EVENT, connect
+from relay.taskqueue import connect
 
 HOOK = "/hooks/kickofflabs"
 LEAD = {"__event": "new_signup", "email": "ada@example.com", "social_id": "36N38P"}
@@ -65,17 +73,14 @@ def assert_error(response: TestResponse, status: int) -> dict[str, Any]:
 # -- accepted ------------------------------------------------------------------------------------
 
 
-def test_accepted_event_is_on_the_queue_as_a_celery_task(app: Flask, client: FlaskClient) -> None:
+def test_accepted_event_is_in_the_intake_and_an_admit_task_is_queued(
+        app: Flask, client: FlaskClient) -> None:
     response = post_json(client, sample("new_signup"))
     assert response.status_code == 202
     body = response.get_json()
     assert body["status"] == "accepted"
     event_id = body["event_id"]
-    [task] = queued_tasks(queue_of(app))
-    assert task.name == PROCESS_EVENT
-    assert task.envelope["properties"]["delivery_info"]["routing_key"] == "relay"
-    [event] = task.args
-    assert task.kwargs == {}
+    [event] = accepted_events(queue_of(app))
     assert event["event_id"] == event_id
     assert event["source"] == "kickofflabs"
     assert event["name"] == "new_signup" and event["known"] is True
@@ -83,8 +88,17 @@ def test_accepted_event_is_on_the_queue_as_a_celery_task(app: Flask, client: Fla
     assert event["payload"]["__event"] == "new_signup"
     assert event["payload"]["custom_fields"] == {"company": "Analytical Engines Ltd",
                                                  "role": "engineer"}
-    # Flower shows argsrepr: the id, never the lead's personal data.
-    assert "ada@example.com" not in task.envelope["headers"]["argsrepr"]
+    # The first event received under its id is marked as it is stored.
+    assert queue_of(app).get(f"relay:seen:{event_id}") is not None
+    [task] = queued_tasks(queue_of(app))
+    assert task.name == "relay.admit" and task.args == [] and task.kwargs == {}
+    assert task.envelope["properties"]["delivery_info"]["routing_key"] == "relay"
+    # Flower shows argsrepr: never the lead's personal data.
+    assert "ada@example.com" not in json.dumps(task.envelope)
+    # While that admit task waits, further events queue no other.
+    assert post_json(client, sample("new_signup", social_id="other")).status_code == 202
+    assert len(queued_tasks(queue_of(app))) == 1
+    assert len(accepted_events(queue_of(app))) == 2
 
 
 @pytest.mark.parametrize("name", SAMPLE_EVENTS)
@@ -99,7 +113,7 @@ def test_every_sample_is_accepted_as_json_and_form_with_one_id(client: FlaskClie
 def test_form_body_is_typed_like_json(app: Flask, client: FlaskClient) -> None:
     post_json(client, sample("tagged"))
     post_raw(client, forms.encode(sample("tagged")), "application/x-www-form-urlencoded")
-    from_json, from_form = (task.args[0]["payload"] for task in queued_tasks(queue_of(app)))
+    from_json, from_form = (event["payload"] for event in accepted_events(queue_of(app)))
     for key in ("id", "campaign_id", "rank", "verified", "waitlisted", "email", "__tagged",
                 "custom_fields"):
         assert from_form[key] == from_json[key], key
@@ -122,7 +136,7 @@ def test_fraudulent_alias_is_stored_under_the_canonical_name(app: Flask,
     alias = post_json(client, sample("marked_as_fraudulent", __event="fraudulent"))
     canonical = post_json(client, sample("marked_as_fraudulent"))
     assert alias.get_json()["event_id"] == canonical.get_json()["event_id"]
-    first = queued_tasks(queue_of(app))[0].args[0]
+    first = accepted_events(queue_of(app))[0]
     assert first["name"] == first["payload"]["__event"] == "marked_as_fraudulent"
 
 
@@ -130,8 +144,7 @@ def test_unknown_event_is_accepted_and_flagged(app: Flask, client: FlaskClient) 
     lead = {**LEAD, "__event": "lead_exploded", "__lead_exploded": {"why": "test"}}
     response = post_json(client, lead)
     assert response.status_code == 202
-    [task] = queued_tasks(queue_of(app))
-    event = task.args[0]
+    [event] = accepted_events(queue_of(app))
     assert event["known"] is False
     assert event["name"] == "lead_exploded"
     assert event["payload"]["__lead_exploded"] == {"why": "test"}  # relayed unchanged
@@ -140,7 +153,7 @@ def test_unknown_event_is_accepted_and_flagged(app: Flask, client: FlaskClient) 
 def test_unknown_fields_are_kept_verbatim(app: Flask, client: FlaskClient) -> None:
     extra = {"brand_new_field": {"nested": [1, "two", None]}, "x-y": "z"}
     assert post_json(client, {**LEAD, **extra}).status_code == 202
-    payload = queued_tasks(queue_of(app))[0].args[0]["payload"]
+    payload = accepted_events(queue_of(app))[0]["payload"]
     assert payload["brand_new_field"] == extra["brand_new_field"] and payload["x-y"] == "z"
 
 
@@ -176,7 +189,7 @@ def test_idempotency_key_is_namespaced_by_source() -> None:
 def test_unusable_idempotency_key_is_a_400(app: Flask, client: FlaskClient) -> None:
     assert_error(post_json(client, LEAD, headers={"Idempotency-Key": "k" * 1000}), 400)
     assert_error(post_json(client, LEAD, headers={"Idempotency-Key": "a\tb"}), 400)
-    assert queued_tasks(queue_of(app)) == []
+    assert accepted_events(queue_of(app)) == []
 
 
 # -- sources and tokens ---------------------------------------------------------------------------
@@ -214,7 +227,7 @@ def test_missing_or_wrong_token_is_401(guarded: Flask, path: str,
                                        headers: dict[str, str]) -> None:
     response = post_json(guarded.test_client(), LEAD, path=path, headers=headers)
     assert_error(response, 401)
-    assert queued_tasks(queue_of(guarded)) == []
+    assert accepted_events(queue_of(guarded)) == []
 
 
 def test_source_without_token_needs_none(client: FlaskClient) -> None:
@@ -223,7 +236,7 @@ def test_source_without_token_needs_none(client: FlaskClient) -> None:
 
 def test_unknown_source_is_404(app: Flask, client: FlaskClient) -> None:
     assert_error(post_json(client, LEAD, path="/hooks/nope"), 404)
-    assert queued_tasks(queue_of(app)) == []
+    assert accepted_events(queue_of(app)) == []
 
 
 def test_only_post(client: FlaskClient) -> None:
@@ -242,13 +255,13 @@ def test_body_over_the_configured_limit_is_413() -> None:
     assert_error(post_json(client, big), 413)
     form = forms.encode(big)
     assert_error(post_raw(client, form, "application/x-www-form-urlencoded"), 413)
-    assert len(queued_tasks(queue_of(app))) == 1
+    assert len(accepted_events(queue_of(app))) == 1
 
 
 def test_ten_megabyte_body_is_413(app: Flask, client: FlaskClient) -> None:
     body = json.dumps({**LEAD, "pad": "x" * (10 * 1024 * 1024)})
     assert_error(post_raw(client, body), 413)
-    assert queued_tasks(queue_of(app)) == []
+    assert accepted_events(queue_of(app)) == []
 
 
 def test_body_without_length_is_cut_at_the_limit(app: Flask, client: FlaskClient) -> None:
@@ -289,7 +302,7 @@ def test_missing_or_other_content_type_is_415(client: FlaskClient,
 )
 def test_unparseable_json_is_400(app: Flask, client: FlaskClient, body: bytes) -> None:
     assert_error(post_raw(client, body), 400)
-    assert queued_tasks(queue_of(app)) == []
+    assert accepted_events(queue_of(app)) == []
 
 
 def test_empty_form_is_400(client: FlaskClient) -> None:
@@ -322,7 +335,7 @@ def test_not_a_lead_event_is_422(app: Flask, client: FlaskClient, lead: dict[str
     body = assert_error(post_json(client, lead), 422)
     if field is not None:
         assert field in body["details"]
-    assert queued_tasks(queue_of(app)) == []
+    assert accepted_events(queue_of(app)) == []
 
 
 def test_form_without_identity_is_422(client: FlaskClient) -> None:
@@ -349,7 +362,7 @@ def test_hundred_thousand_form_fields_are_refused(app: Flask, client: FlaskClien
     response = post_raw(client, body, "application/x-www-form-urlencoded")
     assert response.status_code in (400, 413), response.status_code
     assert_error(response, response.status_code)
-    assert queued_tasks(queue_of(app)) == []
+    assert accepted_events(queue_of(app)) == []
 
 
 def test_hundred_thousand_multipart_fields_are_refused(client: FlaskClient) -> None:

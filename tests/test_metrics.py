@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 import redis
 from conftest import Sink
-from helpers import config, decode_task, make_app, sample
+from helpers import config, make_app, run_queue, sample
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.delivery.engine import Engine
@@ -19,7 +19,6 @@ from relay.delivery.gates import CircuitBreaker, PauseGate
 from relay.logs import TextFormatter
 from relay.metrics import Metrics, metrics_for
 from relay.settings import Settings
-from relay.taskqueue import PROCESS_EVENT, QUEUE
 
 
 class World:
@@ -36,12 +35,7 @@ class World:
         ).status_code
 
     def run_queue(self) -> None:
-        while (raw := self.redis.rpop(QUEUE)) is not None:
-            task = decode_task(raw)
-            if task.name == PROCESS_EVENT:
-                self.relay.process_event(task.args[0], task.task_id)
-            else:
-                self.relay.deliver(*task.args, task.task_id)
+        run_queue(self.relay, self.redis)
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         response = self.client.get("/metrics")
@@ -161,8 +155,8 @@ def test_one_json_line_per_request_and_attempt_without_secrets(
                                       json=sample("new_signup"))
     event_id = response.get_json()["event_id"]
     app.test_client().post("/hooks/kickofflabs?token=wrong", json=sample("new_signup"))
-    task = decode_task(client.rpop(QUEUE))
-    relay.process_event(task.args[0], task.task_id)
+    relay.admit()
+    relay.drain("crm")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     accepted, refused, delivered = lines
     assert (accepted["message"], accepted["event_id"], accepted["destination"]) == (

@@ -196,8 +196,9 @@ class PauseGate:
         pipe.delete(hold_key(destination))
         pipe.xlen(PREFIX + "lane:" + destination)
         waiting = int(pipe.execute()[2])
-        log.warning("destination resumed", extra={"destination": destination,
-                                                  "released": waiting})
+        if waiting:
+            log.warning("destination resumed", extra={"destination": destination,
+                                                      "released": waiting})
         return waiting
 
 
