@@ -6,7 +6,9 @@ What a relay worker does minus everything that makes it a relay (Celery, dedupe,
 claim/confirm, gates, the delivery log): the floor ``bench.delivery`` compares against. Same HTTP
 client as the relay's (one urllib3 ``PoolManager`` per process, no retries, no redirects, the
 webhook driver's headers). It stops after ``--total`` items and prints one JSON line: the time
-and CPU (user + system of this process) from the first item taken to the last delivery.
+and CPU (user + system of this process) from the first item taken to the last delivery, and the
+process's peak resident memory. One process, like ``relay worker``: each thread keeps one
+request in flight, so ``--threads`` is the number of requests in flight.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ def main() -> None:
     print(json.dumps({"items": consumer.done, "deliveries": consumer.done * len(args.urls),
                       "failed": consumer.failed, "seconds": consumer.last[0] - first[0],
                       "cpu_seconds": consumer.last[1] - first[1],
-                      "complete": consumer.finished.is_set()}), flush=True)
+                      "complete": consumer.finished.is_set(),
+                      # Linux reports KiB
+                      "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      }), flush=True)
 
 
 if __name__ == "__main__":

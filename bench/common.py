@@ -102,22 +102,32 @@ class _Captured(Exception):
     pass
 
 
-def relay_argv(*args: str) -> list[str]:
-    """The argv ``relay <args>`` would exec, captured instead of run: the benches start exactly
-    the documented production command (``relay web`` / ``relay worker``) with its defaults."""
+def relay_command(*args: str) -> tuple[list[str], dict[str, str]]:
+    """The argv ``relay <args>`` would exec and the environment variables it sets for the
+    exec'd program (``relay worker --max-in-flight N`` sets ``RELAY_MAX_IN_FLIGHT``), captured
+    instead of run: the benches start exactly the documented production command (``relay
+    web`` / ``relay worker``) with its defaults. This process's environment is left as it was."""
     from relay import cli
 
-    captured: list[list[str]] = []
+    captured: list[tuple[list[str], dict[str, str]]] = []
 
     def fake_execv(path: str, argv: Sequence[str]) -> None:
-        captured.append(list(argv))
+        changed = {k: v for k, v in os.environ.items() if before.get(k) != v}
+        captured.append((list(argv), changed))
         raise _Captured
 
-    with mock.patch.object(cli.os, "execv", fake_execv), contextlib.suppress(_Captured):
-        cli.main.main(args=list(args), prog_name="relay", standalone_mode=False)
+    with mock.patch.dict(os.environ):
+        before = dict(os.environ)
+        with mock.patch.object(cli.os, "execv", fake_execv), contextlib.suppress(_Captured):
+            cli.main.main(args=list(args), prog_name="relay", standalone_mode=False)
     if not captured:
         raise RuntimeError(f"relay {' '.join(args)} did not exec anything")
     return captured[0]
+
+
+def relay_argv(*args: str) -> list[str]:
+    """The argv of :func:`relay_command` alone."""
+    return relay_command(*args)[0]
 
 
 def web_argv(app: str, port: int, workers: int | None = None,
@@ -169,6 +179,19 @@ def _children(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of a process and all its live descendants."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
 
 
 def process_tree_cpu(pid: int) -> float:
@@ -268,14 +291,19 @@ def sample_payload(event: str = "new_signup") -> dict[str, Any]:
     return payload
 
 
-def write_config(path: Path, token: str | None, destinations: Sequence[tuple[str, str]]) -> Path:
-    """A relay YAML: one kickofflabs source and a JSON webhook per (name, url)."""
+def write_config(path: Path, token: str | None,
+                 destinations: Sequence[tuple[str, str] | tuple[str, str, Mapping[str, object]]],
+                 ) -> Path:
+    """A relay YAML: one kickofflabs source and a JSON webhook per (name, url), with the
+    optional third item's keys added to the destination (``{"concurrency": 500}``)."""
     lines = ["sources:", "  kickofflabs:"]
     lines.append(f"    token: {token}" if token else "    token: null")
     lines.append("destinations:")
-    for name, url in destinations:
+    for name, url, *more in destinations:
         lines += [f"  - name: {name}", "    type: webhook", f"    url: {url}",
                   '    events: ["*"]', "    timeout: 10s"]
+        for key, value in (more[0] if more else {}).items():
+            lines.append(f"    {key}: {value}")
     path.write_text("\n".join(lines) + "\n")
     return path
 

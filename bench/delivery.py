@@ -1,24 +1,35 @@
-"""End-to-end delivery throughput and CPU against a bare Redis-list consumer (SPEC §6).
+"""The delivery figures of SPEC §6 (issue 11, "Measured, not asserted"), each beside a baseline
+measured in the same run: ``python -m bench.delivery [--scenario NAME]``.
 
-``python -m bench.delivery``: for each scenario (sink × concurrency), with the embedded Redis:
+Every relay run posts its events through the real ingress (``create_app()``'s ``POST
+/hooks/kickofflabs``, Flask test client: each becomes the ingress's own intake stream entry),
+then starts the exact ``relay worker`` command with its shipped defaults (one process, Celery's
+threads pool, ``--concurrency`` 8 tasks, ``RELAY_MAX_IN_FLIGHT`` 100 send threads; a
+destination's ``concurrency:`` defaults to 50) and watches the drain: ``relay:stats:<dest>``
+and the in-flight hashes every 10 ms, the worker's CPU (user + system of its process tree), and
+afterwards each delivery's own time from ``relay:recent:<dest>:delivered``. Redis is emptied
+between runs.
 
-1. **relay**: N events are posted through the real ingress (``create_app()``'s
-   ``POST /hooks/kickofflabs``, Flask test client, so each becomes the ingress's own Celery
-   message on the queue), each routed to two webhook destinations on the sink; then ``relay
-   worker`` (its exact command: Celery prefork, ``--concurrency``) is started and the bench
-   times the drain from the first delivery to the last (``relay:stats:<destination>``),
-   sampling the CPU (user + system) of the worker's processes over the same window;
-2. **bare**: the same N payloads are ``LPUSH``ed to a list and :mod:`bench.bare_consumer`
-   (threads = the worker's process count, the same urllib3 ``PoolManager``) posts each to the
-   same two URLs.
+Scenarios (``--scenario``, default all, in this order):
 
-3. **Celery floor** (fast sink only): :mod:`bench.celery_floor`, the same worker command and
-   Celery settings with a task that only POSTs each payload to the two URLs: the share of the
-   gap that one Celery task per event costs before the relay does any work of its own.
-
-Sinks: ``fast`` is nginx answering 200 on loopback (the asyncio sink of :mod:`bench.sinks` when
-nginx is missing; the output says which), ``slow`` answers after 50 ms. Redis is emptied between
-runs. Target: relay deliveries/s >= 0.5 x bare.
+``isolation``
+    300 events to a fast destination alone, then the same 300 to it beside a second
+    destination on the same events answering in 2 s (200 OK); the fast one's time from the
+    start of admission to its last delivery, beside / alone (target <= 1.5x). ``--rounds``
+    alternating pairs, medians.
+``slow``
+    2,000 events to one destination answering in 200 ms: deliveries/s (target >= 200/s) and
+    the ratio to :mod:`bench.bare_consumer` with as many threads as the destination's
+    ``concurrency`` (the same number of requests in flight; target >= 0.8x).
+``fast``
+    5,000 events x 2 destinations on nginx (the asyncio sink when nginx is missing): relay vs
+    the bare BRPOP + urllib3 consumer (same sink, same HTTP client, one process) with as many
+    threads as cores and with as many as the relay kept in flight on average; the faster one
+    is the baseline (target >= 0.8x); CPU ms per delivery of both.
+``memory``
+    the worker's RSS (its whole process tree) idle and with about 500 deliveries in flight
+    (1,000 events to a destination with ``concurrency: 500`` answering in 2 s, ``relay worker
+    --max-in-flight 500``), beside the bare consumer's peak RSS with 500 threads.
 """
 
 from __future__ import annotations
@@ -33,20 +44,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
-
-import redis
 
 from bench.common import (
     ROOT,
     CpuWatch,
     machine_info,
+    percentile,
     print_machine,
     process_tree_cpu,
-    relay_argv,
+    process_tree_rss,
+    relay_command,
     reset_redis,
     sample_payload,
     spawn,
@@ -57,25 +69,48 @@ from bench.common import (
     verdict,
     write_config,
 )
-from relay.delivery.state import stats_key
-from relay.taskqueue import QUEUE
+from relay.delivery.keys import INFLIGHT_PREFIX, event_key, recent_key, stats_key
 
-TARGET_RATIO = 0.5
-DESTINATIONS = ("sink-a", "sink-b")
+SCENARIOS = ("isolation", "slow", "fast", "memory")
 BARE_LIST = "bench:deliveries"
-SLOW_DELAY = 0.05
-POLL = 0.02
+POLL = 0.01
+RSS_EVERY = 0.1
+MiB = 2**20
+
+ISOLATION_TARGET = 1.5
+#: Warm isolation runs wait this long after their warm-up events: the 2 s lane's first answers
+#: are in, so its window is open to its whole concurrency when the measured events come.
+WARM_WAIT = 2.5
+SLOW_RATE_TARGET = 200.0
+RATIO_TARGET = 0.8
+
+
+# -- what a run measured ------------------------------------------------------------------------
 
 
 @dataclass
 class Run:
-    deliveries: int
+    deliveries: int  # counted in the timed window
     seconds: float
     cpu_seconds: float
     failed: int
     redis_cpu_seconds: float
     foreign_cores: float
     noise: str = ""
+    load: float = 0.0  # 1-minute load average when the run started
+    in_flight_mean: float = 0.0
+    in_flight_max: int = 0
+    rss_idle: int = 0
+    rss_peak: int = 0
+    #: destination -> (first, last) delivery time (wall clock) and count, from the store
+    spans: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    spawned_at: float = 0.0  # wall clock: the worker started
+    admitted_at: float = 0.0  # wall clock: the first (measured) event admitted
+    posted_at: float = 0.0  # wall clock: the first measured event posted (live runs)
+    #: destination -> (p50, p99, max) seconds from an event's 202 to its delivery (live runs)
+    lags: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    posting: float = 0.0  # seconds the ingress took to accept the measured events
+    threads: int = 0  # bare consumer only
 
     @property
     def rate(self) -> float:
@@ -89,21 +124,233 @@ class Run:
     def redis_cpu_ms(self) -> float:
         return self.redis_cpu_seconds * 1000 / self.deliveries if self.deliveries else 0.0
 
+    def span(self, destination: str, since: float | None = None) -> float:
+        """Seconds from ``since`` (default: the first admission) to the destination's last
+        delivery."""
+        _, last, _ = self.spans.get(destination, (0.0, float("nan"), 0))
+        return last - (self.admitted_at if since is None else since)
+
 
 @dataclass
-class Scenario:
-    sink: str  # "fast" | "slow"
-    concurrency: int
-    events: int
-    relay: Run | None = None
-    bare: Run | None = None
-    floor: Run | None = None  # the Celery floor (fast sink only)
+class Dest:
+    name: str
+    sink: str  # key into the sinks
+    keys: Mapping[str, object] = field(default_factory=dict)  # extra YAML keys
 
-    @property
-    def ratio(self) -> float:
-        if self.relay is None or self.bare is None:
-            return float("nan")
-        return self.relay.rate / self.bare.rate
+
+class Bench:
+    """The servers every scenario shares: one Redis, the sinks (started when first needed)."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.redis_server, self.client = start_redis(workdir / "redis")
+        assert self.redis_server.process is not None
+        self.redis_pid = self.redis_server.process.pid
+        self.sinks: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
+        self.runs = 0
+
+    def sink(self, kind: str) -> tuple[int, str]:
+        """``fast`` (nginx when installed), or ``delay:<seconds>`` (the asyncio sink)."""
+        if kind not in self.sinks:
+            if kind == "fast":
+                self.sinks[kind] = start_sink(self.workdir, prefer_nginx=not self.args.python_sink)
+            else:
+                self.sinks[kind] = start_sink(self.workdir, delay=float(kind.split(":", 1)[1]))
+            print(f"  sink {kind}: {self.sinks[kind][2]} on 127.0.0.1:{self.sinks[kind][1]}",
+                  flush=True)
+        _, port, what = self.sinks[kind]
+        return port, what
+
+    def url(self, dest: Dest) -> str:
+        return f"http://127.0.0.1:{self.sink(dest.sink)[0]}/{dest.name}"
+
+    def env(self, dests: Sequence[Dest]) -> dict[str, str]:
+        self.runs += 1
+        config = write_config(self.workdir / f"relay-{self.runs}.yaml", None,
+                              [(d.name, self.url(d), d.keys) for d in dests])
+        return {"RELAY_REDIS_URL": self.redis_server.url, "RELAY_CONFIG": str(config),
+                "PYTHONPATH": str(ROOT)}
+
+    def close(self) -> None:
+        for process, _, _ in self.sinks.values():
+            stop(process)
+        self.redis_server.stop()
+        shutil.rmtree(self.workdir / "redis", ignore_errors=True)
+
+    # -- the relay ---------------------------------------------------------------------------
+
+    def relay(self, label: str, dests: Sequence[Dest], events: int,
+              wait_for: Sequence[str] | None = None, worker_args: Sequence[str] = (),
+              live: bool = False, warmup: int = 0, warm_wait: float = 0.0) -> Run:
+        """Post ``events`` through the ingress, run the worker until every destination of
+        ``wait_for`` (default: all) has them all, and measure. ``live``: start the worker
+        first, wait until it is ready and idle (its RSS then is ``rss_idle``), post
+        ``warmup`` events and wait until ``wait_for`` has them and ``warm_wait`` seconds have
+        passed, then post the measured ``events``. ``spans`` cover the measured events only."""
+        reset_redis(self.client)
+        names = [d.name for d in dests]
+        waited = list(wait_for or names)
+        env = self.env(dests)
+        argv, worker_env = relay_command("worker", *worker_args)
+        argv += self.args.worker_arg
+        env.update(worker_env)
+        load = os.getloadavg()[0]
+        log = self.workdir / f"worker-{self.runs}-{label}.log"
+        if not live:
+            posted_at = time.time()
+            ids, accepted = enqueue_through_ingress(env, events)
+        spawned_at = time.time()
+        worker = spawn(argv, env, log)
+        deadline = time.monotonic() + self.args.timeout
+        rss_idle = base = 0
+        try:
+            if live:
+                wait_ready(worker, log, deadline)
+                time.sleep(0.5)
+                rss_idle = process_tree_rss(worker.pid)
+                if warmup:
+                    warmed = time.monotonic()
+                    enqueue_through_ingress(env, warmup)
+                    while time.monotonic() < deadline:
+                        counts, _, _ = self.progress(names)
+                        if (all(counts[n] >= warmup for n in waited)
+                                and time.monotonic() - warmed >= warm_wait):
+                            break
+                        time.sleep(POLL)
+                    base = sum(self.progress(names)[0].values())
+                posted_at = time.time()
+                ids, accepted = enqueue_through_ingress(env, events, start=warmup)
+            rss_peak = rss_idle
+            first: tuple[float, int, float, float] | None = None  # time, count, cpu, redis
+            samples: list[int] = []
+            last_rss = 0.0
+            with CpuWatch() as watch:
+                while True:
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"the worker exited ({worker.returncode}); see {log}")
+                    counts, failed, in_flight = self.progress(names)
+                    now = time.monotonic()
+                    done = sum(counts[n] for n in waited)
+                    if first is None and sum(counts.values()) > base:
+                        first = (now, sum(counts.values()), process_tree_cpu(worker.pid),
+                                 process_tree_cpu(self.redis_pid))
+                    if first is not None:
+                        samples.append(in_flight)
+                    if live and now - last_rss >= RSS_EVERY:
+                        last_rss = now
+                        rss_peak = max(rss_peak, process_tree_rss(worker.pid))
+                    if done + failed >= (warmup + events) * len(waited) or now > deadline:
+                        break
+                    time.sleep(POLL)
+                cpu = process_tree_cpu(worker.pid)
+                redis_cpu = process_tree_cpu(self.redis_pid)
+            if done < (warmup + events) * len(waited):
+                print(f"    {label}: only {done:,} of {events * len(waited):,} delivered within "
+                      f"{self.args.timeout:g}s", flush=True)
+            total = sum(counts.values())
+            start, count0, cpu0, redis0 = first or (now, base, cpu, redis_cpu)
+            run = Run(total - count0, now - start, cpu - cpu0, failed, redis_cpu - redis0,
+                      watch.foreign_cores, watch.note(), load,
+                      statistics.fmean(samples) if samples else 0.0, max(samples, default=0),
+                      rss_idle, rss_peak, self.spans(names, ids), spawned_at,
+                      self.admitted_at(ids), posted_at,
+                      self.lags(names, ids, accepted) if live else {},
+                      accepted[-1] - posted_at if accepted else 0.0)
+        finally:
+            stop(worker, timeout=30)
+        return run
+
+    def progress(self, names: Sequence[str]) -> tuple[dict[str, int], int, int]:
+        """(delivered per destination, failed attempts, deliveries in flight) from the store."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(stats_key(name), "delivered", "failed")
+            pipe.hvals(INFLIGHT_PREFIX + name)
+        replies = pipe.execute()
+        counts: dict[str, int] = {}
+        failed = in_flight = 0
+        for name, (ok, bad), held in zip(names, replies[::2], replies[1::2], strict=True):
+            counts[name] = int(ok or 0)
+            failed += int(bad or 0)
+            in_flight += sum(int(n) for n in held)
+        return counts, failed, in_flight
+
+    def spans(self, names: Sequence[str], ids: Sequence[str]
+              ) -> dict[str, tuple[float, float, int]]:
+        """destination -> (first, last, count) of the delivery times of these events."""
+        spans = {}
+        for name in names:
+            times = [at for batch in _chunks(ids, 1000)
+                     for at in self.client.zmscore(recent_key(name, "delivered"), batch)
+                     if at is not None]
+            if times:
+                spans[name] = (min(times), max(times), len(times))
+        return spans
+
+    def lags(self, names: Sequence[str], ids: Sequence[str], accepted: Sequence[float]
+             ) -> dict[str, tuple[float, float, float]]:
+        """destination -> (p50, p99, max) of each event's delivery time minus its 202's."""
+        lags = {}
+        for name in names:
+            times = [at - posted for batch, posted_batch in zip(_chunks(ids, 1000),
+                                                                _chunks(accepted, 1000),
+                                                                strict=True)
+                     for at, posted in zip(self.client.zmscore(recent_key(name, "delivered"),
+                                                               batch), posted_batch, strict=True)
+                     if at is not None]
+            if times:
+                times.sort()
+                lags[name] = (percentile(times, 50), percentile(times, 99), times[-1])
+        return lags
+
+    def admitted_at(self, ids: Sequence[str]) -> float:
+        first = float("inf")
+        for batch in _chunks(ids, 1000):
+            pipe = self.client.pipeline(transaction=False)
+            for event_id in batch:
+                pipe.hget(event_key(event_id), "admitted_at")
+            first = min([first, *(float(v) for v in pipe.execute() if v)])
+        return first if first != float("inf") else float("nan")
+
+    # -- the bare consumer -------------------------------------------------------------------
+
+    def bare(self, dests: Sequence[Dest], events: int, threads: int) -> Run:
+        reset_redis(self.client)
+        urls = [self.url(d) for d in dests]
+        pipe = self.client.pipeline(transaction=False)
+        for number in range(events):
+            pipe.lpush(BARE_LIST, json.dumps(lead(number)))
+        pipe.execute()
+        argv = [sys.executable, "-m", "bench.bare_consumer", "--redis", self.redis_server.url,
+                "--list", BARE_LIST, "--threads", str(threads), "--total", str(events),
+                "--timeout", str(self.args.timeout), *urls]
+        load = os.getloadavg()[0]
+        redis0 = process_tree_cpu(self.redis_pid)
+        with CpuWatch() as watch:
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=self.args.timeout + 60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"bare consumer failed: {done.stderr}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if not result["complete"]:
+            print(f"    bare: only {result['items']:,} items within {self.args.timeout:g}s",
+                  flush=True)
+        return Run(result["deliveries"], result["seconds"], result["cpu_seconds"],
+                   result["failed"], process_tree_cpu(self.redis_pid) - redis0,
+                   watch.foreign_cores, watch.note(), load, rss_peak=result["max_rss_bytes"],
+                   threads=threads)
+
+
+def _chunks(items: Any, size: int) -> Any:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def lead(number: int) -> dict[str, Any]:
@@ -114,243 +361,252 @@ def lead(number: int) -> dict[str, Any]:
     return payload
 
 
-def enqueue_through_ingress(env: dict[str, str], events: int) -> None:
-    """POST every event to the real ingress app (in this process), which queues its message."""
+def enqueue_through_ingress(env: dict[str, str], events: int, start: int = 0
+                            ) -> tuple[list[str], list[float]]:
+    """POST every event to the real ingress app (in this process), which adds it to the
+    intake stream (and queues an admit task when none is queued); their event ids, and when
+    each was accepted (wall clock)."""
     with mock.patch.dict(os.environ, env):
         from relay.app import create_app
 
         app = create_app()
-        logging.getLogger("relay.ingress").setLevel(logging.WARNING)  # 5,000 lines of noise
+        logging.getLogger("relay.ingress").setLevel(logging.WARNING)  # a line per event
         client = app.test_client()
-        for number in range(events):
+        ids: list[str] = []
+        accepted: list[float] = []
+        for number in range(start, start + events):
             response = client.post("/hooks/kickofflabs", data=json.dumps(lead(number)),
                                    content_type="application/json")
             if response.status_code != 202:
                 raise RuntimeError(f"ingress answered {response.status_code}: {response.data!r}")
+            ids.append(response.get_json()["event_id"])
+            accepted.append(time.time())
+    return ids, accepted
 
 
-def delivered(client: redis.Redis) -> tuple[int, int]:
-    """(delivered, failed attempts) over the destinations, from the store's counters."""
-    pipe = client.pipeline(transaction=False)
-    for name in DESTINATIONS:
-        pipe.hmget(stats_key(name), "delivered", "failed")
-    done = failed = 0
-    for ok, bad in pipe.execute():
-        done += int(ok or 0)
-        failed += int(bad or 0)
-    return done, failed
-
-
-def run_relay(scenario: Scenario, args: argparse.Namespace, env: dict[str, str],
-              client: redis.Redis, redis_pid: int, workdir: Path) -> Run:
-    enqueue_through_ingress(env, scenario.events)
-    total = scenario.events * len(DESTINATIONS)
-    argv = relay_argv("worker", "--concurrency", str(scenario.concurrency)) + args.worker_arg
-    worker = spawn(argv, env, workdir / f"worker-{scenario.sink}-{scenario.concurrency}.log")
-    deadline = time.monotonic() + args.timeout
-    try:
-        first: tuple[float, int, float, float] | None = None  # time, count, cpu, redis cpu
-        with CpuWatch() as watch:
-            while True:
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the worker exited ({worker.returncode}); see its log")
-                count, failed = delivered(client)
-                now = time.monotonic()
-                if first is None and count > 0:
-                    first = (now, count, process_tree_cpu(worker.pid),
-                             process_tree_cpu(redis_pid))
-                if count + failed >= total or now > deadline:
-                    break
-                time.sleep(POLL)
-            cpu = process_tree_cpu(worker.pid)
-            redis_cpu = process_tree_cpu(redis_pid)
-        if first is None or count < total:
-            print(f"    relay: only {count:,} of {total:,} delivered within {args.timeout:g}s",
-                  flush=True)
-        start, count0, cpu0, redis0 = first or (now, 0, cpu, redis_cpu)
-        return Run(count - count0, now - start, cpu - cpu0, failed, redis_cpu - redis0,
-                   watch.foreign_cores, watch.note())
-    finally:
-        stop(worker, timeout=30)
-
-
-def run_floor(scenario: Scenario, args: argparse.Namespace, env: dict[str, str],
-              client: redis.Redis, redis_pid: int, workdir: Path, urls: list[str]) -> Run:
-    """The Celery floor (:mod:`bench.celery_floor`): the same worker command serving a task
-    that only POSTs, timed by the broker's keys emptying."""
-    env = {**env, "BENCH_URLS": " ".join(urls)}
-    with mock.patch.dict(os.environ, env):  # the floor's app reads the broker URL at import
-        from bench import celery_floor
-
-        celery_floor.enqueue([json.dumps(lead(n)) for n in range(scenario.events)])
-    argv = relay_argv("worker", "--concurrency", str(scenario.concurrency)) + args.worker_arg
-    argv[argv.index("-A") + 1] = "bench.celery_floor"
-    worker = spawn(argv, env, workdir / f"floor-{scenario.sink}-{scenario.concurrency}.log")
-    deadline = time.monotonic() + args.timeout
-    queued = scenario.events
-    try:
-        first: tuple[float, int, float, float] | None = None
-        with CpuWatch() as watch:
-            while True:
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the floor worker exited ({worker.returncode})")
-                pipe = client.pipeline(transaction=False)
-                pipe.llen(QUEUE)
-                pipe.hlen(celery_floor.UNACKED_KEY)
-                waiting, unacked = pipe.execute()
-                now = time.monotonic()
-                if first is None and waiting < queued:
-                    first = (now, queued - waiting - unacked, process_tree_cpu(worker.pid),
-                             process_tree_cpu(redis_pid))
-                if (waiting == 0 and unacked == 0) or now > deadline:
-                    break
-                time.sleep(POLL)
-            cpu = process_tree_cpu(worker.pid)
-            redis_cpu = process_tree_cpu(redis_pid)
-        start, done0, cpu0, redis0 = first or (now, 0, cpu, redis_cpu)
-        done = queued - waiting - unacked
-        per_event = len(DESTINATIONS)
-        return Run((done - done0) * per_event, now - start, cpu - cpu0, 0, redis_cpu - redis0,
-                   watch.foreign_cores, watch.note())
-    finally:
-        stop(worker, timeout=30)
-
-
-def run_bare(scenario: Scenario, args: argparse.Namespace, client: redis.Redis,
-             redis_url: str, redis_pid: int, urls: list[str]) -> Run:
-    pipe = client.pipeline(transaction=False)
-    for number in range(scenario.events):
-        pipe.lpush(BARE_LIST, json.dumps(lead(number)))
-    pipe.execute()
-    argv = [sys.executable, "-m", "bench.bare_consumer", "--redis", redis_url, "--list",
-            BARE_LIST, "--threads", str(scenario.concurrency), "--total", str(scenario.events),
-            "--timeout", str(args.timeout), *urls]
-    redis0 = process_tree_cpu(redis_pid)
-    with CpuWatch() as watch:
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
-                              timeout=args.timeout + 60, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bare consumer failed: {done.stderr}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if not result["complete"]:
-        print(f"    bare: only {result['items']:,} items within {args.timeout:g}s", flush=True)
-    return Run(result["deliveries"], result["seconds"], result["cpu_seconds"], result["failed"],
-               process_tree_cpu(redis_pid) - redis0, watch.foreign_cores, watch.note())
+def wait_ready(worker: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
+    """Until the Celery worker logs that it is ready."""
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited ({worker.returncode}); see {log}")
+        if log.exists() and b" ready." in log.read_bytes():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the worker was not ready in time; see {log}")
 
 
 def describe(label: str, run: Run) -> str:
+    extra = f", {run.threads} threads" if run.threads else (
+        f", in flight mean {run.in_flight_mean:.0f} max {run.in_flight_max}")
     return (f"    {label}: {run.deliveries:,} deliveries in {run.seconds:.2f}s = "
-            f"{run.rate:,.0f}/s, "
-            f"CPU {run.cpu_ms:.2f} ms/delivery (Redis {run.redis_cpu_ms:.2f}), "
-            f"{run.failed} failed; {run.noise}")
+            f"{run.rate:,.0f}/s, CPU {run.cpu_ms:.2f} ms/delivery (Redis "
+            f"{run.redis_cpu_ms:.2f}){extra}, {run.failed} failed; load {run.load:.2f}, "
+            f"{run.noise}")
+
+
+def lag(run: Run, destination: str = "fast") -> str:
+    if destination not in run.lags:
+        return "-"
+    return " / ".join(f"{v * 1000:.0f}" for v in run.lags[destination]) + " ms"
+
+
+def fmt_mib(n: int) -> str:
+    return f"{n / MiB:,.0f} MiB"
+
+
+# -- the scenarios -----------------------------------------------------------------------------
+
+
+def isolation(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Two ways, each alone then beside the 2 s destination: *cold*, the events posted before
+    the worker starts (timed from the first admission; the slow lane is still opening its
+    window, so it holds few of the threads), and *warm*, the worker running with the slow lane
+    already full (``--isolation-warmup`` events posted first, then a wait) when the measured
+    events are posted (timed from the first post)."""
+    fast = Dest("fast", "fast")
+    slow = Dest("slow-2s", "delay:2")
+    events, warmup = args.isolation_events, args.isolation_warmup
+    rows, pairs = [], []
+    ratios: dict[str, list[float]] = {"cold": [], "warm": []}
+    print(f"isolation: {events:,} events to 'fast' alone, then beside 'slow-2s' (2 s answers, "
+          f"same events), cold and warm ({warmup} events and {WARM_WAIT:g} s first), "
+          f"{args.rounds} rounds", flush=True)
+    for number in range(1, args.rounds + 1):
+        for way in ("cold", "warm"):
+            live = {"live": True, "warmup": warmup, "warm_wait": WARM_WAIT} if way == "warm" else {}
+            alone = bench.relay(f"{way}-alone", [fast], events, **live)
+            beside = bench.relay(f"{way}-beside", [fast, slow], events, wait_for=["fast"], **live)
+            runs = {"alone": alone, "beside": beside}
+            took = {k: r.span("fast", r.posted_at if way == "warm" else r.admitted_at)
+                    for k, r in runs.items()}
+            for k, r in runs.items():
+                print(f"    round {number} {way} {k}: fast done {took[k]:.3f}s after the first "
+                      f"{'post' if way == 'warm' else 'admission'} (posting took "
+                      f"{r.posting:.3f}s), in flight max "
+                      f"{r.in_flight_max}, slow-2s delivered "
+                      f"{r.spans.get('slow-2s', (0, 0, 0))[2]}; load {r.load:.2f}, {r.noise}",
+                      flush=True)
+            ratio = took["beside"] / took["alone"]
+            ratios[way].append(ratio)
+            pairs.append({"round": number, "way": way, "alone": asdict(alone),
+                          "beside": asdict(beside), "ratio": ratio})
+            rows.append([number, way, f"{took['alone']:.3f} s", f"{took['beside']:.3f} s",
+                         f"{ratio:.2f}x", lag(alone), lag(beside),
+                         f"{alone.in_flight_max} / {beside.in_flight_max}",
+                         f"{beside.spans.get('slow-2s', (0, 0, 0))[2]} of {events}",
+                         "NOISY" if "NOISY" in alone.noise + beside.noise else "ok"])
+    medians = {way: statistics.median(r) for way, r in ratios.items()}
+    ok = all(m <= ISOLATION_TARGET for m in medians.values())
+    print("\n" + table(["round", "way", "fast alone", "fast beside slow-2s", "beside / alone",
+                        "fast 202-to-delivery p50 / p99 / max, alone", "... beside",
+                        "in flight max (alone / beside)", "slow-2s delivered by then",
+                        "noise"], rows))
+    for way, median in medians.items():
+        print(f"isolation ({way}): the fast destination beside a 2 s one takes a median "
+              f"{median:.2f}x its time alone (target <= {ISOLATION_TARGET}x): "
+              f"{verdict(median <= ISOLATION_TARGET)}")
+    print(flush=True)
+    return {"rounds": pairs, "median_ratio": medians, "pass": ok}
+
+
+def slow(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    dest = Dest("slow-200ms", "delay:0.2")
+    concurrency = 50  # the webhook default (relay.models.Destination.concurrency)
+    print(f"slow: {args.slow_events:,} events to one destination answering in 200 ms "
+          f"(shipped defaults: concurrency {concurrency})", flush=True)
+    relay = bench.relay("slow", [dest], args.slow_events)
+    print(describe("relay", relay), flush=True)
+    bare = bench.bare([dest], args.slow_events, threads=concurrency)
+    print(describe("bare ", bare), flush=True)
+    ratio = relay.rate / bare.rate
+    ok_rate, ok_ratio = relay.rate >= SLOW_RATE_TARGET, ratio >= RATIO_TARGET
+    print("\n" + table(
+        ["", "deliveries/s", "in flight (mean / max)", "CPU ms/delivery", "Redis CPU ms/delivery",
+         "load / other cores"],
+        [["relay", f"{relay.rate:,.0f}", f"{relay.in_flight_mean:.0f} / {relay.in_flight_max}",
+          f"{relay.cpu_ms:.2f}", f"{relay.redis_cpu_ms:.2f}",
+          f"{relay.load:.2f} / {relay.foreign_cores:.2f}"],
+         [f"bare, {concurrency} threads", f"{bare.rate:,.0f}", f"{concurrency} / {concurrency}",
+          f"{bare.cpu_ms:.2f}", f"{bare.redis_cpu_ms:.2f}",
+          f"{bare.load:.2f} / {bare.foreign_cores:.2f}"]]))
+    print(f"slow: {relay.rate:,.0f} deliveries/s (target >= {SLOW_RATE_TARGET:g}/s): "
+          f"{verdict(ok_rate)}; {ratio:.2f}x the bare consumer with {concurrency} in flight "
+          f"(target >= {RATIO_TARGET}x): {verdict(ok_ratio)}\n", flush=True)
+    return {"relay": asdict(relay), "bare": asdict(bare), "ratio": ratio,
+            "pass": ok_rate and ok_ratio}
+
+
+def fast(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    dests = [Dest("sink-a", "fast"), Dest("sink-b", "fast")]
+    _, what = bench.sink("fast")
+    cores = os.cpu_count() or 1
+    print(f"fast: {args.events:,} events x 2 destinations on {what}", flush=True)
+    relay = bench.relay("fast", dests, args.events)
+    print(describe("relay", relay), flush=True)
+    bares = [bench.bare(dests, args.events, threads=cores)]
+    print(describe("bare ", bares[0]), flush=True)
+    matched = max(1, round(relay.in_flight_mean))
+    if matched != cores:  # the bare consumer with as many requests in flight as the relay
+        bares.append(bench.bare(dests, args.events, threads=matched))
+        print(describe("bare ", bares[1]), flush=True)
+    best = max(bares, key=lambda r: r.rate)
+    ratio = relay.rate / best.rate
+    rows = [["relay", f"{relay.rate:,.0f}", f"{relay.in_flight_mean:.1f} / {relay.in_flight_max}",
+             f"{relay.cpu_ms:.2f}", f"{relay.redis_cpu_ms:.2f}", "-",
+             f"{relay.load:.2f} / {relay.foreign_cores:.2f}"]]
+    for bare in bares:
+        rows.append([f"bare, {bare.threads} threads", f"{bare.rate:,.0f}", f"{bare.threads}",
+                     f"{bare.cpu_ms:.2f}", f"{bare.redis_cpu_ms:.2f}",
+                     f"{relay.rate / bare.rate:.2f}x",
+                     f"{bare.load:.2f} / {bare.foreign_cores:.2f}"])
+    print("\n" + table(["", "deliveries/s", "in flight (mean / max)", "CPU ms/delivery",
+                        "Redis CPU ms/delivery", "relay vs this", "load / other cores"], rows))
+    print(f"fast: relay {ratio:.2f}x the faster bare consumer ({best.threads} threads; target "
+          f">= {RATIO_TARGET}x): {verdict(ratio >= RATIO_TARGET)}; CPU per delivery "
+          f"{relay.cpu_ms:.2f} ms vs {best.cpu_ms:.2f} ms "
+          f"({relay.cpu_ms / best.cpu_ms:.1f}x)\n", flush=True)
+    return {"sink": what, "relay": asdict(relay), "bare": [asdict(b) for b in bares],
+            "ratio": ratio, "pass": ratio >= RATIO_TARGET}
+
+
+def memory(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    n = args.memory_in_flight
+    dest = Dest("slow-2s", "delay:2", {"concurrency": n})
+    events = 2 * n
+    print(f"memory: {events:,} events to a destination with concurrency {n} answering in 2 s, "
+          f"relay worker --max-in-flight {n}", flush=True)
+    relay = bench.relay("memory", [dest], events, worker_args=["--max-in-flight", str(n)],
+                        live=True)
+    print(describe("relay", relay), flush=True)
+    bare = bench.bare([dest], events, threads=n)
+    print(describe("bare ", bare), flush=True)
+    per = (relay.rss_peak - relay.rss_idle) / max(1, relay.in_flight_max)
+    print("\n" + table(
+        ["", "RSS idle", "RSS peak", "in flight max", "RSS per delivery in flight",
+         "deliveries/s"],
+        [["relay worker (process tree)", fmt_mib(relay.rss_idle), fmt_mib(relay.rss_peak),
+          relay.in_flight_max, f"{per / 1024:,.0f} KiB", f"{relay.rate:,.0f}"],
+         [f"bare consumer, {n} threads", "-", fmt_mib(bare.rss_peak), n, "-",
+          f"{bare.rate:,.0f}"]]))
+    print(f"memory: the worker's RSS with {relay.in_flight_max} deliveries in flight: "
+          f"{fmt_mib(relay.rss_peak)} ({fmt_mib(relay.rss_idle)} idle)\n", flush=True)
+    return {"relay": asdict(relay), "bare": asdict(bare), "per_in_flight_bytes": per}
+
+
+RUNNERS: dict[str, Callable[[Bench, argparse.Namespace], dict[str, Any]]] = {
+    "isolation": isolation, "slow": slow, "fast": fast, "memory": memory}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.delivery", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cores = os.cpu_count() or 1
-    parser.add_argument("--events", type=int, default=5000, help="events per fast-sink run")
-    parser.add_argument("--slow-events", type=int, default=1000,
-                        help="events per slow-sink run at the default concurrency (at 50 ms "
-                        "per request it takes about events / concurrency / 10 seconds)")
-    parser.add_argument("--concurrency", type=int, default=cores,
-                        help="worker processes = bare threads [relay worker's default: cores]")
-    parser.add_argument("--slow-concurrency", type=int, default=16,
-                        help="also run the slow sink at this concurrency (0: skip)")
-    parser.add_argument("--only", choices=["fast", "slow"], default=None)
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS, default=None,
+                        help="run only this scenario (repeatable) [default: all]")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="isolation: alone / beside pairs (median)")
+    parser.add_argument("--isolation-events", type=int, default=300)
+    parser.add_argument("--isolation-warmup", type=int, default=100,
+                        help="isolation, warm: events posted (and waited for) first")
+    parser.add_argument("--slow-events", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=5000, help="events of the fast scenario")
+    parser.add_argument("--memory-in-flight", type=int, default=500)
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
-                        help="an extra Celery worker argument for tuning experiments "
-                        "(e.g. --worker-arg=--prefetch-multiplier=16); repeatable")
+                        help="an extra Celery worker argument for tuning experiments; "
+                        "repeatable")
     parser.add_argument("--python-sink", action="store_true",
                         help="use the asyncio sink even when nginx is installed")
-    parser.add_argument("--timeout", type=float, default=300, help="bound on each drain")
+    parser.add_argument("--timeout", type=float, default=120, help="bound on each drain, s")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    chosen = [s for s in SCENARIOS if s in (args.scenario or SCENARIOS)]
 
     workdir = Path(tempfile.mkdtemp(prefix="leadrelay-bench-delivery-"))
-    redis_server, client = start_redis(workdir / "redis")
-    assert redis_server.process is not None
-    sinks: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
-    scenarios: list[Scenario] = []
+    bench = Bench(args, workdir)
+    results: dict[str, Any] = {}
     try:
-        info = machine_info(client)
+        info = machine_info(bench.client)
         print_machine(info)
-        if args.only != "slow":
-            sinks["fast"] = start_sink(workdir, prefer_nginx=not args.python_sink)
-            scenarios.append(Scenario("fast", args.concurrency, args.events))
-        if args.only != "fast":
-            sinks["slow"] = start_sink(workdir, delay=SLOW_DELAY)
-            scenarios.append(Scenario("slow", args.concurrency, args.slow_events))
-            if args.slow_concurrency:
-                scenarios.append(Scenario("slow", args.slow_concurrency, args.events))
-        for name, (_, port, what) in sinks.items():
-            print(f"{name} sink: {what} on 127.0.0.1:{port}")
-        worker_cmd = relay_argv("worker", "--concurrency", "1") + args.worker_arg
-        shown = " ".join(worker_cmd[2:]).replace("--concurrency 1", "--concurrency N")
-        print(f"relay worker: {shown}; logs in {workdir}", flush=True)
+        argv, _ = relay_command("worker")
+        print(f"relay worker: {' '.join(argv[2:])} (+ {' '.join(args.worker_arg) or 'nothing'});"
+              f" logs in {workdir}; load average {os.getloadavg()[0]:.2f}", flush=True)
         started = time.monotonic()
-        for scenario in scenarios:
-            port = sinks[scenario.sink][1]
-            urls = [f"http://127.0.0.1:{port}/{name}" for name in DESTINATIONS]
-            config = write_config(workdir / f"relay-{port}.yaml", None,
-                                  list(zip(DESTINATIONS, urls, strict=True)))
-            env = {"RELAY_REDIS_URL": redis_server.url, "RELAY_CONFIG": str(config),
-                   "PYTHONPATH": str(ROOT)}
-            print(f"{scenario.sink} sink, concurrency {scenario.concurrency}, "
-                  f"{scenario.events:,} events x {len(DESTINATIONS)} destinations:", flush=True)
-            reset_redis(client)
-            scenario.relay = run_relay(scenario, args, env, client, redis_server.process.pid,
-                                       workdir)
-            print(describe("relay", scenario.relay), flush=True)
-            reset_redis(client)
-            scenario.bare = run_bare(scenario, args, client, redis_server.url,
-                                     redis_server.process.pid, urls)
-            print(describe("bare ", scenario.bare), flush=True)
-            reset_redis(client)
-            if scenario.sink == "fast":
-                scenario.floor = run_floor(scenario, args, env, client,
-                                           redis_server.process.pid, workdir, urls)
-                print(describe("floor", scenario.floor), flush=True)
-                reset_redis(client)
-        report(scenarios, sinks)
+        for name in chosen:
+            scenario_started = time.monotonic()
+            results[name] = RUNNERS[name](bench, args)
+            print(f"({name} ran in {time.monotonic() - scenario_started:.0f}s)\n", flush=True)
+        print("summary:")
+        for name, result in results.items():
+            if "pass" in result:
+                print(f"  {name}: {verdict(result['pass'])}")
         print(f"(ran in {time.monotonic() - started:.0f}s)")
         if args.json:
             args.json.write_text(json.dumps(
-                {"machine": info, "settings": vars(args), "worker_argv": worker_cmd,
-                 "sinks": {k: v[2] for k, v in sinks.items()},
-                 "scenarios": [{**asdict(s), "ratio": s.ratio} for s in scenarios]},
+                {"machine": info, "settings": vars(args), "worker_argv": argv,
+                 "sinks": {k: v[2] for k, v in bench.sinks.items()}, "results": results},
                 indent=2, default=str))
     finally:
-        for process, _, _ in sinks.values():
-            stop(process)
-        redis_server.stop()
-        shutil.rmtree(workdir / "redis", ignore_errors=True)
+        bench.close()
     return 0
-
-
-def report(scenarios: list[Scenario], sinks: dict[str, tuple[Any, int, str]]) -> None:
-    rows = []
-    for s in scenarios:
-        assert s.relay is not None and s.bare is not None
-        sink = "fast" if s.sink == "fast" else f"{SLOW_DELAY * 1000:g} ms"
-        floor = ("-", "-") if s.floor is None else (
-            f"{s.floor.rate:,.0f} ({s.floor.rate / s.bare.rate:.2f}x)", f"{s.floor.cpu_ms:.2f}")
-        rows.append([sink, s.concurrency, f"{s.events:,} x {len(DESTINATIONS)}",
-                     f"{s.relay.rate:,.0f}", f"{s.bare.rate:,.0f}", floor[0],
-                     f"{s.ratio:.2f}x", f"{s.relay.cpu_ms:.2f}", f"{s.bare.cpu_ms:.2f}",
-                     floor[1], f"{s.relay.redis_cpu_ms:.2f} / {s.bare.redis_cpu_ms:.2f}",
-                     verdict(s.ratio >= TARGET_RATIO)])
-    print("\n" + table(["sink", "concurrency", "deliveries", "relay /s", "bare /s",
-                        "Celery floor /s (vs bare)", "relay vs bare", "relay CPU ms/delivery",
-                        "bare CPU ms/delivery", "floor CPU ms/delivery",
-                        "Redis CPU ms (relay / bare)", f">= {TARGET_RATIO}x"], rows))
-    fast = [s.ratio for s in scenarios if s.sink == "fast"]
-    if fast:
-        print(f"SPEC target (fast sink): delivery >= {TARGET_RATIO} x bare consumer: "
-              f"{statistics.median(fast):.2f}x {verdict(statistics.median(fast) >= TARGET_RATIO)}")
-    floors = [s.relay.rate / s.floor.rate for s in scenarios if s.floor and s.relay]
-    if floors:
-        print(f"relay vs the Celery floor (fast sink): {statistics.median(floors):.2f}x")
 
 
 if __name__ == "__main__":
