@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 from click.testing import CliRunner, Result
-from helpers import SAMPLE_EVENTS, closed_port, make_app, accepted_events, sample
+from helpers import SAMPLE_EVENTS, accepted_events, closed_port, make_app, sample
 from vendor_server import VendorServer, vendor_server  # noqa: F401
 from werkzeug.serving import make_server
 

@@ -14,6 +14,7 @@ of it and waits there, while every other lane is drained by its own task.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -48,8 +49,12 @@ MAX_DRAINERS = 4
 #: A lane keeps about ``latency x LANE_RATE`` deliveries in flight (Little's law): enough for
 #: the most one worker process can send, and no more, so a fast destination does not fill the
 #: pool with threads that only contend for the CPU (and a crash has few sends unconfirmed).
-LANE_RATE = 1000.0
+#: The latency is the shortest of the last two seconds' attempts: a mean would count the time
+#: sends spent waiting for this process's CPU, and widen the window that caused the wait.
+LANE_RATE = 600.0
 MIN_WINDOW = 4
+LATENCY_SAMPLES = 64
+LATENCY_HORIZON = 2.0
 #: How often a drainer also looks for deliveries a dead worker left pending.
 RECLAIM_EVERY = 2.0
 ADMIT_BATCH = 200
@@ -146,7 +151,7 @@ class Engine:
         self._version: bytes | None = None
         self._draining: dict[str, int] = {}  # lanes this process drains now
         self._wanted: set[str] = set()  # ... and kicked again meanwhile
-        self._latency: dict[str, float] = {}  # lane -> moving average of attempt latency, s
+        self._latency: dict[str, collections.deque[tuple[float, float]]] = {}
         self._draining_lock = threading.Lock()
 
     # -- routing ---------------------------------------------------------------------------
@@ -291,18 +296,24 @@ class Engine:
         return report
 
     def lane_share(self, destination: Destination) -> int:
-        """How many of this process's slots one lane may use: what its latency needs, within
-        its ``concurrency`` and an equal share when several lanes are being drained here."""
+        """How many of this process's slots one lane may use: its ``concurrency``, and no
+        more than an equal share when several lanes are being drained here."""
         lanes = max(1, len(self._draining))
-        latency = self._latency.get(destination.name)
-        needed = MIN_WINDOW if latency is None else max(MIN_WINDOW,
-                                                        math.ceil(latency * LANE_RATE))
-        return max(1, min(destination.concurrency, needed, math.ceil(self.slots.size / lanes)))
+        return max(1, min(destination.concurrency, math.ceil(self.slots.size / lanes)))
 
     def observed(self, lane: str, latency_ms: float) -> None:
-        previous = self._latency.get(lane)
-        seconds = latency_ms / 1000
-        self._latency[lane] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        samples = self._latency.setdefault(lane, collections.deque(maxlen=LATENCY_SAMPLES))
+        samples.append((time.monotonic(), latency_ms / 1000))
+
+    def latency(self, lane: str) -> float | None:
+        """The lane's recent *shortest* attempt latency: what the destination needs, without
+        the time a send spent waiting for this process's CPU (which the mean would count,
+        and a bigger window would only make worse)."""
+        samples = self._latency.get(lane)
+        if not samples:
+            return None
+        recent = [latency for at, latency in samples if at >= samples[-1][0] - LATENCY_HORIZON]
+        return min(recent)
 
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -382,7 +393,7 @@ class _Drain:
         """Claim and send as many deliveries as the free slots allow. False when the lane had
         nothing to read (or the destination's shared concurrency is used up)."""
         engine, destination = self.engine, self.destination
-        free = min(engine.lane_share(destination), self.batch) - self.in_flight
+        free = min(engine.lane_share(destination), self.batch, self._window()) - self.in_flight
         if free <= 0:
             return True
         want = free
@@ -430,6 +441,10 @@ class _Drain:
                 self.in_flight += len(group)
                 future.add_done_callback(self._finished_callback(group))
         return bool(taken.claims or taken.done or taken.busy or taken.gone)
+
+    def _window(self) -> int:
+        latency = self.engine.latency(self.lane) or 0.0
+        return max(MIN_WINDOW, math.ceil(latency * LANE_RATE))
 
     def _finished_callback(self, group: list[Claim]) -> Callable[[Future[list[Sent]]], None]:
         def finished(future: Future[list[Sent]]) -> None:
