@@ -16,6 +16,11 @@ A driver delivers one lead event to one kind of destination::
 ``retry_after`` when the destination said when) or ``PermanentDeliveryError`` with a message a
 person can act on. It never retries, sleeps, or swallows a failure: the delivery step decides.
 Drivers are built once per worker process and destination and must be thread-safe.
+
+Which answers are worth retrying is decided once, in :func:`relay.http.raise_for_status`
+(timeouts, 408, 425, 429, 5xx); a vendor that documents more of them declares them in
+``retryable_answers`` (status -> least wait in seconds, or None for its ``Retry-After``) and
+passes them on: ``raise_for_status(answer, retryable=self.retryable_answers)``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, ClassVar
 
 from marshmallow import Schema
 
-from relay.http import HttpClient, shared_client
+from relay.http import HttpClient, RetryableAnswers, shared_client
 from relay.models import DeliveryResult, Destination, LeadEvent
 
 
@@ -34,6 +39,8 @@ class Driver:
     secret_fields: ClassVar[frozenset[str]] = frozenset()
     #: The vendor's real API host; ``base_url`` in the YAML overrides it (tests, proxies).
     default_base_url: ClassVar[str | None] = None
+    #: The vendor's documented retryable answers beyond the common ones (SPEC §4).
+    retryable_answers: ClassVar[RetryableAnswers] = {}
 
     def __init__(self, destination: Destination, http: HttpClient | None = None) -> None:
         self.destination = destination
