@@ -154,8 +154,11 @@ def replay_dead_letters(store: DeliveryStore, queue: TaskQueue, targets: Iterabl
 
 
 def known_destinations(client: redis.Redis, configured: Iterable[str]) -> list[str]:
-    """Configured destinations, plus any with counters (API subscriptions) or paused."""
-    names = set(configured)
+    """Configured destinations, every active API subscription, and any with counters (a
+    subscription since removed) or paused."""
+    from relay.subscriptions import SubscriptionStore
+
+    names = set(configured) | set(SubscriptionStore(client).active_names())
     for key in client.scan_iter(match=f"{PREFIX}stats:*", count=1000):
         names.add(key.decode()[len(PREFIX) + len("stats:"):])
     names.update(k.decode() for k in client.hkeys(PAUSED_KEY))
