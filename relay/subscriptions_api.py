@@ -159,8 +159,8 @@ def _setup(state: BlueprintSetupState) -> None:
 
 @bp.post(PATH)
 def subscribe(campaign_id: int) -> Response:
+    require_api_key()
     parameters = _parameters()
-    require_api_key(parameters)
     data = _load(_SUBSCRIBE, parameters)
     given = [*data.get("event", []), *data.get("events", [])]
     for name in given:
@@ -183,8 +183,8 @@ def subscribe(campaign_id: int) -> Response:
 
 @bp.delete(PATH)
 def unsubscribe(campaign_id: int) -> Response:
+    require_api_key()
     parameters = _parameters()
-    require_api_key(parameters)
     data = _load(_UNSUBSCRIBE, parameters)
     deleted = _store().delete(campaign_id, data["url"])
     if deleted is None:
@@ -195,7 +195,7 @@ def unsubscribe(campaign_id: int) -> Response:
 
 @bp.get(PATH)
 def list_webhooks(campaign_id: int) -> Response:
-    require_api_key(_parameters())
+    require_api_key()
     return _dump(WebhookListSchema(),
                  {"webhooks": [_webhook(s) for s in _store().list(campaign_id)]})
 
