@@ -241,7 +241,9 @@ def _subscriptions(spec: APISpec) -> None:
     security = [{"apiKeyParameter": []}, {"apiKeyBearer": []}]
 
     def body(schema: str) -> dict[str, Any]:
-        return {"required": False, "description": "Or the same fields as query parameters.",
+        return {"required": True,
+                "description": "The fields may come as query parameters instead (KickoffLabs "
+                               "clients send both ways); a request with neither is a 422.",
                 "content": {kind: {"schema": schema} for kind in _BODY_TYPES}}
 
     unavailable = {**_reply("Redis is unavailable; retry", message),
