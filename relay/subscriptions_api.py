@@ -167,14 +167,14 @@ def subscribe(campaign_id: int) -> Response:
     for name in given:
         if not is_known(canonical_event_name(name)):
             # KickoffLabs names the offending event and stores nothing.
-            return _message(409, f"Invalid event type {name}")
+            return message_response(409, f"Invalid event type {name}")
     events = list(dict.fromkeys(canonical_event_name(name) for name in given))
     url: str = data["url"]
     _check_url(url)
     try:
         subscription, _ = _store().register(campaign_id, url, events, data.get("source"))
     except TooManySubscriptions as exc:
-        return _message(409, str(exc))
+        return message_response(409, str(exc))
     return _dump(WebhookCreatedSchema(), {
         "message": "Webhook Created",
         "referenceId": subscription.reference_id,
@@ -303,21 +303,18 @@ def message_response(status: int, message: str, errors: Any = None) -> Response:
     return response
 
 
-_message = message_response
-
-
 # KickoffLabs' shapes for every failure of this blueprint's views (Flask's HTTP errors, raised
 # before or inside a view, go through the app's handler, which picks the same shape by path).
 
 
 @bp.errorhandler(IngressError)
 def _ingress_error(exc: IngressError) -> Response:
-    return _message(exc.status_code, exc.message, exc.details)
+    return message_response(exc.status_code, exc.message, exc.details)
 
 
 @bp.errorhandler(redis.RedisError)
 def _redis_down(exc: redis.RedisError) -> Response:
     log.error("subscription store unavailable: %s", exc)
-    response = _message(503, "subscriptions are unavailable right now; retry later")
+    response = message_response(503, "subscriptions are unavailable right now; retry later")
     response.headers["Retry-After"] = "5"
     return response
