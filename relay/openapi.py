@@ -5,6 +5,11 @@ dump with (apispec's marshmallow plugin), so the document cannot drift from the 
 operations (paths, parameters, status codes) are listed here, and ``tests/test_openapi.py``
 checks that every route of the app under ``/v2``, ``/hooks`` and ``/api`` is documented with its
 methods. A new API blueprint adds its operations in :func:`build_spec`.
+
+``tests/test_contract.py`` holds the server to this document with Schemathesis: what the
+schemas cannot say by themselves is added here (the lead's exact typing and identity rule, its
+form encoding, the one-of rules of request bodies), and every status an operation can answer is
+listed with the error body of its family (``Error`` for the relay, ``Message`` under ``/v2``).
 """
 
 from __future__ import annotations
