@@ -114,3 +114,39 @@ def test_a_signal_to_relay_dev_stops_its_whole_process_tree(
     assert process.wait(90) == 0
     survivors = {pid: command for pid, command in tree.items() if alive(pid)}
     assert survivors == {}, "relay dev exited while these were still running"
+
+
+# Leaves a grandchild that ignores SIGTERM behind when it gets SIGTERM itself.
+_LEAVES_AN_ORPHAN = """
+import signal, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c",
+                  "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('ready', flush=True); time.sleep(300)"])
+time.sleep(300)
+"""
+
+
+def test_the_tree_is_stopped_even_when_a_grandchild_ignores_sigterm() -> None:
+    from relay.supervise import ProcessTree
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    child = subprocess.Popen([sys.executable, "-c", _LEAVES_AN_ORPHAN])
+    stubborn = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); time.sleep(300)"])
+    try:
+        tree = ProcessTree([child, stubborn])
+        wait_for(lambda: len(tree_of(child.pid)) == 1, timeout=10, message="the grandchild")
+        [grandchild] = tree_of(child.pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: recorded, not fatal
+        assert tree.wait() == "signal"
+        tree.stop(grace=1.0)
+        assert child.poll() is not None and stubborn.poll() is not None
+        assert not alive(grandchild)
+    finally:
+        for process in (child, stubborn):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
