@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import threading
 import time
 
@@ -50,7 +51,11 @@ class Consumer:
                 if self.taken >= self.total:
                     return
                 self.taken += 1
-            item = self.client.brpop([self.key], timeout=1)
+            try:
+                item = self.client.brpop([self.key], timeout=1)
+            except redis.RedisError as exc:  # printed, so a stalled run says why
+                print(f"BRPOP failed: {exc!r}", file=sys.stderr, flush=True)
+                item = None
             if item is None:
                 with self.lock:
                     self.taken -= 1
@@ -67,7 +72,8 @@ class Consumer:
                         retries=False, redirect=False, preload_content=True,
                         headers={"Content-Type": "application/json", "User-Agent": "KickoffLabs"})
                     ok = ok and 200 <= response.status < 300
-                except urllib3.exceptions.HTTPError:
+                except urllib3.exceptions.HTTPError as exc:
+                    print(f"POST failed: {exc!r}", file=sys.stderr, flush=True)
                     ok = False
             with self.lock:
                 self.done += 1
@@ -86,7 +92,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("urls", nargs="+")
     args = parser.parse_args()
-    consumer = Consumer(redis.Redis.from_url(args.redis), args.list, args.urls, args.total,
+    # Bounded connects and reads (BRPOP waits 1 s): a connect lost in a full accept queue is
+    # an error that is printed and retried, not a thread that hangs for minutes.
+    client = redis.Redis.from_url(args.redis, socket_connect_timeout=5, socket_timeout=10)
+    consumer = Consumer(client, args.list, args.urls, args.total,
                         pool_size=max(8, args.threads))
     threads = [threading.Thread(target=consumer.run, daemon=True) for _ in range(args.threads)]
     for thread in threads:

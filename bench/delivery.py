@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,7 @@ class Bench:
                 posted_at = time.time()
                 ids, accepted = enqueue_through_ingress(env, events, start=warmup)
             rss_peak = rss_idle
+            profiler = self.profile(worker.pid, label)
             first: tuple[float, int, float, float] | None = None  # time, count, cpu, redis
             samples: list[int] = []
             last_rss = 0.0
@@ -245,6 +247,9 @@ class Bench:
                     time.sleep(POLL)
                 cpu = process_tree_cpu(worker.pid)
                 redis_cpu = process_tree_cpu(self.redis_pid)
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+                profiler.wait(30)
             if done < (warmup + events) * len(waited):
                 print(f"    {label}: only {done:,} of {events * len(waited):,} delivered within "
                       f"{self.args.timeout:g}s", flush=True)
@@ -260,6 +265,22 @@ class Bench:
         finally:
             stop(worker, timeout=30)
         return run
+
+    def profile(self, pid: int, label: str) -> subprocess.Popen[bytes] | None:
+        """With ``--profile DIR``: py-spy samples the worker's GIL holder (where its CPU goes)
+        while the run lasts, without pausing it, into collapsed stacks in DIR."""
+        if self.args.profile is None:
+            return None
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
+            "py-spy")
+        if spy is None:
+            raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        out = self.args.profile / f"{self.runs:02d}-{label}.txt"
+        print(f"    profiling the worker into {out}", flush=True)
+        return spawn([spy, "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate",
+                      "250", "--format", "raw", "--output", str(out)],
+                     log=self.args.profile / f"{self.runs:02d}-{label}.log")
 
     def progress(self, names: Sequence[str]) -> tuple[dict[str, int], int, int]:
         """(delivered per destination, failed attempts, deliveries in flight) from the store."""
@@ -334,8 +355,8 @@ class Bench:
             raise RuntimeError(f"bare consumer failed: {done.stderr}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         if not result["complete"]:
-            print(f"    bare: only {result['items']:,} items within {self.args.timeout:g}s",
-                  flush=True)
+            print(f"    bare: only {result['items']:,} items within {self.args.timeout:g}s; "
+                  f"its errors: {done.stderr[-1000:]!r}", flush=True)
         return Run(result["deliveries"], result["seconds"], result["cpu_seconds"],
                    result["failed"], process_tree_cpu(self.redis_pid) - redis0,
                    watch.foreign_cores, watch.note(), load, rss_peak=result["max_rss_bytes"],
@@ -351,6 +372,21 @@ def _chunks(items: Any, size: int) -> Any:
             batch = []
     if batch:
         yield batch
+
+
+def code_version() -> str:
+    """The commit the relay runs from, and which of its files differ from it (the figures are
+    of the work tree as it was during the run)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "relay", "workers"],
+                                 cwd=ROOT, text=True, capture_output=True, check=True,
+                                 timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    files = [line[3:] for line in changed if line.strip()]
+    return head + (f" + uncommitted changes in {', '.join(files)}" if files else "")
 
 
 def lead(number: int) -> dict[str, Any]:
@@ -576,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python-sink", action="store_true",
                         help="use the asyncio sink even when nginx is installed")
     parser.add_argument("--timeout", type=float, default=120, help="bound on each drain, s")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="py-spy the worker (GIL holder, collapsed stacks) in every relay "
+                        "run into DIR")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     chosen = [s for s in SCENARIOS if s in (args.scenario or SCENARIOS)]
@@ -585,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     try:
         info = machine_info(bench.client)
+        info["code"] = code_version()
         print_machine(info)
         argv, _ = relay_command("worker")
         print(f"relay worker: {' '.join(argv[2:])} (+ {' '.join(args.worker_arg) or 'nothing'});"

@@ -10,14 +10,14 @@ and erases a lead. The operations themselves are plain functions over Redis (``e
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from apispec import APISpec
 from flask import Blueprint, Response, current_app, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
@@ -34,7 +34,7 @@ from relay.delivery.state import (
     recent_key,
 )
 from relay.erase import erase_lead
-from relay.errors import NotFound, ValidationFailed
+from relay.errors import BadRequest, NotFound, ValidationFailed
 
 bp = Blueprint("admin", __name__, url_prefix="/api")
 MAX_PAGE = 500
@@ -147,8 +147,11 @@ def replay_dead_letters(store: DeliveryStore, targets: Iterable[ReplayTarget],
 
 
 def known_destinations(client: redis.Redis, configured: Iterable[str]) -> list[str]:
-    """Configured destinations, plus any with counters (API subscriptions) or paused."""
-    names = set(configured)
+    """Configured destinations, every active API subscription, and any with counters (a
+    subscription since removed) or paused."""
+    from relay.subscriptions import SubscriptionStore
+
+    names = set(configured) | set(SubscriptionStore(client).active_names())
     for key in client.scan_iter(match=f"{PREFIX}stats:*", count=1000):
         names.add(key.decode()[len(PREFIX) + len("stats:"):])
     names.update(k.decode() for k in client.hkeys(PAUSED_KEY))
@@ -198,16 +201,64 @@ def destination_health(client: redis.Redis, names: Iterable[str],
 
 
 # -- request schemas --------------------------------------------------------------------------
+# The contract of every admin endpoint (also its OpenAPI document):
+#   400  the request cannot be read: a query parameter that is not a number, out of its bounds,
+#        or given twice; a body that is not UTF-8 JSON, or not a JSON object
+#   401  no valid API key          404  no such event / destination
+#   413  body over RELAY_MAX_BODY_BYTES          422  a JSON object whose fields are invalid
+#   503  Redis unavailable (Retry-After)
+# Every error body is {"error": "<what went wrong>", "details": <per-field problems or null>}.
+
+MAX_OFFSET = 1_000_000
+_INTEGER = re.compile(r"-?[0-9]{1,16}")
+_NUMBER = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
+
+
+class QueryInteger(fields.Integer):
+    """An integer query parameter in plain decimal digits (``int()`` would also take ``" 5"``,
+    ``"1_0"`` and ``"٣"``)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if not isinstance(value, str) or not _INTEGER.fullmatch(value):
+            raise self.make_error("invalid")
+        result: int = super()._deserialize(value, attr, data, **kwargs)
+        return result
+
+
+class QueryNumber(fields.Float):
+    """A finite decimal number (a cursor), without the spellings ``float()`` also reads."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if not isinstance(value, str) or not _NUMBER.fullmatch(value):
+            raise self.make_error("invalid")
+        result: float = super()._deserialize(value, attr, data, **kwargs)
+        return result
+
+
+def _destination_name(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(min=1, max=200), **kwargs)
 
 
 class DeliveriesQuery(Schema):
     class Meta:
+        unknown = EXCLUDE  # api_key may come as a query parameter
+
+    destination = _destination_name(required=True)
+    status = fields.String(validate=validate.OneOf(RECENT_STATUSES))
+    limit = QueryInteger(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE),
+                         metadata={"description": "Page size (default 50)."})
+    cursor = QueryNumber(metadata={"description": "next_cursor of the previous page"})
+
+
+class DeadLettersQuery(Schema):
+    class Meta:
         unknown = EXCLUDE
 
-    destination = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    status = fields.String(validate=validate.OneOf(RECENT_STATUSES))
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE))
-    cursor = fields.Float(metadata={"description": "next_cursor of the previous page"})
+    destination = _destination_name(metadata={"description": "Only this destination's."})
+    limit = QueryInteger(load_default=100, validate=validate.Range(min=1, max=MAX_PAGE),
+                         metadata={"description": "Page size (default 100)."})
+    offset = QueryInteger(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET),
+                          metadata={"description": "Dead letters to skip, newest first."})
 
 
 class ReplayRequest(Schema):
@@ -218,12 +269,12 @@ class ReplayRequest(Schema):
                       validate=validate.Length(min=1, max=10_000),
                       metadata={"description": "<event_id>|<destination>, or an event id for "
                                                "all of its dead letters"})
-    destination = fields.String(validate=validate.Length(min=1, max=200))
-    all = fields.Boolean()
+    destination = _destination_name()
+    all = fields.Boolean(validate=validate.Equal(True))
 
     @validates_schema
     def _one_choice(self, data: dict[str, Any], **kwargs: Any) -> None:
-        chosen = [k for k in ("ids", "destination", "all") if data.get(k)]
+        chosen = [k for k in ("ids", "destination", "all") if k in data]
         if len(chosen) != 1:
             raise ValidationError("give exactly one of ids, destination or all: true")
 
@@ -239,15 +290,54 @@ class EraseRequest(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    email = fields.Email(required=True)
+    email = fields.Email(required=True, validate=validate.Length(max=320))
 
 
-def _load(schema: Schema, data: Any) -> dict[str, Any]:
+def _query(schema: Schema) -> dict[str, Any]:
+    args = request.args
+    repeated = sorted(key for key in args if len(args.getlist(key)) > 1)
+    if repeated:
+        raise BadRequest("invalid query parameters",
+                         {key: ["given more than once"] for key in repeated})
     try:
-        loaded: dict[str, Any] = schema.load(data if isinstance(data, dict) else {})
+        loaded: dict[str, Any] = schema.load(args.to_dict())
     except ValidationError as exc:
-        raise ValidationFailed("invalid request", exc.messages) from None
+        raise BadRequest("invalid query parameters", exc.normalized_messages()) from None
     return loaded
+
+
+def _body(schema: Schema) -> dict[str, Any]:
+    """The JSON object body (none at all reads as ``{}``), loaded with ``schema``."""
+    raw = request.get_data(cache=True)
+    data: Any = {}
+    if raw.strip():
+        try:
+            data = _JSON.decode(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"the body is not valid UTF-8 (byte {exc.start})") from None
+        except RecursionError:
+            raise BadRequest("the body is JSON nested too deeply") from None
+        except ValueError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRequest(f"the body must be a JSON object, not {_json_type(data)}")
+    try:
+        loaded: dict[str, Any] = schema.load(data)
+    except ValidationError as exc:
+        raise ValidationFailed("invalid request", exc.normalized_messages()) from None
+    return loaded
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 # -- views ------------------------------------------------------------------------------------
@@ -288,16 +378,15 @@ def get_event(event_id: str) -> Response:
 
 @bp.get("/deliveries")
 def get_deliveries() -> Response:
-    query = _load(DeliveriesQuery(), request.args.to_dict())
+    query = _query(DeliveriesQuery())
     return jsonify(list_deliveries(_ctx().redis, query["destination"], query.get("status"),
                                    query["limit"], query.get("cursor")))
 
 
 @bp.get("/dead-letters")
 def get_dead_letters() -> Response:
-    limit = min(max(request.args.get("limit", 100, type=int) or 100, 1), MAX_PAGE)
-    offset = max(request.args.get("offset", 0, type=int) or 0, 0)
-    letters = _store().dead_letters(request.args.get("destination") or None, limit, offset)
+    query = _query(DeadLettersQuery())
+    letters = _store().dead_letters(query.get("destination"), query["limit"], query["offset"])
     return jsonify({"dead_letters": [_without_payload(d) for d in letters]})
 
 
@@ -309,7 +398,7 @@ def _without_payload(letter: dict[str, Any]) -> dict[str, Any]:
 
 @bp.post("/dead-letters/replay")
 def post_replay() -> Response:
-    body = _load(ReplayRequest(), request.get_json(silent=True))
+    body = _body(ReplayRequest())
     store = _store()
     targets = replay_targets(store, body.get("ids") or (), body.get("destination"),
                              bool(body.get("all")))
@@ -326,14 +415,15 @@ def get_destinations() -> Response:
 
 @bp.post("/destinations/<name>/pause")
 def pause(name: str) -> Response:
+    reason = _body(PauseRequest())["reason"]  # a bad body is refused before anything changes
     _require_destination(name)
-    reason = _load(PauseRequest(), request.get_json(silent=True))["reason"]
     PauseGate(_ctx().redis).pause(name, reason)
     return jsonify({"destination": name, "state": "paused"})
 
 
 @bp.post("/destinations/<name>/resume")
 def resume(name: str) -> Response:
+    _body(_NO_FIELDS)
     _require_destination(name)
     client = _ctx().redis
     released = PauseGate(client).resume(name)
@@ -343,87 +433,14 @@ def resume(name: str) -> Response:
 
 @bp.post("/erase")
 def erase() -> Response:
-    email = _load(EraseRequest(), request.get_json(silent=True))["email"]
+    email = _body(EraseRequest())["email"]
     return jsonify(erase_lead(_ctx().redis, email).to_json())
 
 
-# -- OpenAPI ----------------------------------------------------------------------------------
+class _NoFields(Schema):
+    class Meta:
+        unknown = EXCLUDE
 
 
-def _iter_ops() -> Iterator[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
-    def reply(description: str, properties: dict[str, Any]) -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": {
-            "type": "object", "properties": properties}}}}
+_NO_FIELDS = _NoFields()
 
-    obj: dict[str, Any] = {"type": "object"}
-    arr: dict[str, Any] = {"type": "array", "items": obj}
-    error = {"description": "Error", "content": {"application/json": {"schema": "Error"}}}
-    common = {"401": {**error, "description": "Missing or invalid API key"}}
-    invalid = {"422": {**error, "description": "Invalid request"}}
-    missing = {"404": {**error, "description": "Not found"}}
-
-    def path_param(name: str) -> list[dict[str, Any]]:
-        return [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
-
-    def body(schema: str) -> dict[str, Any]:
-        return {"required": True, "content": {"application/json": {"schema": schema}}}
-
-    yield "/api/events/{event_id}", path_param("event_id"), {"get": {
-        "operationId": "getEvent", "summary": "An event, its deliveries and their attempts",
-        "responses": {"200": reply("The event", {
-            "event_id": {"type": "string"}, "name": {"type": "string"}, "payload": obj,
-            "duplicates": {"type": "integer"}, "destinations": obj}), **common, **missing}}}
-    yield "/api/deliveries", [], {"get": {
-        "operationId": "listDeliveries", "summary": "A destination's latest deliveries",
-        "parameters": [{"name": n, "in": "query", "required": n == "destination",
-                        "schema": s} for n, s in (
-            ("destination", {"type": "string"}),
-            ("status", {"type": "string", "enum": list(RECENT_STATUSES)}),
-            ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
-            ("cursor", {"type": "number"}))],
-        "responses": {"200": reply("Newest first", {"deliveries": arr,
-                                                    "next_cursor": {"type": "string"}}),
-                      **common, **invalid}}}
-    yield "/api/dead-letters", [], {"get": {
-        "operationId": "listDeadLetters", "summary": "Dead letters, newest first",
-        "parameters": [{"name": n, "in": "query", "required": False, "schema": {"type": t}}
-                       for n, t in (("destination", "string"), ("limit", "integer"),
-                                    ("offset", "integer"))],
-        "responses": {"200": reply("Dead letters", {"dead_letters": arr}), **common}}}
-    yield "/api/dead-letters/replay", [], {"post": {
-        "operationId": "replayDeadLetters", "summary": "Queue dead letters for delivery again",
-        "requestBody": body("ReplayRequest"),
-        "responses": {"200": reply("Queued", {"queued": {"type": "integer"}}),
-                      **common, **invalid}}}
-    yield "/api/destinations", [], {"get": {
-        "operationId": "listDestinations", "summary": "Destinations with state and health",
-        "responses": {"200": reply("Destinations", {"destinations": arr}), **common}}}
-    for action in ("pause", "resume"):
-        yield f"/api/destinations/{{name}}/{action}", path_param("name"), {"post": {
-            "operationId": f"{action}Destination",
-            "summary": "Hold every delivery to the destination" if action == "pause" else
-            "Deliver again, releasing held deliveries oldest first",
-            **({"requestBody": {**body("PauseRequest"), "required": False}}
-               if action == "pause" else {}),
-            "responses": {"200": reply("Its state", {"destination": {"type": "string"},
-                                                     "state": {"type": "string"},
-                                                     "released": {"type": "integer"}}),
-                          **common, **missing}}}
-    yield "/api/erase", [], {"post": {
-        "operationId": "eraseLead", "summary": "Erase every trace of a lead (GDPR)",
-        "requestBody": body("EraseRequest"),
-        "responses": {"200": reply("What was removed", {"email": {"type": "string"},
-                                                        "removed": obj}),
-                      **common, **invalid}}}
-
-
-def document(spec: APISpec) -> None:
-    """Add the admin API to the OpenAPI document (called by :func:`relay.openapi.build_spec`)."""
-    for name, schema in (("ReplayRequest", ReplayRequest), ("PauseRequest", PauseRequest),
-                         ("EraseRequest", EraseRequest)):
-        spec.components.schema(name, schema=schema)
-    security = [{"apiKeyParameter": []}, {"apiKeyBearer": []}]
-    for path, parameters, operations in _iter_ops():
-        for operation in operations.values():
-            operation["security"] = security
-        spec.path(path=path, parameters=parameters or None, operations=operations)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from relay.config import RelayConfig, load_config
@@ -19,6 +19,7 @@ from relay.settings import Settings
 from relay.taskqueue import Intake, connect
 
 log = logging.getLogger("relay.web")
+KICKOFFLABS_PREFIX = "/v2/"  # the subscription API's family of error bodies
 
 
 @dataclass
@@ -72,8 +73,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 def error_response(status: int, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> Response:
-    response = jsonify({"error": message, "details": details})
-    response.status_code = status
+    """The relay's error body, ``{"error": …, "details": …}``: the ingress, the admin API and
+    the operational endpoints. The subscription API (``/v2/…``) answers in KickoffLabs' shape,
+    ``{"message": …, "errors"?: …}``, whoever raised the error (a view, or Flask's routing
+    for an unknown path or method)."""
+    if request.path.startswith(KICKOFFLABS_PREFIX):
+        from relay.subscriptions_api import message_response
+
+        response = message_response(status, message, details)
+    else:
+        response = jsonify({"error": message, "details": details})
+        response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
@@ -92,7 +102,10 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        return error_response(exc.code or 500, exc.description or exc.name)
+        # Keep the headers werkzeug puts on its own answer: Allow on a 405 above all.
+        headers = {name: value for name, value in exc.get_headers()
+                   if name.lower() != "content-type"}
+        return error_response(exc.code or 500, exc.description or exc.name, None, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

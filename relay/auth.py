@@ -1,10 +1,17 @@
 """API-key authentication for the subscription and admin APIs (keys from ``RELAY_API_KEYS``).
 
 A key is presented the way KickoffLabs clients present it: an ``api_key`` parameter (query,
-form or JSON body), or the last whitespace-separated token of an ``Authorization`` or
-``Authentication`` header (``Bearer KEY``, ``Token KEY`` or just ``KEY``). The presented key is
-compared with *every* configured key in constant time, so neither the position of the matching
-key nor a near miss shows in the response time.
+form or JSON body), or the last token of an ``Authorization`` or ``Authentication`` header
+(``Bearer KEY``, ``Token KEY`` or just ``KEY``; tokens are separated by spaces or tabs).
+
+Keys are compared **exactly**: nothing is stripped or normalised, so ``" KEY"`` or ``"KEY\x1c"``
+is a wrong key. **The rule for a request that carries a key more than once** (a parameter and a
+header, both headers, a repeated parameter): *every* key it carries must be a configured key,
+or the answer is 401. An empty value counts as a key given, and it is a wrong one: an empty
+``api_key=`` next to a valid header is refused like any wrong key next to it.
+
+Each presented key is compared with *every* configured key in constant time, so neither the
+position of the matching key nor a near miss shows in the response time.
 
 Keys never reach the logs: nothing here logs them, and :class:`RedactApiKeys` is a logging
 filter for access logs (werkzeug, gunicorn) that print request lines with ``?api_key=…``.
@@ -15,9 +22,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from flask import current_app, request
@@ -27,53 +35,62 @@ from relay.errors import Unauthorized
 KEY_PARAMETER = "api_key"
 KEY_HEADERS = ("Authorization", "Authentication")
 MAX_KEY_LENGTH = 512
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_HEADER_TOKENS = re.compile(r"[ \t]+")  # HTTP's own whitespace, nothing else
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def presented_key(parameters: Mapping[str, Any] | None = None) -> str | None:
-    """The key this request presents: the ``api_key`` parameter first, then the headers.
+def presented_keys() -> list[object]:
+    """Every key this request presents, in order: ``api_key`` query parameters, ``api_key``
+    in the body, then the last token of each ``Authorization`` / ``Authentication`` header.
 
-    ``parameters`` are the request's parsed parameters when the caller has merged query, form
-    and body itself (the subscription API does); without them the query string, a form body and
-    a JSON body are looked at here."""
-    if parameters is None:
-        parameters = _request_parameters()
-    value = parameters.get(KEY_PARAMETER)
-    if isinstance(value, str) and value.strip():
-        return value.strip()
+    The body is read the way the subscription API reads its parameters: a body that parses as
+    a JSON object is JSON whatever its label, else a form body is a form. A value that is not
+    a string (``{"api_key": 7}``) is kept as is; it matches no key."""
+    keys: list[object] = list(request.args.getlist(KEY_PARAMETER))
+    body = _json_object(request.get_data(cache=True))
+    if body is not None:
+        if KEY_PARAMETER in body:
+            keys.append(body[KEY_PARAMETER])
+    elif request.mimetype in _FORM_TYPES:
+        keys.extend(request.form.getlist(KEY_PARAMETER))
     for header in KEY_HEADERS:
-        tokens = request.headers.get(header, "").split()
-        if tokens:
-            return tokens[-1]
-    return None
+        for value in request.headers.getlist(header):
+            tokens = _HEADER_TOKENS.split(value.strip(" \t"))
+            keys.append(tokens[-1])
+    return keys
 
 
-def key_matches(given: str | None, keys: Sequence[str]) -> bool:
-    """Constant-time check of ``given`` against every key (no early exit)."""
-    if not given or len(given) > MAX_KEY_LENGTH:
+def key_matches(given: object, keys: Sequence[str]) -> bool:
+    """Constant-time, exact check of ``given`` against every key (no early exit)."""
+    if not isinstance(given, str) or not given or len(given) > MAX_KEY_LENGTH:
         return False
     # Digests have one length, so compare_digest does not even reveal the keys' lengths.
-    given_digest = hashlib.sha256(given.encode()).digest()
+    given_digest = hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest()
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given_digest, hashlib.sha256(key.encode()).digest())
     return matched
 
 
-def require_api_key(parameters: Mapping[str, Any] | None = None) -> None:
-    """Raise :class:`~relay.errors.Unauthorized` unless the request presents a configured key."""
+def require_api_key() -> None:
+    """Raise :class:`~relay.errors.Unauthorized` unless the request presents at least one key
+    and every key it presents is a configured one."""
     keys: Sequence[str] = current_app.extensions["relay"].settings.api_keys
     if not keys:
         raise Unauthorized("this relay has no API keys configured (set RELAY_API_KEYS)")
-    given = presented_key(parameters)
-    if given is None:
+    given = presented_keys()
+    if not given:
         raise Unauthorized(
             "missing API key: send api_key as a parameter or an 'Authorization: Bearer <key>' "
             "header"
         )
-    if not key_matches(given, keys):
-        raise Unauthorized("invalid API key")
+    # Every key is checked (no early exit): how many are wrong does not show in the timing.
+    valid = [key_matches(key, keys) for key in given]
+    if not all(valid):
+        raise Unauthorized("invalid API key" if len(given) == 1 else
+                           "invalid API key: every key a request carries must be valid")
 
 
 def api_key_required(view: F) -> F:
@@ -87,13 +104,14 @@ def api_key_required(view: F) -> F:
     return cast(F, wrapper)
 
 
-def _request_parameters() -> Mapping[str, Any]:
-    if request.args.get(KEY_PARAMETER):
-        return request.args
-    if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        return request.form
-    body = request.get_json(silent=True)
-    return body if isinstance(body, dict) else {}
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        decoded = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
 
 
 _KEY_IN_TEXT = re.compile(r"(?i)(api_key=)[^&\s\"']*")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -177,6 +175,7 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     """Everything in one process tree: embedded Redis (unless RELAY_REDIS_URL is set), web,
     worker, and the /dev/inbox destination the example config delivers to."""
     from relay.embedded_redis import EmbeddedRedis
+    from relay.supervise import ProcessTree
 
     env = dict(os.environ)
     env.setdefault("RELAY_CONFIG", "config/relay.yaml")
@@ -241,23 +240,13 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
         '"social_id": "abc123"}\''
     )
     click.echo("Press Ctrl-C to stop.\n")
-    try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
+    # SIGTERM, SIGINT and SIGHUP stop the whole tree (Redis last); dev exits after all of it.
+    tree = ProcessTree(children, last=[embedded.process if embedded is not None else None])
+    if tree.wait() == "exited":
         click.secho("a child process exited; stopping", fg="red", err=True)
-    except KeyboardInterrupt:
+    else:
         click.echo("\nstopping…")
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if embedded is not None:
-            embedded.stop()
+    tree.stop()
     click.echo("stopped.")
 
 

@@ -2,7 +2,9 @@
 
 Redirects are never followed and urllib3's own retries are off: the relay's retry policy is
 the only one. Library errors are translated here into the relay's delivery errors, and HTTP
-statuses are classified here once (SPEC §4) so every driver answers the same way.
+statuses are classified here once (SPEC §4) so every driver answers the same way; a driver
+whose vendor documents more retryable answers (HubSpot's 423 and 477) passes them as
+``retryable`` (see :data:`RetryableAnswers`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import urllib3
 from relay.errors import PermanentDeliveryError, RetryableDeliveryError
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+#: A vendor's own retryable answers: status -> the least wait in seconds (a floor under any
+#: ``Retry-After``), or None to wait what its ``Retry-After`` says (else the schedule's delay).
+RetryableAnswers = Mapping[int, float | None]
 USER_AGENT = "KickoffLabs"
 
 
@@ -103,18 +108,23 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
-def raise_for_status(response: HttpResponse, what: str = "destination") -> None:
-    """Classify an answer: 2xx returns; 408/425/429/5xx are retryable (``Retry-After`` kept);
-    410 is permanent and *gone*; every other status is permanent."""
+def raise_for_status(response: HttpResponse, what: str = "destination",
+                     retryable: RetryableAnswers | None = None) -> None:
+    """Classify an answer: 2xx returns; 408/425/429/5xx and the statuses in ``retryable`` are
+    retryable (``Retry-After`` kept, raised to the status's floor in ``retryable``); 410 is
+    permanent and *gone*; every other status is permanent."""
     status = response.status
     if 200 <= status < 300:
         return
     snippet = response.text(200).strip()
     message = f"{what} answered HTTP {status}" + (f": {snippet}" if snippet else "")
-    if status in RETRYABLE_STATUSES or status >= 500:
-        raise RetryableDeliveryError(
-            message, status, parse_retry_after(response.headers.get("Retry-After"))
-        )
+    extra = retryable or {}
+    if status in RETRYABLE_STATUSES or status >= 500 or status in extra:
+        wait = parse_retry_after(response.headers.get("Retry-After"))
+        floor = extra.get(status)
+        if floor is not None:
+            wait = max(wait or 0.0, floor)
+        raise RetryableDeliveryError(message, status, wait)
     raise PermanentDeliveryError(message, status, gone=status == 410)
 
 

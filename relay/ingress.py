@@ -25,7 +25,7 @@ from relay.errors import (
     ValidationFailed,
 )
 from relay.events import derive_event_id, event_id_from_header, is_known
-from relay.schemas import load_lead
+from relay.schemas import load_form_lead, load_lead
 
 bp = Blueprint("ingress", __name__)
 _JSON_TYPES = ("application/json",)
@@ -53,9 +53,9 @@ def receive(source: str) -> Response:
         raise NotFound(f"unknown source {source!r}")
     if configured.token is not None:
         _check_token(configured.token)
-    payload = _read_payload(ctx.settings.max_body_bytes)
+    payload, from_form = _read_payload(ctx.settings.max_body_bytes)
     try:
-        lead = load_lead(payload)
+        lead = load_form_lead(payload) if from_form else load_lead(payload)
     except ValidationError as exc:
         raise ValidationFailed("not a valid lead event", exc.messages) from None
     name: str = lead["__event"]
@@ -88,29 +88,33 @@ def _check_token(expected: str) -> None:
 
 def _event_id(source: str, name: str, lead: dict[str, Any]) -> str:
     environ = request.environ
+    chosen = None
     for header, environ_key in _ID_HEADERS:
         key = environ.get(environ_key)
         if key:
             if len(key) > 256 or not key.isprintable():
-                raise BadRequest(f"invalid {header} header")
-            return event_id_from_header(source, key)
+                raise BadRequest(f"invalid {header} header")  # each one given is checked
+            chosen = chosen or key
+    if chosen:
+        return event_id_from_header(source, chosen)
     return derive_event_id(source, name, lead)
 
 
-def _read_payload(limit: int) -> dict[str, Any]:
+def _read_payload(limit: int) -> tuple[dict[str, Any], bool]:
+    """The body decoded, and whether it was a form (typed by :func:`load_form_lead`)."""
     mimetype = request.mimetype
     if mimetype in _JSON_TYPES or (
         mimetype.startswith("application/") and mimetype.endswith("+json")
     ):
-        return _parse_json(_read_body(limit))
+        return _parse_json(_read_body(limit)), False
     if mimetype == "application/x-www-form-urlencoded":
-        return _parse_form(_read_body(limit))
+        return _parse_form(_read_body(limit)), True
     if mimetype == "multipart/form-data":
         _check_declared_length(limit)  # werkzeug's parser enforces size and part count
         payload = forms.decode(request.form.items(multi=True))
         if not payload:
             raise BadRequest("empty form body")
-        return payload
+        return payload, True
     if not mimetype:
         raise UnsupportedMediaType(
             "missing Content-Type: send application/json or application/x-www-form-urlencoded"

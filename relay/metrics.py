@@ -245,6 +245,8 @@ class RedisCollector(Collector):
             yield family
 
     def _gauges(self) -> Iterator[Metric]:
+        from relay.subscriptions import SubscriptionStore  # it counts with these metrics
+
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(INTAKE)
         pipe.zcard(SCHEDULED)
@@ -268,7 +270,11 @@ class RedisCollector(Collector):
         dead_by_destination: dict[str, int] = defaultdict(int)
         for member, _ in self.redis.zscan_iter(DEAD_INDEX, count=1000):
             dead_by_destination[member.decode().rsplit("|", 1)[-1]] += 1
-        names = sorted(set(self.destinations()) | set(dead_by_destination))
+        paused_names = {p.decode() for p in paused_raw}
+        # Every destination in every gauge: YAML, API subscriptions (which the config does not
+        # list), and any name that has dead letters or is paused.
+        names = sorted(set(self.destinations()) | set(SubscriptionStore(self.redis).active_names())
+                       | set(dead_by_destination) | paused_names)
         dead = GaugeMetricFamily("relay_dead_letters", "Dead letters waiting for replay",
                                  labels=["destination"])
         circuit = GaugeMetricFamily("relay_circuit_state",
@@ -276,7 +282,6 @@ class RedisCollector(Collector):
                                     labels=["destination"])
         paused = GaugeMetricFamily("relay_destination_paused", "1 while paused",
                                    labels=["destination"])
-        paused_names = {p.decode() for p in paused_raw}
         for name in names:
             dead.add_metric([name], dead_by_destination.get(name, 0))
             circuit.add_metric([name], CIRCUIT_VALUES[self._circuit_state(name)])

@@ -1,27 +1,64 @@
 """Marshmallow schemas at the edges: the KickoffLabs lead payload (ingress).
 
-JSON and form bodies load into the same typed payload: known fields are typed (``"268"`` from a
-form becomes ``268``, ``"true"`` becomes ``true``, an empty form value of a typed field becomes
-``null``), unknown fields are kept verbatim, ``fraudulent`` becomes ``marked_as_fraudulent``.
-The event blocks (``__tagged`` …) are typed too, because they are part of the event's identity:
-the same event sent as JSON and as a form must get the same id.
+JSON and form bodies load into the same typed payload: known fields are typed, unknown fields
+are kept verbatim, ``fraudulent`` becomes ``marked_as_fraudulent``. The event blocks
+(``__tagged`` …) and the items of ``tags`` are typed too, because the same event sent as JSON
+and as a form must be the same event, with the same id and the same payload downstream.
+
+The typing is exact, so the OpenAPI document can say it: an integer field takes a JSON integer
+or its decimal digits as a string (``"268"``, what a form carries), not ``1.5`` or ``true``; a
+boolean takes ``true`` / ``false`` or the strings ``"true"``, ``"false"``, ``"1"``, ``"0"``; an
+empty string in a typed field means null. A form body goes through :func:`load_form_lead`,
+where an empty value of *any* declared field (``phone_number=``) is null, as JSON says it, and
+an empty item of a declared list (``completed_actions[]=``, Rails' "nothing selected" marker)
+is no item.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, pre_load, validates_schema
 
 from relay.events import LEAD_IDENTITY_FIELDS, canonical_event_name
 
+_DECIMAL = re.compile(r"-?[0-9]{1,30}")
+FORM_TRUE = ("true", "1")
+FORM_FALSE = ("false", "0")
+
+
+class LeadInteger(fields.Integer):
+    """A JSON integer, or its decimal digits as a string (``int()`` alone would also take
+    ``1.5`` as 1, ``" 5"``, ``"1_0"``)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if type(value) is int:
+            return value
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):
+            return int(value)
+        raise self.make_error("invalid")
+
+
+class LeadBoolean(fields.Boolean):
+    """``true`` / ``false``, or the strings form encoders write for them."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if type(value) is bool:
+            return value
+        if value in FORM_TRUE:
+            return True
+        if value in FORM_FALSE:
+            return False
+        raise self.make_error("invalid")
+
 
 def _ints(*names: str) -> dict[str, fields.Field]:
-    return {name: fields.Integer(allow_none=True) for name in names}
+    return {name: LeadInteger(allow_none=True) for name in names}
 
 
 def _bools(*names: str) -> dict[str, fields.Field]:
-    return {name: fields.Boolean(allow_none=True) for name in names}
+    return {name: LeadBoolean(allow_none=True) for name in names}
 
 
 def _strings(*names: str) -> dict[str, fields.Field]:
@@ -63,6 +100,7 @@ _ScoreChange = _schema(
     "ScoreChangeBlock", {**_ints("points", "contest_score"), **_strings("message")}
 )
 _Tagged = _schema("TaggedBlock", {**_ints("tag_id", "points"), **_strings("name")})
+_Tag = _schema("Tag", {**_ints("id", "points"), **_strings("name")})
 _RewardLevel = _schema(
     "RewardLevelBlock",
     {**_ints("reward_level_id", "required_points"), **_strings("subject"), **_bools("emailed")},
@@ -129,8 +167,8 @@ _LEAD_FIELDS: dict[str, fields.Field] = {
     "custom_fields": fields.Dict(allow_none=True),
     "utm": fields.Dict(allow_none=True),
     "unsubscribe_url": fields.Dict(allow_none=True),
-    "completed_actions": fields.List(fields.Raw(), allow_none=True),
-    "tags": fields.List(fields.Raw(), allow_none=True),
+    "completed_actions": fields.List(fields.Raw(allow_none=True), allow_none=True),
+    "tags": fields.List(fields.Nested(_Tag), allow_none=True),
     "__referral": _nested(_Referral),
     "__fraudulent": _nested(_Fraudulent),
     "__score_change": _nested(_ScoreChange),
@@ -156,6 +194,10 @@ class LeadSchema(_schema("LeadBase", _LEAD_FIELDS)):  # type: ignore[misc]
 # (a string for an int, "" for a null, a bool for an int, an invalid value) goes to marshmallow.
 
 
+class _Items(dict):  # type: ignore[type-arg]
+    """The plan of a list of typed records (``tags``): each item's plan."""
+
+
 def _plan(schema: type[Schema]) -> dict[str, Any]:
     plan: dict[str, Any] = {}
     for name, field in schema._declared_fields.items():
@@ -163,6 +205,8 @@ def _plan(schema: type[Schema]) -> dict[str, Any]:
             plan[name] = "event"
         elif isinstance(field, fields.Nested):
             plan[name] = _plan(field.nested)  # type: ignore[arg-type]
+        elif isinstance(field, fields.List) and isinstance(field.inner, fields.Nested):
+            plan[name] = _Items(_plan(field.inner.nested))  # type: ignore[arg-type]
         elif isinstance(field, fields.Boolean):
             plan[name] = bool
         elif isinstance(field, fields.Integer):
@@ -192,11 +236,15 @@ def _already_typed(data: dict[str, Any], plan: dict[str, Any]) -> bool:
             return False  # "" in a typed field means null: marshmallow's pre_load does that
         elif kind is None:
             continue
+        elif isinstance(kind, _Items):
+            if type(value) is not list or not all(
+                    type(item) is dict and _already_typed(item, kind) for item in value):
+                return False
         elif isinstance(kind, dict):
             if type(value) is not dict or not _already_typed(value, kind):
                 return False
-        elif type(value) is not kind or (kind is list and None in value):
-            return False  # (a list's items are Raw fields, which refuse null)
+        elif type(value) is not kind:
+            return False
     return True
 
 
@@ -218,3 +266,29 @@ def load_lead(data: Any) -> dict[str, Any]:
             return lead
     loaded: dict[str, Any] = _SCHEMA.load(data)
     return loaded
+
+
+def load_form_lead(data: dict[str, Any]) -> dict[str, Any]:
+    """:func:`load_lead` for a decoded form body: a form cannot say null or an empty list, so
+    an empty value of a declared field is null and an empty item of a declared list is none."""
+    return load_lead(_form_blanks(data, _PLAN))
+
+
+def _form_blanks(data: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in data.items():
+        kind = plan.get(key, ...)
+        if kind is ...:
+            result[key] = value  # unknown: verbatim
+        elif value == "":
+            result[key] = None
+        elif isinstance(kind, _Items) and isinstance(value, list):
+            result[key] = [_form_blanks(item, kind) if isinstance(item, dict) else item
+                           for item in value if item != ""]
+        elif kind is list and isinstance(value, list):
+            result[key] = [item for item in value if item != ""]
+        elif isinstance(kind, dict) and isinstance(value, dict):
+            result[key] = _form_blanks(value, kind)
+        else:
+            result[key] = value
+    return result

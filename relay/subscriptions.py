@@ -249,6 +249,15 @@ class SubscriptionStore:
         ids.update(int(i) for i in self.redis.zrange(gone_key(campaign), 0, -1))
         return sorted(self._load_many(ids), key=lambda s: s.reference_id)
 
+    def active_names(self) -> list[str]:
+        """Every active subscription's destination name (``sub-<id>``), of every campaign: the
+        per-destination gauges and the admin API list them beside the YAML destinations."""
+        ids: set[int] = set()
+        for key in self.redis.scan_iter(match=campaign_key("*"), count=1000):
+            if not key.endswith(b":gone"):
+                ids.update(int(i) for i in self.redis.hvals(key))
+        return sorted(f"{NAME_PREFIX}{i}" for i in ids)
+
     # -- the worker side (SubscriptionSource) ---------------------------------------------
 
     def for_event(self, event: LeadEvent, version: bytes | None = None) -> list[Destination]:

@@ -20,7 +20,6 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.datastructures import MultiDict
-from werkzeug.exceptions import HTTPException
 
 from relay.auth import require_api_key
 from relay.errors import (
@@ -59,14 +58,16 @@ class EventNames(fields.Field):
             if not isinstance(item, str):
                 raise ValidationError("event names must be strings")
             names.extend(part.strip() for part in item.split(",") if part.strip())
+        if not names:
+            raise ValidationError("must name at least one event")
         if len(names) > MAX_EVENTS:
             raise ValidationError(f"at most {MAX_EVENTS} event names")
         return names
 
 
-def _starts_with_http(url: str) -> None:
-    if not url.lower().startswith("http"):
-        raise ValidationError("must start with http:// or https://")
+# KickoffLabs' rule is "starts with http"; written as a pattern so the document carries it.
+_STARTS_WITH_HTTP = validate.Regexp(r"^[Hh][Tt][Tt][Pp]",
+                                    error="must start with http:// or https://")
 
 
 class _KeyedRequest(Schema):
@@ -80,7 +81,7 @@ class _KeyedRequest(Schema):
     )
     url = fields.String(
         required=True,
-        validate=[validate.Length(min=1, max=MAX_URL_LENGTH), _starts_with_http],
+        validate=[validate.Length(min=1, max=MAX_URL_LENGTH), _STARTS_WITH_HTTP],
         metadata={"description": "The http(s) URL to POST events to; it must resolve to "
                                  "public addresses only.", "example": "https://example.com/kol"},
     )
@@ -98,7 +99,7 @@ class SubscribeRequest(_KeyedRequest):
 
     @validates_schema
     def _needs_events(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if not data.get("event") and not data.get("events"):
+        if "event" not in data and "events" not in data:
             raise ValidationError("event or events is required", "events")
 
 
@@ -159,21 +160,21 @@ def _setup(state: BlueprintSetupState) -> None:
 
 @bp.post(PATH)
 def subscribe(campaign_id: int) -> Response:
+    require_api_key()
     parameters = _parameters()
-    require_api_key(parameters)
     data = _load(_SUBSCRIBE, parameters)
     given = [*data.get("event", []), *data.get("events", [])]
     for name in given:
         if not is_known(canonical_event_name(name)):
             # KickoffLabs names the offending event and stores nothing.
-            return _message(409, f"Invalid event type {name}")
+            return message_response(409, f"Invalid event type {name}")
     events = list(dict.fromkeys(canonical_event_name(name) for name in given))
     url: str = data["url"]
     _check_url(url)
     try:
         subscription, _ = _store().register(campaign_id, url, events, data.get("source"))
     except TooManySubscriptions as exc:
-        return _message(409, str(exc))
+        return message_response(409, str(exc))
     return _dump(WebhookCreatedSchema(), {
         "message": "Webhook Created",
         "referenceId": subscription.reference_id,
@@ -183,8 +184,8 @@ def subscribe(campaign_id: int) -> Response:
 
 @bp.delete(PATH)
 def unsubscribe(campaign_id: int) -> Response:
+    require_api_key()
     parameters = _parameters()
-    require_api_key(parameters)
     data = _load(_UNSUBSCRIBE, parameters)
     deleted = _store().delete(campaign_id, data["url"])
     if deleted is None:
@@ -195,7 +196,7 @@ def unsubscribe(campaign_id: int) -> Response:
 
 @bp.get(PATH)
 def list_webhooks(campaign_id: int) -> Response:
-    require_api_key(_parameters())
+    require_api_key()
     return _dump(WebhookListSchema(),
                  {"webhooks": [_webhook(s) for s in _store().list(campaign_id)]})
 
@@ -290,31 +291,30 @@ def _iso(timestamp: float) -> str:
         "+00:00", "Z")
 
 
-def _message(status: int, message: str, errors: Any = None) -> Response:
+def message_response(status: int, message: str, errors: Any = None) -> Response:
+    """KickoffLabs' error body, ``{"message": …}``, with ``errors`` (per-field problems, an
+    object) when there are any; :func:`relay.app.error_response` uses it for every ``/v2/``
+    path, so Flask's own 404 and 405 answers have this shape too."""
     body: dict[str, Any] = {"message": message}
     if errors:
-        body["errors"] = errors
+        body["errors"] = errors if isinstance(errors, dict) else {"_request": errors}
     response = jsonify(body)
     response.status_code = status
     return response
 
 
-# KickoffLabs' shapes for every failure of this blueprint's views.
+# KickoffLabs' shapes for every failure of this blueprint's views (Flask's HTTP errors, raised
+# before or inside a view, go through the app's handler, which picks the same shape by path).
 
 
 @bp.errorhandler(IngressError)
 def _ingress_error(exc: IngressError) -> Response:
-    return _message(exc.status_code, exc.message, exc.details)
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    return _message(exc.code or 500, exc.description or exc.name)
+    return message_response(exc.status_code, exc.message, exc.details)
 
 
 @bp.errorhandler(redis.RedisError)
 def _redis_down(exc: redis.RedisError) -> Response:
     log.error("subscription store unavailable: %s", exc)
-    response = _message(503, "subscriptions are unavailable right now; retry later")
+    response = message_response(503, "subscriptions are unavailable right now; retry later")
     response.headers["Retry-After"] = "5"
     return response

@@ -109,9 +109,10 @@ def test_deliveries_by_destination_and_status_page_newest_first(sink: Sink) -> N
     assert rest["next_cursor"] is None
     both = world.get("/api/deliveries?destination=crm")["deliveries"]
     assert both[0]["event_id"] == retrying and both[0]["status"] == "retrying"
-    assert world.client.get("/api/deliveries", headers=AUTH).status_code == 422
+    # A query the server cannot use is a 400 on every admin endpoint (issue 12).
+    assert world.client.get("/api/deliveries", headers=AUTH).status_code == 400
     assert world.client.get("/api/deliveries?destination=crm&status=lost",
-                            headers=AUTH).status_code == 422
+                            headers=AUTH).status_code == 400
 
 
 def test_replaying_dead_letters_after_recovery_delivers_each_once(sink: Sink) -> None:
@@ -208,3 +209,96 @@ def test_the_delivery_log_stays_bounded_under_a_flood(sink: Sink,
             Confirmation(event, Attempt("crm", attempt, "retrying", 500, 1.0, "x"))])
     assert world.redis.llen(f"relay:log:{event.event_id}") == LOG_CAP
     assert world.redis.ttl(f"relay:log:{event.event_id}") <= 120
+
+
+# -- strict input (issue 12) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query", [
+    "limit=abc", "limit=0", "limit=-1", f"limit={store_module.LOG_CAP * 1000}", "limit=1.5",
+    "limit=%205", "limit=1_0", "limit=", "offset=x", "offset=-1", "offset=99999999",
+    "offset=1&offset=2", "limit=5&limit=5", "destination=",
+])
+def test_dead_letter_queries_out_of_bounds_are_400(sink: Sink, query: str) -> None:
+    world = World(sink)
+    response = world.client.get(f"/api/dead-letters?{query}", headers=AUTH)
+    assert response.status_code == 400, query
+    body = response.get_json()
+    assert set(body) == {"error", "details"} and body["details"]
+
+
+@pytest.mark.parametrize("query", ["cursor=abc", "cursor=nan", "cursor=inf", "cursor=1e999",
+                                   "limit=0", "limit=501", "destination=crm&destination=x"])
+def test_delivery_queries_out_of_bounds_are_400(sink: Sink, query: str) -> None:
+    world = World(sink)
+    target = f"/api/deliveries?{query}" + ("" if "destination" in query else "&destination=crm")
+    assert world.client.get(target, headers=AUTH).status_code == 400, query
+
+
+def test_dead_letter_paging_in_bounds(sink: Sink) -> None:
+    world = World(sink, schedule=[])
+    sink.script("/crm", [500] * 3)
+    for n in range(3):
+        world.post(n)
+    world.run_queue()
+    assert len(world.get("/api/dead-letters?limit=2")["dead_letters"]) == 2
+    assert len(world.get("/api/dead-letters?limit=2&offset=2")["dead_letters"]) == 1
+    assert len(world.get("/api/dead-letters?destination=crm&offset=0")["dead_letters"]) == 3
+
+
+@pytest.mark.parametrize("body", [b"{", b"not json", b"[]", b'"paused"', b"\xff\xfe", b"NaN",
+                                  b'{"reason": 5}'])
+def test_pause_with_a_bad_body_is_refused_and_changes_nothing(sink: Sink, body: bytes) -> None:
+    world = World(sink)
+    response = world.client.post("/api/destinations/crm/pause", data=body, headers=AUTH,
+                                 content_type="application/json")
+    assert response.status_code == (422 if body.startswith(b"{\"") else 400), body
+    assert set(response.get_json()) == {"error", "details"}
+    assert world.get("/api/destinations")["destinations"][1]["state"] == "active"
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/dead-letters/replay", b"{"), ("/api/erase", b"[1]"),
+    ("/api/destinations/crm/resume", b"{oops"),
+])
+def test_every_post_refuses_an_unparseable_body(sink: Sink, path: str, body: bytes) -> None:
+    world = World(sink)
+    response = world.client.post(path, data=body, headers=AUTH, content_type="application/json")
+    assert response.status_code == 400
+
+
+def test_an_empty_pause_body_is_fine(sink: Sink) -> None:
+    world = World(sink)
+    response = world.client.post("/api/destinations/crm/pause", headers=AUTH)
+    assert response.status_code == 200 and response.get_json()["state"] == "paused"
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/api/erase", {"POST", "OPTIONS"}),
+    ("DELETE", "/api/dead-letters", {"GET", "HEAD", "OPTIONS"}),
+    ("GET", "/api/destinations/crm/pause", {"POST", "OPTIONS"}),
+    ("PATCH", "/hooks/kickofflabs", {"POST", "OPTIONS"}),
+    ("PUT", "/v2/1/outbound-webhook", {"GET", "HEAD", "POST", "DELETE", "OPTIONS"}),
+])
+def test_405_carries_allow(sink: Sink, method: str, path: str, allowed: set[str]) -> None:
+    world = World(sink)
+    response = world.client.open(path, method=method, headers=AUTH)
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) == allowed
+    body = response.get_json()
+    assert set(body) == ({"message"} if path.startswith("/v2/") else {"error", "details"})
+
+
+def test_the_subscription_api_family_keeps_its_shape_for_flask_errors(sink: Sink) -> None:
+    world = World(sink)
+    response = world.client.get("/v2/not-a-number/outbound-webhook", headers=AUTH)
+    assert response.status_code == 404
+    assert set(response.get_json()) == {"message"}
+
+
+def test_admin_keys_are_compared_exactly(sink: Sink) -> None:
+    world = World(sink)
+    assert world.client.get(f"/api/destinations?api_key=%20{KEY}").status_code == 401
+    assert world.client.get(f"/api/destinations?api_key={KEY}%1C").status_code == 401
+    assert world.client.get("/api/destinations?api_key=", headers=AUTH).status_code == 401
+    assert world.client.get(f"/api/destinations?api_key={KEY}", headers=AUTH).status_code == 200

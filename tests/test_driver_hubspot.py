@@ -259,3 +259,31 @@ def test_server_error_is_retryable(vendor: VendorServer) -> None:
     with pytest.raises(RetryableDeliveryError) as caught:
         make_driver(vendor).send(sample("new_signup"))
     assert caught.value.status_code == 502
+
+
+def test_423_locked_is_retryable_after_at_least_two_seconds(vendor: VendorServer) -> None:
+    # HubSpot: locks from a burst of writes last 2 s; wait at least that before the next call.
+    vendor.reply(423, {"status": "error", "message": "Resource is locked", "category": "LOCKED"})
+    with pytest.raises(RetryableDeliveryError) as caught:
+        make_driver(vendor).send(sample("new_signup"))
+    assert caught.value.status_code == 423
+    assert caught.value.retry_after is not None and caught.value.retry_after >= 2.0
+    assert "locked" in caught.value.message
+
+
+def test_423_keeps_a_longer_retry_after(vendor: VendorServer) -> None:
+    vendor.reply(423, {"status": "error", "message": "locked"}, headers={"Retry-After": "5"})
+    with pytest.raises(RetryableDeliveryError) as caught:
+        make_driver(vendor).send(sample("new_signup"))
+    assert caught.value.retry_after == 5.0
+
+
+def test_477_migration_in_progress_waits_its_retry_after(vendor: VendorServer) -> None:
+    # HubSpot: the account is moving between data-hosting locations; Retry-After says how long.
+    vendor.reply(477, {"status": "error", "message": "Migration in progress"},
+                 headers={"Retry-After": "3600"})
+    with pytest.raises(RetryableDeliveryError) as caught:
+        make_driver(vendor).send(sample("new_signup"))
+    assert caught.value.status_code == 477
+    assert caught.value.retry_after == 3600.0
+    assert "migrating" in caught.value.message

@@ -143,3 +143,23 @@ NOW = datetime(2026, 7, 15, 12, 0, 0, tzinfo=UTC).timestamp()
 )
 def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value, now=NOW) == seconds
+
+
+def test_a_driver_declares_its_vendor_retryable_answers(http: HttpClient,
+                                                        vendor: VendorServer) -> None:
+    # 423 is permanent for a destination that says nothing about it ...
+    vendor.reply(423, {"message": "locked"})
+    with pytest.raises(PermanentDeliveryError):
+        post(http, vendor)
+    # ... and retryable, with its floor under the Retry-After, for one that declares it.
+    vendor.reply(423, {"message": "locked"}, headers={"Retry-After": "1"})
+    answer = http.request("POST", vendor.url + "/hook", body=b"{}", timeout=5)
+    with pytest.raises(RetryableDeliveryError) as caught:
+        raise_for_status(answer, "vendor", {423: 2.0, 477: None})
+    assert caught.value.status_code == 423
+    assert caught.value.retry_after == 2.0
+    vendor.reply(423, headers={"Retry-After": "9"})
+    answer = http.request("POST", vendor.url + "/hook", body=b"{}", timeout=5)
+    with pytest.raises(RetryableDeliveryError) as caught:
+        raise_for_status(answer, "vendor", {423: 2.0})
+    assert caught.value.retry_after == 9.0

@@ -14,11 +14,13 @@ from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.admin_api import destination_health, known_destinations
 from relay.delivery.engine import Engine
 from relay.delivery.gates import CircuitBreaker, PauseGate
 from relay.logs import TextFormatter
 from relay.metrics import Metrics, metrics_for
 from relay.settings import Settings
+from relay.subscriptions import SubscriptionStore
 
 
 class World:
@@ -177,3 +179,23 @@ def test_text_lines_show_the_extras_and_redact_secrets() -> None:
     bare = TextFormatter().format(logging.LogRecord("x", logging.INFO, __file__, 1, "m", (),
                                                     None))
     assert bare.endswith("m event_id=- destination=-")
+
+
+def test_every_destination_yaml_or_api_is_in_every_per_destination_gauge(sink: Sink) -> None:
+    world = World(sink)
+    store = SubscriptionStore(world.redis)
+    first, _ = store.register(135544, f"{sink.url}/a", ["new_signup"])
+    second, _ = store.register(135545, f"{sink.url}/b", ["referral"])
+    PauseGate(world.redis).pause(second.name)
+    samples = world.scrape()
+    for name in ("crm", first.name, second.name):
+        labels = (("destination", name),)
+        for gauge in ("relay_destination_paused", "relay_circuit_state", "relay_dead_letters"):
+            assert (gauge, labels) in samples, (gauge, name)
+    assert samples[("relay_destination_paused", (("destination", second.name),))] == 1
+    assert samples[("relay_destination_paused", (("destination", first.name),))] == 0
+    assert samples[("relay_circuit_state", (("destination", first.name),))] == 0
+    # The admin API lists the same destinations.
+    names = {d["name"] for d in destination_health(world.redis,
+                                                   known_destinations(world.redis, ["crm"]))}
+    assert names == {"crm", first.name, second.name}

@@ -280,6 +280,56 @@ def test_each_wrong_key_is_401_with_a_json_message(client: FlaskClient, how: str
     assert listed(client) == []
 
 
+@pytest.mark.parametrize("given", [f" {KEY}", f"{KEY} ", f"{KEY}\x1c", f"\x1f{KEY}",
+                                   f"{KEY}\u00a0", f"{KEY}\n", KEY.upper()])
+@pytest.mark.parametrize("how", ["query", "form", "json", "header"])
+def test_keys_are_compared_exactly(client: FlaskClient, given: str, how: str) -> None:
+    # Nothing is stripped: a space or a control character around the key makes it wrong.
+    base = {"url": SINK, "events": "new_signup"}
+    if how == "query":
+        response = client.post(PATH, json=base, query_string={"api_key": given})
+    elif how == "form":
+        response = client.post(PATH, data={**base, "api_key": given})
+    elif how == "json":
+        response = client.post(PATH, json={**base, "api_key": given})
+    else:
+        if given != given.strip(" \t\n\x1c\x1f"):
+            pytest.skip("spaces around a header token separate it; controls are not header text")
+        response = client.post(PATH, json=base, headers={"Authorization": f"Bearer {given}"})
+    assert response.status_code == 401, (given, how)
+    assert listed(client) == []
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"query_string": {"api_key": ""}, "headers": BEARER},
+    {"query_string": [("api_key", KEY), ("api_key", "")]},
+    {"query_string": [("api_key", KEY), ("api_key", "wrong")]},
+    {"query_string": {"api_key": KEY}, "headers": {"Authentication": "Bearer wrong"}},
+    {"headers": {**BEARER, "Authentication": ""}},
+    {"json": {"api_key": ""}, "headers": BEARER},
+    {"json": {"api_key": 17}, "headers": BEARER},
+    {"data": {"api_key": ""}, "headers": BEARER},
+])
+def test_a_request_carrying_several_keys_needs_every_one_valid(
+    client: FlaskClient, kwargs: dict[str, Any]
+) -> None:
+    for method in (client.get, client.delete):
+        response = method(PATH, **kwargs)
+        assert response.status_code == 401, kwargs
+        assert set(response.get_json()) == {"message"}
+
+
+def test_several_keys_all_valid_are_accepted() -> None:
+    client = make_app(keys=("first-key", "second-key")).test_client()
+    response = client.get(PATH, query_string={"api_key": "first-key"},
+                          headers={"Authorization": "Bearer second-key",
+                                   "Authentication": "first-key"})
+    assert response.status_code == 200
+    response = client.get(PATH, query_string=[("api_key", "first-key"),
+                                              ("api_key", "second-key")])
+    assert response.status_code == 200
+
+
 def test_any_of_several_keys_works() -> None:
     client = make_app(keys=("first-key", "second-key")).test_client()
     for key in ("first-key", "second-key"):

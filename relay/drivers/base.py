@@ -21,6 +21,11 @@ worker keeps many deliveries in flight at once, up to the destination's ``concur
 A driver for a bulk API sets ``max_batch`` and overrides ``send_batch``: the engine then hands
 it up to that many claimed deliveries of one destination per call, and the driver answers one
 result or error per event, in order (each delivery keeps its own retry and dead letter).
+
+Which answers are worth retrying is decided once, in :func:`relay.http.raise_for_status`
+(timeouts, 408, 425, 429, 5xx); a vendor that documents more of them declares them in
+``retryable_answers`` (status -> least wait in seconds, or None for its ``Retry-After``) and
+passes them on: ``raise_for_status(answer, retryable=self.retryable_answers)``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any, ClassVar
 from marshmallow import Schema
 
 from relay.errors import DeliveryError
-from relay.http import HttpClient, shared_client
+from relay.http import HttpClient, RetryableAnswers, shared_client
 from relay.models import DeliveryResult, Destination, LeadEvent
 
 
@@ -46,6 +51,8 @@ class Driver:
     default_concurrency: ClassVar[int] = 50
     #: Events per ``send_batch`` call (1: the engine sends each event on its own).
     max_batch: ClassVar[int] = 1
+    #: The vendor's documented retryable answers beyond the common ones (SPEC §4).
+    retryable_answers: ClassVar[RetryableAnswers] = {}
 
     def __init__(self, destination: Destination, http: HttpClient | None = None) -> None:
         self.destination = destination

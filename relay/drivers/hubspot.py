@@ -52,6 +52,10 @@ _DEFAULT_RATE_LIMIT_WAIT = 10.0
 # The daily allowance resets at midnight in the account's own time zone, which the API does
 # not tell us: wait an hour and let the retry schedule take it from there.
 _DAILY_LIMIT_WAIT = 3600.0
+# HubSpot's error-handling guide: 423 Locked comes from syncing a large volume in a short time
+# and the lock lasts 2 seconds, so wait at least that; 477 Migration in Progress comes while
+# the account moves between data-hosting locations, with a Retry-After (up to about 24 hours).
+RETRYABLE_ANSWERS: dict[int, float | None] = {423: 2.0, 477: None}
 
 
 class HubSpotOptions(Schema):
@@ -66,6 +70,7 @@ class HubSpotDriver(Driver):
     options_schema = HubSpotOptions
     secret_fields = frozenset({"access_token"})
     default_base_url = "https://api.hubapi.com"
+    retryable_answers = RETRYABLE_ANSWERS
 
     def __init__(self, destination: Destination, http: HttpClient | None = None) -> None:
         super().__init__(destination, http)
@@ -126,6 +131,10 @@ class HubSpotDriver(Driver):
         elif status == 429:
             message = f"{where}: rate limit reached. {detail}"
             raise_vendor_error(response, "HubSpot", message.strip(), _rate_limit_wait(response))
+        elif status == 423:
+            message = f"{where}: records locked by a burst of writes; retrying. {detail}"
+        elif status == 477:
+            message = f"{where}: the account is migrating between data centres; retrying. {detail}"
         elif "PROPERTY_DOESNT_EXIST" in detail or "does not exist" in detail:
             message = (
                 f"{where}: {detail}. Create the contact property in HubSpot, or turn it off "
@@ -133,7 +142,8 @@ class HubSpotDriver(Driver):
             )
         else:
             message = f"{where}: {detail}" if detail else where
-        raise_vendor_error(response, "HubSpot", message.strip())
+        raise_vendor_error(response, "HubSpot", message.strip(),
+                           retryable=self.retryable_answers)
 
 
 def _property_value(value: Any) -> str:

@@ -229,7 +229,7 @@ class KlaviyoDriver(Driver):
             message += " — give the api_key write access to profiles, lists and subscriptions"
         elif response.status == 404 and action in ("subscribe", "unsubscribe"):
             message += " — check list_id"
-        raise_vendor_error(response, "Klaviyo", message)
+        raise_vendor_error(response, "Klaviyo", message, retryable=self.retryable_answers)
 
 
 def _e164(value: Any) -> str | None:

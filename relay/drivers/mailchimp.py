@@ -200,5 +200,5 @@ class MailchimpDriver(Driver):
             hint = "check api_key and that the key's user may change this audience"
         if hint:
             message += f" — {hint}"
-        raise_vendor_error(response, "Mailchimp", message)
+        raise_vendor_error(response, "Mailchimp", message, retryable=self.retryable_answers)
 

@@ -21,7 +21,7 @@ from marshmallow import ValidationError, fields
 
 from relay.errors import PermanentDeliveryError, RetryableDeliveryError
 from relay.fields import dotted_get
-from relay.http import HttpResponse, raise_for_status
+from relay.http import HttpResponse, RetryableAnswers, raise_for_status
 
 
 class _LeadPathOrOff(fields.Field):
@@ -73,12 +73,14 @@ def lead_email(payload: Mapping[str, Any]) -> str | None:
 
 
 def raise_vendor_error(
-    response: HttpResponse, what: str, message: str, retry_after: float | None = None
+    response: HttpResponse, what: str, message: str, retry_after: float | None = None,
+    retryable: RetryableAnswers | None = None,
 ) -> NoReturn:
     """Raise the error ``raise_for_status`` would (retryable or permanent, ``gone`` kept), but
-    with ``message``; ``retry_after`` replaces the ``Retry-After`` header when given."""
+    with ``message``; ``retry_after`` replaces the ``Retry-After`` header when given;
+    ``retryable`` is the driver's own retryable answers (``Driver.retryable_answers``)."""
     try:
-        raise_for_status(response, what)
+        raise_for_status(response, what, retryable)
     except RetryableDeliveryError as exc:
         wait = retry_after if retry_after is not None else exc.retry_after
         raise RetryableDeliveryError(message, exc.status_code, wait) from None

@@ -64,5 +64,5 @@ class WebhookDriver(Driver):
             headers["webhook-signature"] = signing.sign(secret, event.event_id, timestamp, body)
         response = self.http.request("POST", url, body=body, headers=headers,
                                      timeout=self.timeout)
-        raise_for_status(response, f"webhook {self.destination.name}")
+        raise_for_status(response, f"webhook {self.destination.name}", self.retryable_answers)
         return DeliveryResult(status_code=response.status)
