@@ -170,6 +170,7 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     env.setdefault("RELAY_CONFIG", "config/relay.yaml")
     env["RELAY_DEV_INBOX"] = "1"
     env["RELAY_PORT"] = str(port)
+    env.setdefault("RELAY_SECRET_KEY", os.urandom(32).hex())  # the console's sessions, this run
     try:
         load_config(env["RELAY_CONFIG"], env)
     except ConfigError as exc:

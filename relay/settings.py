@@ -28,6 +28,7 @@ class Settings:
     scheduler_interval: float = 1.0
     log_format: str = "text"
     dev_inbox: bool = False
+    secret_key: str = ""  # signs the console's session cookie; the console is off without it
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -47,6 +48,7 @@ class Settings:
                 scheduler_interval=parse_duration(env.get("RELAY_SCHEDULER_INTERVAL") or 1),
                 log_format=(env.get("RELAY_LOG_FORMAT") or "text").lower(),
                 dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
+                secret_key=env.get("RELAY_SECRET_KEY") or "",
             )
         except ValueError as exc:
             raise ConfigError(f"invalid environment setting: {exc}") from None
