@@ -7,7 +7,8 @@ What a lead leaves here, and what goes:
 - dead letters (they carry a copy of the event, which may outlive the event record);
 - tasks not yet run: ``relay.process_event`` messages on the queue carrying the lead, and parked
   or queued ``relay.deliver`` tasks of its events (they would only find the event gone);
-- the dev inbox's copies.
+- the dev inbox's copies;
+- the lead's entries in the console's lead index (:mod:`relay.leadindex`).
 
 Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
 records whose own lead is the address are touched: other leads' events stay as they are, even
@@ -28,6 +29,7 @@ import redis
 
 from relay.devinbox import INBOX_KEY
 from relay.gates import decode_task, parked_deliveries, queued_tasks
+from relay.leadindex import forget_events
 from relay.store import (
     DEAD_INDEX,
     DEAD_KEY,
@@ -73,6 +75,7 @@ def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
     _stored_events(client, target, report)
     _dead_letters(client, target, report)
     _event_keys(client, report)
+    report.removed["lead_index_entries"] += forget_events(client, target, report.event_ids)
     _parked(client, report)
     _unstarted(client, report)
     _dev_inbox(client, target, report)
