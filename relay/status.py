@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -90,3 +90,11 @@ def histogram_quantile(q: float, bounds: Sequence[float], counts: Mapping[str, f
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None or math.isnan(seconds) else round(seconds * 1000, 1)
+
+
+def dead_letter_counts(client: redis.Redis) -> Counter[str]:
+    """destination -> how many of its dead letters wait for replay (ZSCAN: never blocks)."""
+    counts: Counter[str] = Counter()
+    for member, _ in client.zscan_iter(DEAD_INDEX, count=1000):
+        counts[member.decode().rsplit("|", 1)[-1]] += 1
+    return counts
