@@ -79,7 +79,7 @@ def percent(rate: float | None) -> str:
 
 
 def millis(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.0f} ms"
+    return "-" if ms is None else f"{ms:.0f}\u00a0ms"  # no line break inside
 
 
 # -- the chart --------------------------------------------------------------------------------
