@@ -70,8 +70,8 @@ def _problem(status: int, title: str, message: str) -> Response:
 
 def _safe_back(target: str | None, default: str = ".overview") -> str:
     """Only a path inside the console: never a redirect elsewhere."""
-    if (target and target.startswith(PREFIX) and not target.startswith("//")
-            and "\\" not in target and "://" not in target):
+    inside = target == PREFIX or (target or "").startswith((PREFIX + "/", PREFIX + "?"))
+    if target and inside and "\\" not in target and "://" not in target:
         return target
     return url_for(default)
 
