@@ -220,6 +220,7 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     click.echo(f"  ingress     POST {base}/hooks/kickofflabs")
     click.echo(f"  dev inbox   {base}/dev/inbox   (where the example config delivers)")
     click.echo(f"  health      {base}/readyz")
+    click.echo(f"  console     {base}/console   (sign in with a key of RELAY_API_KEYS)")
     if flower:
         click.echo("  flower      http://127.0.0.1:5555")
     click.echo("\nTry it:")
