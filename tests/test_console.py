@@ -484,6 +484,24 @@ def test_no_page_shows_a_secret_or_an_api_key(world: World) -> None:
     assert "[redacted]" in event_page and "lead1@example.com" in event_page
 
 
+def test_an_unknown_console_address_is_an_html_404(world: World) -> None:
+    response = signed_in(world).get("/console/no-such-page")
+    assert response.status_code == 404 and "<html" in response.text
+
+
+def test_pages_say_so_when_redis_does_not_answer(sink: Sink) -> None:
+    server = fakeredis.FakeServer()
+    world = World(sink)
+    app = make_app(world.config, fakeredis.FakeRedis(server=server), world.settings)
+    client = app.test_client()
+    assert sign_in(client).status_code == 302
+    server.connected = False
+    for page in ("/console", "/console/events?q=ada@example.com", "/console/dead-letters"):
+        response = client.get(page)
+        assert response.status_code == 503, page
+        assert "Redis is not answering" in response.text and response.headers["Retry-After"]
+
+
 def test_console_responses_forbid_framing_and_caching(world: World) -> None:
     response = signed_in(world).get("/console")
     assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]

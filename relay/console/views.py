@@ -328,3 +328,9 @@ def subscriptions() -> Response:
         ctx = _ctx()
         found = SubscriptionStore(ctx.redis, ctx.settings.retention).list(campaign)
     return _page("subscriptions.html", campaign=campaign, subscriptions=found)
+
+
+@bp.get("/<path:unknown>")
+def not_found(unknown: str) -> Response:
+    """Any other console address: an HTML page, not the API's JSON 404."""
+    return _problem(404, "Not found", "There is no console page at this address.")
