@@ -22,7 +22,7 @@ from relay.config import RelayConfig
 from relay.metrics import ATTEMPT_BUCKETS, METRICS_KEY
 from relay.store import DEAD_INDEX
 from relay.subscriptions import NAME_PREFIX
-from relay.taskqueue import SCHEDULED_KEY, TaskQueue
+from relay.taskqueue import TaskQueue
 
 QUANTILES = (0.5, 0.95)
 
@@ -41,8 +41,9 @@ def relay_status(client: redis.Redis, config: RelayConfig | None) -> dict[str, A
     for row in health:
         p50, p95 = latency.get(row["name"], (None, None))
         row["latency_p50_ms"], row["latency_p95_ms"] = p50, p95
-    return {"queue_depth": TaskQueue(client).depth(),
-            "scheduled": int(client.zcard(SCHEDULED_KEY)),
+    queue = TaskQueue(client)
+    return {"queue_depth": queue.depth(),
+            "scheduled": queue.scheduled(),
             "dead_letters": int(client.zcard(DEAD_INDEX)),
             "destinations": health}
 
