@@ -28,7 +28,8 @@ class Settings:
     scheduler_interval: float = 1.0
     log_format: str = "text"
     dev_inbox: bool = False
-    secret_key: str = ""  # signs the console's session cookie; the console is off without it
+    # Signs the console's session cookie; the console is off without it. Never in a repr.
+    secret_key: str = field(default="", repr=False)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
