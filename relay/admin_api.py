@@ -22,6 +22,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from relay.auth import require_api_key
+from relay.config import RelayConfig
 from relay.delivery.gates import PAUSED_KEY, PauseGate, destination_state
 from relay.delivery.lanes import Lanes, parked
 from relay.delivery.state import (
@@ -156,6 +157,17 @@ def known_destinations(client: redis.Redis, configured: Iterable[str]) -> list[s
         names.add(key.decode()[len(PREFIX) + len("stats:"):])
     names.update(k.decode() for k in client.hkeys(PAUSED_KEY))
     return sorted(names)
+
+
+def destination_known(client: redis.Redis, config: RelayConfig, name: str) -> bool:
+    """Whether ``name`` is a destination pause / resume may act on: configured, an API
+    subscription, or one Redis has counters for."""
+    if config.destination(name) is not None:
+        return True
+    from relay.subscriptions import SubscriptionStore
+
+    return SubscriptionStore(client).get(name) is not None or name in known_destinations(
+        client, ())
 
 
 def destination_health(client: redis.Redis, names: Iterable[str],
@@ -359,12 +371,7 @@ def _store() -> DeliveryStore:
 
 def _require_destination(name: str) -> None:
     ctx = _ctx()
-    if ctx.config.destination(name) is not None:
-        return
-    from relay.subscriptions import SubscriptionStore
-
-    if SubscriptionStore(ctx.redis).get(name) is None and name not in known_destinations(
-            ctx.redis, ()):
+    if not destination_known(ctx.redis, ctx.config, name):
         raise NotFound(f"unknown destination {name!r}")
 
 

@@ -67,6 +67,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     logs.init_app(app, settings.log_format)  # one line per ingress request
     metrics.init_app(app)  # /metrics and the ingress counters
     app.register_blueprint(admin_api.bp)
+    from relay import console
+
+    console.init_app(app, settings)  # /console: the operator's pages
     _register_error_handlers(app)
     return app
 

@@ -181,6 +181,7 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     env.setdefault("RELAY_CONFIG", "config/relay.yaml")
     env["RELAY_DEV_INBOX"] = "1"
     env["RELAY_PORT"] = str(port)
+    env.setdefault("RELAY_SECRET_KEY", os.urandom(32).hex())  # the console's sessions, this run
     try:
         load_config(env["RELAY_CONFIG"], env)
     except ConfigError as exc:
@@ -230,6 +231,7 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     click.echo(f"  ingress     POST {base}/hooks/kickofflabs")
     click.echo(f"  dev inbox   {base}/dev/inbox   (where the example config delivers)")
     click.echo(f"  health      {base}/readyz")
+    click.echo(f"  console     {base}/console   (sign in with a key of RELAY_API_KEYS)")
     if flower:
         click.echo("  flower      http://127.0.0.1:5555")
     click.echo("\nTry it:")

@@ -16,7 +16,6 @@ import click
 import redis
 
 from relay.admin_api import (
-    destination_health,
     event_detail,
     known_destinations,
     replay_dead_letters,
@@ -25,11 +24,11 @@ from relay.admin_api import (
 from relay.cli import main
 from relay.config import RelayConfig, load_config
 from relay.delivery.gates import PauseGate, destination_state
-from relay.delivery.lanes import Lanes
-from relay.delivery.state import DEAD_INDEX, DeliveryStore
+from relay.delivery.state import DeliveryStore
 from relay.erase import erase_lead
 from relay.errors import ConfigError
 from relay.settings import Settings
+from relay.status import relay_status
 from relay.taskqueue import connect
 
 
@@ -89,17 +88,11 @@ _STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow", 
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(as_json: bool) -> None:
     """Queue depth, parked tasks, dead letters and the health of each destination."""
-    client = _client()
-    config = relay_config()
-    types = {d.name: d.type for d in config.destinations} if config else {}
-    health = destination_health(client, known_destinations(client, types), types)
-    lanes = Lanes(client)
-    overview = {"queue_depth": lanes.depth(),
-                "scheduled": lanes.scheduled(),
-                "dead_letters": int(client.zcard(DEAD_INDEX))}
+    overview = relay_status(_client(), relay_config())
     if as_json:
-        click.echo(json.dumps({**overview, "destinations": health}, indent=2))
+        click.echo(json.dumps(overview, indent=2))
         return
+    health = overview["destinations"]
     click.echo(f"queue {overview['queue_depth']}   parked (retries, holds) "
                f"{overview['scheduled']}   dead letters {overview['dead_letters']}")
     if not health:
@@ -112,9 +105,14 @@ def status(as_json: bool) -> None:
         state = click.style(d["state"], fg=_STATE_COLOURS.get(d["state"]))
         rows.append([d["name"], d["type"] or "-", state, rate, str(d["delivered"]),
                      str(d["queued"]), str(d["retrying"]), str(d["dead"]),
+                     _latency(d["latency_p50_ms"]), _latency(d["latency_p95_ms"]),
                      _cut(d["last_error"] or "-", 60)])
     _table(rows, ["destination", "type", "state", "success", "delivered", "queued", "retrying",
-                  "dead", "last error"])
+                  "dead", "p50", "p95", "last error"])
+
+
+def _latency(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}ms"
 
 
 def _cut(text: str, width: int) -> str:

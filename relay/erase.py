@@ -7,7 +7,8 @@ What a lead leaves here, and what goes:
 - dead letters (they carry a copy of the event, which may outlive the event record);
 - events accepted and not yet admitted (intake entries carrying the lead), and its events'
   deliveries waiting in a lane or parked for a retry;
-- the dev inbox's copies.
+- the dev inbox's copies;
+- the lead's entries in the console's lead index (:mod:`relay.leadindex`).
 
 Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
 records whose own lead is the address are touched: other leads' events stay as they are, even
@@ -40,6 +41,7 @@ from relay.delivery.keys import (
 )
 from relay.delivery.lanes import Lanes, intake_events, parked
 from relay.devinbox import INBOX_KEY
+from relay.leadindex import forget_events
 
 BATCH = 500
 
@@ -69,6 +71,7 @@ def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
     _stored_events(client, target, report)
     _dead_letters(client, target, report)
     _event_keys(client, report)
+    report.removed["lead_index_entries"] += forget_events(client, target, report.event_ids)
     _parked(client, report)
     _dev_inbox(client, target, report)
     return report

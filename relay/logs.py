@@ -50,6 +50,12 @@ def _is_secret(name: str) -> bool:
     return any(word in lowered for word in _SECRET_WORDS)
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a field called ``name`` holds a secret (``token``, ``api_key``, ``password`` …):
+    what the log lines redact, and the console too."""
+    return _is_secret(name)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {

@@ -46,6 +46,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from relay import timeseries
 from relay.delivery.keys import (
     DEAD_INDEX,
     INTAKE,
@@ -144,6 +145,7 @@ class Metrics:
             pipe.hincrby(METRICS_KEY, field, amount)
         for field, value in floats.items():
             pipe.hincrbyfloat(METRICS_KEY, field, value)
+        timeseries.add_counts(pipe, ints)  # the console's per-minute chart
         try:
             pipe.execute()
         except redis.RedisError as exc:

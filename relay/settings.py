@@ -29,6 +29,8 @@ class Settings:
     scheduler_interval: float = 1.0
     log_format: str = "text"
     dev_inbox: bool = False
+    # Signs the console's session cookie; the console is off without it. Never in a repr.
+    secret_key: str = field(default="", repr=False)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -49,6 +51,7 @@ class Settings:
                 scheduler_interval=parse_duration(env.get("RELAY_SCHEDULER_INTERVAL") or 1),
                 log_format=(env.get("RELAY_LOG_FORMAT") or "text").lower(),
                 dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
+                secret_key=env.get("RELAY_SECRET_KEY") or "",
             )
         except ValueError as exc:
             raise ConfigError(f"invalid environment setting: {exc}") from None

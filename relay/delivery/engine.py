@@ -37,6 +37,7 @@ from relay.delivery.gates import Gate
 from relay.delivery.keys import INTAKE, lane_key
 from relay.delivery.lanes import IntakeEntry, Lanes
 from relay.delivery.state import Claim, Confirmation, DeliveryStore
+from relay.leadindex import index_event
 from relay.metrics import metrics_for
 from relay.models import Destination, LeadEvent
 from relay.routing import route
@@ -217,6 +218,12 @@ class Engine:
             self.lanes.drop(INTAKE, bad)
         if not events:
             return
+        # The console's lead index first: a crash before the admit script leaves the entries
+        # to be admitted again, so every admitted event is indexed (duplicates share an id).
+        pipe = self.redis.pipeline(transaction=False)
+        for _, event in events:
+            index_event(pipe, event, self.settings.retention)
+        pipe.execute()
         version_key = self.subscriptions.version_key if self.subscriptions else "relay:nothing"
         if self._version is None:
             self._version = self.redis.get(version_key) or b""

@@ -159,6 +159,7 @@ class DatabaseDriver(Driver):
         self._engine: Engine | None = None
         self._tables_ready = False
         self._lock = threading.Lock()
+        self._tables_lock = threading.Lock()
 
     # -- connection pool, one per driver instance (so one per worker process) ------------------
 
@@ -227,16 +228,22 @@ class DatabaseDriver(Driver):
     def _ensure_tables(self, engine: Engine) -> None:
         if self._tables_ready:
             return
-        try:
-            self.leads.metadata.create_all(engine, checkfirst=True)
-        except exc.DBAPIError as error:
-            # Two workers may both see the tables missing and race CREATE TABLE; the loser gets
-            # "already exists". Checking again then finds them; a real failure fails again.
-            if not _is_retryable(error):
+        # A worker sends many deliveries at once: one thread of this process creates the
+        # tables while the others wait, instead of racing it table by table.
+        with self._tables_lock:
+            if self._tables_ready:
+                return
+            try:
                 self.leads.metadata.create_all(engine, checkfirst=True)
-            else:
-                raise
-        self._tables_ready = True
+            except exc.DBAPIError as error:
+                # Two workers may both see the tables missing and race CREATE TABLE; the loser
+                # gets "already exists". Checking again then finds them; a real failure fails
+                # again.
+                if not _is_retryable(error):
+                    self.leads.metadata.create_all(engine, checkfirst=True)
+                else:
+                    raise
+            self._tables_ready = True
 
     def _write(
         self, conn: Connection, event: LeadEvent, payload: dict[str, Any], social_id: str

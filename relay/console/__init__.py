@@ -1,0 +1,49 @@
+"""The operator console under ``/console``: server-rendered pages for "what happened to this
+lead", dead letters and destination health.
+
+Reads come from the code the admin API and ``relay status`` use (:mod:`relay.status`,
+:mod:`relay.admin_api`, :mod:`relay.delivery.state`, :mod:`relay.leadindex`,
+:mod:`relay.timeseries`);
+actions (replay, pause, resume) call the same functions. Jinja templates, plain CSS and htmx
+(vendored in ``static/``) for the pages that refresh themselves; no JavaScript build step.
+
+- :mod:`relay.console.auth`: sign-in with one of ``RELAY_API_KEYS``, the session cookie (signed
+  with ``RELAY_SECRET_KEY``), CSRF tokens, and the slowdown of repeated wrong keys.
+- :mod:`relay.console.forms`: the marshmallow schemas of the pages' queries and forms.
+- :mod:`relay.console.present`: what the templates show: redacted payloads, times in UTC, the
+  chart.
+- :mod:`relay.console.views`: the pages.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from flask import Blueprint, Flask
+
+from relay.settings import Settings
+
+PREFIX = "/console"
+
+bp = Blueprint("console", __name__, url_prefix=PREFIX, template_folder="templates",
+               static_folder="static", static_url_path="/static")
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Register the console: its blueprint, and the session it alone uses."""
+    from relay.console import auth, views  # noqa: F401  (views registers the pages on bp)
+
+    if settings.secret_key:
+        app.secret_key = settings.secret_key
+    app.session_interface = auth.ConsoleSessionInterface()
+    app.config.update(
+        SESSION_COOKIE_NAME="relay_console",
+        SESSION_COOKIE_PATH=PREFIX,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        # A form stays valid for the session (a dead-letter page may be left open for hours);
+        # the token is bound to the session, which ends with sign-out or after 12 hours.
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    app.register_blueprint(bp)

@@ -1,0 +1,336 @@
+"""The console's pages. Every page but sign-in needs a signed-in session; every POST needs the
+session's CSRF token. Reads and actions are the admin API's and ``relay status``'s functions.
+
+Pages that refresh themselves (the overview; an event page while a delivery is in flight) ask
+for themselves every few seconds with htmx and get back only their live part (``HX-Request``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import redis
+from flask import (
+    Response,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from werkzeug.exceptions import HTTPException, NotFound
+
+from relay.admin_api import (
+    destination_known,
+    event_detail,
+    replay_dead_letters,
+    replay_targets,
+)
+from relay.console import PREFIX, auth, bp, forms, present
+from relay.console.forms import PAGE_SIZE, FormError
+from relay.delivery.gates import PauseGate
+from relay.delivery.state import DeliveryStore
+from relay.leadindex import search
+from relay.metrics import metrics_for
+from relay.status import dead_letter_counts, relay_status
+from relay.subscriptions import SubscriptionStore
+from relay.timeseries import last_minutes
+
+PUBLIC = frozenset({"console.login", "console.logout", "console.static"})
+OVERVIEW_REFRESH = 5  # seconds
+EVENT_REFRESH = 3
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def _ctx() -> Any:
+    return current_app.extensions["relay"]
+
+
+def _store() -> DeliveryStore:
+    ctx = _ctx()
+    return DeliveryStore(ctx.redis, ctx.settings.retention)
+
+
+def _htmx() -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _page(template: str, code: int = 200, **context: Any) -> Response:
+    return make_response(render_template(f"console/{template}", **context), code)
+
+
+def _problem(status: int, title: str, message: str) -> Response:
+    return _page("problem.html", status, title=title, message=message)
+
+
+def _safe_back(target: str | None, default: str = ".overview") -> str:
+    """Only a path inside the console: never a redirect elsewhere."""
+    inside = target == PREFIX or (target or "").startswith((PREFIX + "/", PREFIX + "?"))
+    if target and inside and "\\" not in target and "://" not in target:
+        return target
+    return url_for(default)
+
+
+@bp.before_request
+def _guard() -> Response | None:
+    if request.endpoint == "console.static":
+        return None
+    if request.method == "POST":
+        problem = auth.check_csrf() if current_app.secret_key else "the console is off"
+        if problem is not None:
+            return _problem(400, "This form has expired",
+                            "The form did not carry this session's security token (it may be "
+                            "from an old page, or from another site). Reload the page and try "
+                            "again.")
+    if request.endpoint in PUBLIC or auth.signed_in():
+        return None
+    if _htmx():  # a refresh after the session ended: send the whole page to sign-in
+        response = make_response("", 401)
+        response.headers["HX-Redirect"] = url_for(".login")
+        return response
+    wanted = request.full_path if request.query_string else request.path
+    return redirect(url_for(".login", next=wanted))
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
+    if request.endpoint != "console.static":
+        response.headers["Cache-Control"] = "no-store"
+        response.vary.add("HX-Request")
+    return response
+
+
+@bp.context_processor
+def _helpers() -> dict[str, Any]:
+    return {
+        "csrf_token": auth.csrf_token,
+        "signed_in": auth.signed_in,
+        "utc": present.utc,
+        "iso": present.iso,
+        "percent": present.percent,
+        "millis": present.millis,
+        "clean": present.clean_text,
+        "masked_url": present.masked_url,
+    }
+
+
+@bp.errorhandler(FormError)
+def _bad_form(exc: FormError) -> Response:
+    return _problem(400, "That request could not be read", exc.message)
+
+
+@bp.errorhandler(redis.RedisError)
+def _redis_down(exc: redis.RedisError) -> Response:
+    response = _problem(503, "Redis is not answering",
+                        "The relay cannot read its state right now. This page works again "
+                        "as soon as Redis answers (see /readyz).")
+    response.headers["Retry-After"] = "5"
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    return _problem(exc.code or 500, exc.name, exc.description or "")
+
+
+# -- sign-in ----------------------------------------------------------------------------------
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Response:
+    off = auth.enabled()
+    if off is not None:
+        return _page("login.html", 503, off=off, next="")
+    if request.method == "GET":
+        if auth.signed_in():
+            return redirect(_safe_back(request.args.get("next")))
+        return _page("login.html", next=request.args.get("next", ""))
+    form = forms.load_sign_in(request.form)
+    throttle = auth.SignInThrottle(_ctx().redis)
+    client_id = request.remote_addr or "unknown"
+    wait = throttle.retry_after(client_id)
+    if wait:
+        response = _page("login.html", 429, next=form["next"],
+                         error="Too many wrong keys from this address. Try again in "
+                               f"{math.ceil(wait / 60)} minute(s).")
+        response.headers["Retry-After"] = str(wait)
+        return response
+    if not form["api_key"].strip():
+        return _page("login.html", 400, next=form["next"], error="Enter an API key.")
+    if not auth.sign_in(form["api_key"].strip()):
+        throttle.failed(client_id)
+        return _page("login.html", 401, next=form["next"], error="That key is not valid.")
+    throttle.succeeded(client_id)
+    return redirect(_safe_back(form["next"]))
+
+
+@bp.route("/logout", methods=["GET", "POST"])
+def logout() -> Response:
+    if request.method == "GET":
+        return _page("logout.html")
+    auth.sign_out()
+    flash("Signed out.")
+    return redirect(url_for(".login"))
+
+
+# -- overview and destinations ------------------------------------------------------------------
+
+
+@bp.get("")
+def overview() -> Response:
+    ctx = _ctx()
+    metrics_for(ctx.redis).flush()  # this process's latest counts, as /metrics does
+    context = {"status": relay_status(ctx.redis, ctx.config),
+               "chart": present.chart(last_minutes(ctx.redis, 60)),
+               "refresh": OVERVIEW_REFRESH, "now": time.time()}
+    return _page("_overview_live.html" if _htmx() else "overview.html", **context)
+
+
+@bp.get("/destinations")
+def destinations() -> Response:
+    ctx = _ctx()
+    return _page("destinations.html", status=relay_status(ctx.redis, ctx.config),
+                 now=time.time())
+
+
+def _known_or_404(name: str) -> None:
+    ctx = _ctx()
+    if not destination_known(ctx.redis, ctx.config, name):
+        raise NotFound(f"There is no destination called {name!r}.")
+
+
+@bp.post("/destinations/<name>/pause")
+def pause(name: str) -> Response:
+    _known_or_404(name)
+    form = forms.load_pause(request.form)
+    PauseGate(_ctx().redis).pause(name, form["reason"])
+    flash(f"{name} is paused: its deliveries are held until it is resumed.")
+    return redirect(_safe_back(form["back"], ".destinations"))
+
+
+@bp.post("/destinations/<name>/resume")
+def resume(name: str) -> Response:
+    _known_or_404(name)
+    form = forms.load_pause(request.form)
+    released = PauseGate(_ctx().redis).resume(name)
+    flash(f"{name} is resumed; {released} held deliver{'y' if released == 1 else 'ies'} "
+          "released.")
+    return redirect(_safe_back(form["back"], ".destinations"))
+
+
+# -- lead search and events ---------------------------------------------------------------------
+
+
+@bp.get("/events")
+def events() -> Response:
+    query = forms.load_search(request.args)
+    page = query["page"]
+    found = search(_ctx().redis, query["q"], (page - 1) * PAGE_SIZE, PAGE_SIZE)
+    store = _store()
+    rows = [_event_row(store, event_id, found.at.get(event_id)) for event_id in found.event_ids]
+    return _page("events.html", q=query["q"], rows=rows, page=page, total=found.total,
+                 pages=max(1, math.ceil(found.total / PAGE_SIZE)))
+
+
+def _event_row(store: DeliveryStore, event_id: str, at: float | None) -> dict[str, Any]:
+    record = store.event_record(event_id)
+    event = (record or {}).get("event") or {}
+    payload = event.get("payload") or {}
+    return {
+        "event_id": event_id,
+        "name": event.get("name"),
+        "campaign": payload.get("campaign_id", payload.get("list_id")),
+        "lead": payload.get("email") or payload.get("social_id") or payload.get("phone_number"),
+        "received_at": event.get("received_at") or at,
+        "states": {name: state.get("status", "unknown")
+                   for name, state in sorted(store.delivery_states(event_id).items())},
+        "gone": record is None,
+    }
+
+
+@bp.get("/events/<event_id>")
+def event(event_id: str) -> Response:
+    detail = event_detail(_store(), event_id)
+    if detail is None:
+        return _problem(404, "No such event",
+                        f"The relay knows nothing of {event_id}: never received, expired "
+                        "(after RELAY_RETENTION) or erased. An event accepted a moment ago may "
+                        "still be waiting on the queue: reload in a few seconds.")
+    destinations = detail["destinations"]
+    live = any(d.get("status") in present.IN_FLIGHT for d in destinations.values())
+    payload = present.pretty_json(detail["payload"]) if detail["payload"] is not None else None
+    context = {"detail": detail, "payload": payload, "live": live, "refresh": EVENT_REFRESH,
+               "back": url_for(".event", event_id=event_id)}
+    return _page("_event_live.html" if _htmx() else "event.html", **context)
+
+
+# -- dead letters -------------------------------------------------------------------------------
+
+
+@bp.get("/dead-letters")
+def dead_letters() -> Response:
+    query = forms.load_dead_letter_query(request.args)
+    destination, page = query["destination"], query["page"]
+    counts = dead_letter_counts(_ctx().redis)
+    total = counts[destination] if destination else sum(counts.values())
+    letters = _store().dead_letters(destination or None, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    rows = []
+    for letter in letters:
+        event = letter.get("event") or {}
+        payload = event.get("payload") or {}
+        rows.append({**{k: v for k, v in letter.items() if k != "event"},
+                     "id": f"{letter['event_id']}|{letter['destination']}",
+                     "name": event.get("name"), "lead": payload.get("email")
+                     or payload.get("social_id") or payload.get("phone_number")})
+    return _page("dead_letters.html", rows=rows, counts=dict(sorted(counts.items())),
+                 destination=destination, page=page, total=total,
+                 pages=max(1, math.ceil(total / PAGE_SIZE)),
+                 back=request.full_path if request.query_string else request.path)
+
+
+@bp.post("/dead-letters/replay")
+def replay() -> Response:
+    back = _safe_back(request.form.get("back"), ".dead_letters")
+    try:
+        form = forms.load_replay(request.form)
+    except FormError as exc:
+        flash(exc.message, "error")
+        return redirect(back)
+    store = _store()
+    targets = replay_targets(store, form["ids"], form["destination"] or None, form["all"])
+    if not form["confirmed"]:
+        return _page("replay_confirm.html", form=form, targets=targets, back=back)
+    queued = replay_dead_letters(store, targets)
+    gone = len(targets) - queued
+    flash(f"Replayed {queued} dead letter{'' if queued == 1 else 's'}: queued for delivery."
+          + (f" {gone} {'was' if gone == 1 else 'were'} no longer dead (replayed already?)."
+             if gone else ""))
+    return redirect(back)
+
+
+# -- subscriptions ------------------------------------------------------------------------------
+
+
+@bp.get("/subscriptions")
+def subscriptions() -> Response:
+    campaign = forms.load_subscriptions(request.args)["campaign"].strip()
+    found = []
+    if campaign:
+        ctx = _ctx()
+        found = SubscriptionStore(ctx.redis, ctx.settings.retention).list(campaign)
+    return _page("subscriptions.html", campaign=campaign, subscriptions=found)
+
+
+@bp.get("/<path:unknown>")
+def not_found(unknown: str) -> Response:
+    """Any other console address: an HTML page, not the API's JSON 404."""
+    return _problem(404, "Not found", "There is no console page at this address.")
