@@ -382,7 +382,11 @@ def _chunks(items: Any, size: int) -> Any:
 
 def code_version() -> str:
     """The commit the relay runs from, and which of its files differ from it (the figures are
-    of the work tree as it was during the run)."""
+    of the work tree as it was during the run). A copy that is not a git checkout (``git
+    archive`` of a commit, run away from a work tree others are editing) says which commit it
+    is in ``BENCH_CODE``."""
+    if os.environ.get("BENCH_CODE"):
+        return os.environ["BENCH_CODE"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                               capture_output=True, check=True, timeout=10).stdout.strip()
