@@ -108,7 +108,7 @@ def test_a_signal_to_relay_dev_stops_its_whole_process_tree(
     tree = wait_until_up(process, port)
     commands = " ".join(tree.values())
     assert "redis-server" in commands and "gunicorn" in commands and "celery" in commands
-    assert len(tree) >= 5, tree  # redis, gunicorn master + worker, celery main + pool
+    assert len(tree) >= 4, tree  # redis, gunicorn master + worker, the celery worker (threads)
 
     process.send_signal(signum)  # to relay dev alone, as `kill`, `timeout` or docker stop do
     assert process.wait(90) == 0

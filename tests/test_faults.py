@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import RelayDeployment, Sink, sample, wait_for
+from conftest import RelayDeployment, Sink, _start_sink, sample, wait_for
 
 from relay.embedded_redis import EmbeddedRedis
 from relay.taskqueue import QUEUE
@@ -443,3 +443,41 @@ def test_a_delivery_that_kills_its_worker_becomes_a_dead_letter(
     kills = len(holding_sink.spans())
     assert 1 <= kills <= 3
     print(f"\nworker-killing delivery: dead letter after {kills} attempts")
+
+
+# -- 9. a slow destination beside a fast one ------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_destination_never_holds_back_a_fast_one(
+    deployment: RelayDeployment, sink: Sink
+) -> None:
+    """Issue 11: with one task per event, a CRM answering in 2 s held a fast webhook to one
+    event a second (121 of 300 after 120 s). Each destination now has its own lane."""
+    slow = _start_sink()
+    slow.delay = 2.0
+    try:
+        deployment.configure({"destinations": [
+            webhook("fast", f"{sink.url}/fast"),
+            webhook("crm", f"{slow.url}/crm", timeout="10s"),
+        ]})
+        deployment.start_worker()
+        client = deployment.web_client()
+        ids = {accepted(client, lead(n)) for n in range(300)}
+        started = time.monotonic()
+        # Alone, the fast destination takes about a second; the bound is generous so that a
+        # loaded machine never flakes, and still far below what one slow lane used to cost.
+        wait_for(lambda: delivered(sink, "/fast") == ids, timeout=45, interval=0.1,
+                 message="every event at the fast destination while the slow one crawls")
+        fast_done = time.monotonic() - started
+        slow_so_far = len(delivered(slow, "/crm"))
+        print(f"\nfast destination: 300 in {fast_done:.1f} s beside one answering in 2 s "
+              f"({slow_so_far} delivered there meanwhile)")
+        assert slow_so_far < 300  # the slow one really was still busy
+        # The slow lane keeps many requests in flight, not one at a time.
+        wait_for(lambda: len(slow.requests("/crm")) >= 40, timeout=30,
+                 message="the slow destination's window filling")
+    finally:
+        assert slow.server is not None
+        slow.server.shutdown()
+        slow.server.server_close()
