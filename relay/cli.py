@@ -258,4 +258,7 @@ def _dev_redis_port() -> int:
     return int(os.environ.get("RELAY_DEV_REDIS_PORT") or free_port())
 
 
-from relay import cli_ops  # noqa: E402, F401  (status, events, dlq, pause, resume, erase)
+from relay import cli_ops  # noqa: E402  (status, events, dlq, pause, resume, erase)
+
+for _command in cli_ops.commands.commands.values():
+    main.add_command(_command)

@@ -1,6 +1,6 @@
 """Operator commands of ``relay``: ``status``, ``events show``, ``dlq list|replay``, ``pause``,
 ``resume``, ``erase``. They talk to Redis directly (``RELAY_REDIS_URL``), so they work with no web
-process running. Registered onto :data:`relay.cli.main` by importing this module.
+process running. :mod:`relay.cli` adds :data:`commands` to ``relay``.
 
 Tests point them at fakeredis by replacing :func:`redis_client` (and :func:`relay_config`).
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 import redis
+from flask.cli import AppGroup
 
 from relay.admin_api import (
     event_detail,
@@ -21,7 +22,6 @@ from relay.admin_api import (
     replay_dead_letters,
     replay_targets,
 )
-from relay.cli import main
 from relay.config import RelayConfig, load_config
 from relay.delivery.gates import PauseGate, destination_state
 from relay.delivery.state import DeliveryStore
@@ -30,6 +30,10 @@ from relay.errors import ConfigError
 from relay.settings import Settings
 from relay.status import relay_status
 from relay.taskqueue import connect
+
+#: The operations commands; :mod:`relay.cli` adds each to ``relay`` (this module imports
+#: nothing of it, so the two do not import each other).
+commands = AppGroup("operations")
 
 
 def redis_client() -> redis.Redis:
@@ -84,7 +88,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
 _STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow", "open": "red"}
 
 
-@main.command()
+@commands.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(as_json: bool) -> None:
     """Queue depth, parked tasks, dead letters and the health of each destination."""
@@ -119,7 +123,7 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-@main.group()
+@commands.group()
 def events() -> None:
     """Look up events."""
 
@@ -160,7 +164,7 @@ def events_show(event_id: str, as_json: bool) -> None:
                        f"{attempt.get('error') or ''}".rstrip())
 
 
-@main.group()
+@commands.group()
 def dlq() -> None:
     """Dead letters: list and replay."""
 
@@ -206,7 +210,7 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
         raise click.ClickException("no such dead letter")
 
 
-@main.command()
+@commands.command()
 @click.argument("destination")
 @click.option("--reason", default="", help="shown in relay status and the admin API")
 def pause(destination: str, reason: str) -> None:
@@ -221,7 +225,7 @@ def pause(destination: str, reason: str) -> None:
     click.echo(f"{destination}: paused")
 
 
-@main.command()
+@commands.command()
 @click.argument("destination")
 def resume(destination: str) -> None:
     """Deliver to DESTINATION again; its held deliveries go first, oldest first."""
@@ -231,7 +235,7 @@ def resume(destination: str) -> None:
                f"{released} held deliveries released")
 
 
-@main.command()
+@commands.command()
 @click.option("--email", required=True, help="the lead's email address")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def erase(email: str, yes: bool) -> None:
