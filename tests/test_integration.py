@@ -188,3 +188,33 @@ def _state(redis_client, event_id: str, destination: str) -> str | None:  # type
 
 def _attempts(redis_client, event_id: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [json.loads(r)["outcome"] for r in redis_client.lrange(f"relay:log:{event_id}", 0, -1)]
+
+
+def test_a_reused_idempotency_key_keeps_the_first_body_whichever_worker_admits(
+    deployment: RelayDeployment, sink: Sink, redis_client
+) -> None:
+    # Issue 12: two events under one sender key, posted one after the other, while two worker
+    # processes race to admit the intake: the first one received must be the one delivered.
+    deployment.configure({"destinations": [webhook("a", f"{sink.url}/a")]})
+    deployment.start_worker()
+    deployment.start_worker()
+    client = deployment.web_client()
+    keys = [f"kol-{n}" for n in range(100)]
+    for key in keys:
+        for email in ("first@example.com", "second@example.com"):
+            lead = sample("new_signup")
+            lead["email"] = email
+            post(client, lead, headers={"Idempotency-Key": key})
+    wait_for(lambda: len(sink.requests("/a")) >= len(keys), timeout=60,
+             message="one delivery per key")
+    by_id = {r.headers["webhook-id"]: r.json()["email"] for r in sink.requests("/a")}
+    assert len(sink.requests("/a")) == len(keys)
+    assert set(by_id.values()) == {"first@example.com"}
+
+    def duplicates() -> list[int]:
+        return [int(redis_client.hget(f"relay:event:{event_id}", "duplicates") or 0)
+                for event_id in by_id]
+
+    wait_for(lambda: duplicates() == [1] * len(keys), timeout=30,
+             message="each second body counted as a duplicate")
+    assert len(sink.requests("/a")) == len(keys)
