@@ -134,7 +134,7 @@ _clients_lock = threading.Lock()
 
 
 def shared_client() -> HttpClient:
-    """The process's pooled client (created after fork, so prefork children get their own)."""
+    """The process's pooled client (created after fork, so each process gets its own)."""
     pid = os.getpid()
     client = _clients.get(pid)
     if client is None:
