@@ -64,17 +64,20 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         timeout: float = 10.0,
     ) -> HttpResponse:
+        deadline = time.monotonic() + timeout
         try:
             response = self._pool.request(
                 method,
                 url,
                 body=body,
                 headers=dict(headers or {}),
-                timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
+                # total: the wait for the answer's headers shrinks with the time connecting took
+                timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout, total=timeout),
                 retries=False,
                 redirect=False,
-                preload_content=True,
+                preload_content=False,
             )
+            data = _read_by(response, deadline, timeout)
         except PermanentDeliveryError:
             raise  # the SSRF guard refused the connected address
         except urllib3.exceptions.TimeoutError as exc:
@@ -86,10 +89,38 @@ class HttpClient:
             if isinstance(reason, PermanentDeliveryError):
                 raise reason from exc
             raise RetryableDeliveryError(f"connection failed: {exc}") from exc
-        return HttpResponse(response.status, response.headers, response.data or b"")
+        return HttpResponse(response.status, response.headers, data)
 
     def clear(self) -> None:
         self._pool.clear()
+
+
+#: Answers are read for their status and a message; a longer body is cut here.
+MAX_ANSWER_BYTES = 1024 * 1024
+
+
+def _read_by(response: Any, deadline: float, timeout: float) -> bytes:
+    """The answer's body, read before ``deadline``: a read timeout bounds each wait for bytes,
+    not a receiver that trickles them, so a delivery's whole answer is held to its timeout
+    here (Celery's threads pool, which runs the sends, enforces no time limit of its own)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < MAX_ANSWER_BYTES:
+            if time.monotonic() > deadline:
+                response.close()  # mid-body: the connection cannot be reused
+                raise urllib3.exceptions.ReadTimeoutError(
+                    None, None, f"the answer took longer than {timeout:g}s")  # type: ignore[arg-type]
+            chunk = response.read1(64 * 1024)  # what one receive gives: never waits for more
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        else:
+            response.close()  # the rest is never read: the connection cannot be reused
+    finally:
+        response.release_conn()
+    return b"".join(chunks)[:MAX_ANSWER_BYTES]
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

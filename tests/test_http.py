@@ -163,3 +163,38 @@ def test_a_driver_declares_its_vendor_retryable_answers(http: HttpClient,
     with pytest.raises(RetryableDeliveryError) as caught:
         raise_for_status(answer, "vendor", {423: 2.0})
     assert caught.value.retry_after == 9.0
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout(http: HttpClient) -> None:
+    # Each byte comes well within the read timeout, so only a deadline on the whole answer
+    # stops it: the threads pool that runs the sends has no time limit of its own.
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    connection.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(RetryableDeliveryError) as caught:
+            http.request("POST", f"http://127.0.0.1:{server.getsockname()[1]}/", body=b"{}",
+                         timeout=1.0)
+    finally:
+        stop.set()
+        server.close()
+    assert "timed out" in caught.value.message
+    assert time.monotonic() - started < 5  # generous: one second plus a trickled byte
