@@ -58,7 +58,7 @@ from bench.common import (
     write_config,
 )
 from bench.loadgen import OpenLoopResult, open_loop
-from relay.taskqueue import QUEUE
+from relay.delivery.keys import INTAKE
 
 TOKEN = "bench-token"
 TARGET_RATIO = 0.8
@@ -123,7 +123,7 @@ def wrk(url: str, body_file: Path, duration: float, connections: int,
 
 
 def stored(client: redis.Redis) -> int:
-    return int(client.llen(QUEUE)) + int(client.llen(BARE_LIST))
+    return int(client.xlen(INTAKE)) + int(client.llen(BARE_LIST))
 
 
 class Bench:
