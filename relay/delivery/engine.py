@@ -209,9 +209,10 @@ class Engine:
         bad: list[str] = []
         for entry in entries:
             try:
-                assert entry.event is not None
+                if entry.event is None:
+                    raise TypeError("not a JSON object")
                 events.append((entry, LeadEvent.from_json(entry.event)))
-            except (AssertionError, KeyError, TypeError):
+            except (KeyError, TypeError):
                 bad.append(entry.entry_id)
         if bad:  # never written so by the ingress: nothing could deliver them
             log.error("dropped %d unreadable intake entries: %s", len(bad), ", ".join(bad))
@@ -249,8 +250,9 @@ class Engine:
                 if not item[4]:
                     log.info("no destination subscribed", extra={"event_id": event.event_id,
                                                                  "event": event.name})
-        if report.counts["duplicate"]:
-            self.metrics.inc("events_duplicate", amount=sum(o == "duplicate" for o in outcomes))
+        duplicates = outcomes.count("duplicate")
+        if duplicates:
+            self.metrics.inc("events_duplicate", amount=duplicates)
         self.kick(touched)
 
     # -- draining --------------------------------------------------------------------------
