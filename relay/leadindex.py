@@ -80,7 +80,9 @@ def index_event(client: redis.Redis | redis.client.Pipeline, event: LeadEvent,
     at = event.received_at or time.time()
     ttl = max(1, int(retention))
     keys = lead_keys(event.payload)
-    pipe = client.pipeline(transaction=False) if isinstance(client, redis.Redis) else client
+    # A Pipeline is a Redis subclass: ask for the pipeline, not for the client.
+    given = isinstance(client, redis.client.Pipeline)
+    pipe = client if given else client.pipeline(transaction=False)
     for key in keys:
         pipe.zadd(key, {event.event_id: at})
         pipe.zremrangebyscore(key, "-inf", f"({at - retention}")
@@ -91,7 +93,7 @@ def index_event(client: redis.Redis | redis.client.Pipeline, event: LeadEvent,
     pipe.expire(ALL_KEY, ttl)
     if keys:
         pipe.set(_of_key(event.event_id), json.dumps(keys), ex=ttl)
-    if pipe is not client:
+    if not given:
         pipe.execute()
 
 

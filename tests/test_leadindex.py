@@ -73,3 +73,21 @@ def test_erase_removes_the_leads_entries_and_no_one_elses() -> None:
     assert search(client, "+4420").event_ids == ["evt_0002"]  # Grace's, sharing the number
     assert search(client, "").event_ids == ["evt_0002"]
     assert not [k for k in client.scan_iter() if b"ada" in k.lower() or b"0001" in k]
+
+
+def test_given_a_pipeline_it_only_queues_the_commands() -> None:
+    # A Pipeline is a Redis too: the worker's one round trip must carry the commands, not a
+    # second pipeline of their own sent on the side.
+    import fakeredis
+
+    from relay.leadindex import index_event, search
+    from relay.models import LeadEvent
+
+    client = fakeredis.FakeRedis()
+    event = LeadEvent("evt_1", "kickofflabs", "new_signup", {"email": "ada@example.com"})
+    pipe = client.pipeline(transaction=False)
+    index_event(pipe, event, 3600)
+    assert client.dbsize() == 0  # nothing sent yet
+    assert len(pipe) > 0
+    pipe.execute()
+    assert search(client, "ada@example.com").event_ids == ["evt_1"]
