@@ -49,7 +49,7 @@ def presented_keys() -> list[object]:
     a JSON object is JSON whatever its label, else a form body is a form. A value that is not
     a string (``{"api_key": 7}``) is kept as is; it matches no key."""
     keys: list[object] = list(request.args.getlist(KEY_PARAMETER))
-    body = _json_object(request.get_data(cache=True))
+    body = json_object(request.get_data(cache=True))
     if body is not None:
         if KEY_PARAMETER in body:
             keys.append(body[KEY_PARAMETER])
@@ -104,7 +104,9 @@ def api_key_required(view: F) -> F:
     return cast(F, wrapper)
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """A body that is a JSON object, else None (the subscription API reads its parameters
+    the same way)."""
     if not body.lstrip().startswith(b"{"):
         return None
     try:

@@ -10,7 +10,6 @@ KickoffLabs clients do: a body that parses as a JSON object is read as JSON what
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +20,7 @@ from flask.blueprints import BlueprintSetupState
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.datastructures import MultiDict
 
-from relay.auth import require_api_key
+from relay.auth import json_object, require_api_key
 from relay.errors import (
     BadRequest,
     IngressError,
@@ -236,7 +235,7 @@ def _parameters() -> dict[str, Any]:
     """Query string, then form fields, then a JSON object body (later sources win)."""
     parameters = _from_multidict(request.args)
     body = request.get_data(cache=True)
-    decoded = _json_object(body)
+    decoded = json_object(body)
     if decoded is not None:
         parameters.update(decoded)
     elif body.strip() and request.mimetype == "application/json":
@@ -244,16 +243,6 @@ def _parameters() -> dict[str, Any]:
     elif request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
         parameters.update(_from_multidict(request.form))
     return parameters
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    if not body.lstrip().startswith(b"{"):
-        return None
-    try:
-        decoded = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return decoded if isinstance(decoded, dict) else None
 
 
 def _from_multidict(source: MultiDict[str, str]) -> dict[str, Any]:
