@@ -95,9 +95,10 @@ class Destination:
 
     @property
     def lease(self) -> float:
-        """How long a claimed delivery is held: its connect and read timeouts with room to
-        spare. A delivery whose worker died is taken over once this has passed."""
-        return self.timeout * 2 + 10
+        """How long a claimed delivery is held: its timeout (which bounds a whole answer, see
+        :mod:`relay.http`) with room to spare for recording the outcome. A delivery whose
+        worker died is taken over once this has passed."""
+        return self.timeout + 10
 
 
 @dataclass(frozen=True)

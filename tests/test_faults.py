@@ -168,7 +168,7 @@ def test_kill_9_of_a_worker_with_1000_events_to_2_sinks_loses_none(
     deployment.start_worker(concurrency=4)
 
     # The killed worker's deliveries stay pending in their lanes and are taken over once their
-    # lease (2 x timeout + 10 s) has run out: well within the minute the issue sets.
+    # lease (timeout + 10 s) has run out: well within the minute the issue sets.
     wait_for(lambda: delivered(sink, "/a") == ids and delivered(sink, "/b") == ids,
              timeout=70, interval=0.5, message="every event at both sinks after kill -9")
     recovered = time.monotonic() - killed_at
@@ -407,10 +407,10 @@ def test_a_delivery_that_kills_its_worker_becomes_a_dead_letter(
     deployment: RelayDeployment, sink: Sink, holding_sink: HoldingSink,
     redis_client: redis.Redis
 ) -> None:
-    # A 1 s time limit makes the soft and hard limits equal, and billiard then goes straight to
-    # the hard limit: the pool process running the never-answered request (3 s timeout) is
-    # killed every time. The redelivered task finds the dead attempt's lease (2 x 3 + 10 s)
-    # and comes back after it, under a new task id: the crash is counted on the delivery.
+    # A 1 s task time limit below the destination's 3 s timeout: the drain gives up on the
+    # never-answered request at the limit, as a killed pool process did with prefork, and
+    # leaves it unconfirmed. Its lease (3 + 10 s) runs out, another drain takes the entry over
+    # and counts the crash on the delivery: with RELAY_MAX_TASK_RUNS=1, a dead letter.
     deployment.env["RELAY_TASK_TIME_LIMIT"] = "1"
     deployment.env["RELAY_MAX_TASK_RUNS"] = "1"
     deployment.configure({"destinations": [

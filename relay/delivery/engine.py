@@ -373,7 +373,16 @@ class _Drain:
                 reclaim = now - last_reclaim >= RECLAIM_EVERY
                 if reclaim:
                     last_reclaim = now
-                lane_empty = not self._refill(reclaim)
+                try:
+                    lane_empty = not self._refill(reclaim)
+                except redis.RedisError:
+                    if self.in_flight == 0:
+                        raise
+                    # Redis went away: take nothing more, but record what is already out.
+                    log.warning("cannot read the lane (Redis unreachable); finishing the %d "
+                                "deliveries in flight", self.in_flight,
+                                extra={"destination": self.lane})
+                    lane_empty = True
             if self.in_flight == 0:
                 break
             remaining = hard_deadline - time.monotonic()
@@ -478,7 +487,28 @@ class _Drain:
                     gate.attempted(destination, succeeded)
                 confirmations.append(confirmation)
                 self.report.add(confirmation.attempt.outcome)
-        engine.store.confirm(self.lane, self.holder, destination.lease, confirmations)
+        self._record(confirmations)
+
+    def _record(self, confirmations: list[Confirmation]) -> None:
+        """Confirm, waiting out a Redis that is briefly away (a restart, a failover): the
+        outcomes are known, and recording them beats having the deliveries taken over and
+        sent again once their lease runs out. Half the lease is the most it waits."""
+        destination = self.destination
+        give_up = time.monotonic() + destination.lease / 2
+        pause = 0.2
+        while True:
+            try:
+                self.engine.store.confirm(self.lane, self.holder, destination.lease,
+                                          confirmations)
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() + pause > give_up or self.engine.stopping.is_set():
+                    raise
+                if pause == 0.2:
+                    log.warning("cannot record %d outcomes yet (%s); retrying",
+                                len(confirmations), exc, extra={"destination": self.lane})
+                time.sleep(pause)
+                pause = min(2.0, pause * 2)
 
     def _abandon(self) -> None:
         """Past the time limit: leave what is still in flight unconfirmed. Its lease runs

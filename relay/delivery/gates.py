@@ -246,7 +246,7 @@ class CircuitBreaker:
             return want, None
         action, until = self._script(
             keys=[circuit_key(name), circuit_key(name) + ":probe", stats_key(name)],
-            args=[self.clock(), p.threshold, p.cooldown, destination.timeout * 2 + 10,
+            args=[self.clock(), p.threshold, p.cooldown, destination.lease,
                   p.probe_wait, p.window, p.failure_rate, p.min_volume],
         )
         action = action.decode()
