@@ -1,8 +1,8 @@
 """Prometheus metrics at ``/metrics``, counted across every web and worker process.
 
 Choice: **counters kept in Redis, rendered by a custom collector** (not prometheus-client's
-multiprocess mode). The relay already runs several gunicorn processes and Celery prefork
-children on possibly several machines; multiprocess mode needs one shared directory and only
+multiprocess mode). The relay already runs several gunicorn processes and worker
+processes on possibly several machines; multiprocess mode needs one shared directory and only
 sees the processes of its own machine, while Redis is shared by all of them already. So:
 
 - each process adds to an in-memory buffer (no Redis round trip on the ingress hot path) and a

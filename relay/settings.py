@@ -19,8 +19,8 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1024 * 1024
     allowed_networks: tuple[str, ...] = ()
-    # Celery: the broker's visibility timeout must exceed the task hard time limit, or a
-    # slow task is handed to a second worker while the first still runs it.
+    # Celery: the broker's visibility timeout must exceed the task time limit, or a slow
+    # task's message is handed to a second worker while the first still runs it.
     visibility_timeout: float = 300.0
     task_time_limit: float = 120.0
     max_in_flight: int = 100  # deliveries in flight at once per worker process
