@@ -366,9 +366,10 @@ class _Drain:
         hard_deadline = started + engine.time_limit
         last_reclaim = -math.inf
         lane_empty = False
+        reading = True  # False once Redis failed a read: this task takes nothing more
         while True:
             now = time.monotonic()
-            if (not lane_empty and self.held_until is None and now < deadline
+            if (reading and not lane_empty and self.held_until is None and now < deadline
                     and not engine.stopping.is_set()):
                 reclaim = now - last_reclaim >= RECLAIM_EVERY
                 if reclaim:
@@ -382,7 +383,7 @@ class _Drain:
                     log.warning("cannot read the lane (Redis unreachable); finishing the %d "
                                 "deliveries in flight", self.in_flight,
                                 extra={"destination": self.lane})
-                    lane_empty = True
+                    reading = False
             if self.in_flight == 0:
                 break
             remaining = hard_deadline - time.monotonic()
