@@ -97,7 +97,7 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps(overview, indent=2))
         return
     health = overview["destinations"]
-    click.echo(f"queue {overview['queue_depth']}   parked (retries, holds) "
+    click.echo(f"queue {overview['queue_depth']}   retries waiting "
                f"{overview['scheduled']}   dead letters {overview['dead_letters']}")
     if not health:
         click.echo("no destinations")
