@@ -1,10 +1,11 @@
 """Handing work to the workers: the intake stream, and Celery task messages built by name.
 
 The web side never imports the Celery app (``relay`` never imports ``workers``). An accepted
-event goes into the intake stream (:mod:`relay.delivery.lanes`) with one script; when no admit
-task is queued, the same script queues one by writing the exact message kombu's Redis transport
-writes for ``send_task`` (Celery protocol 2, JSON, base64 body) onto the broker's list. So the
-ingress pays for one Redis round trip and, at most once per admit task, the message build.
+event goes into the intake stream (:mod:`relay.delivery.lanes`) with one script; when it finds
+no admit task queued, the ingress queues one by writing the exact message kombu's Redis
+transport writes for ``send_task`` (Celery protocol 2, JSON, base64 body) onto the broker's
+list. So the ingress pays one Redis round trip per event, and the message build and a second
+round trip once per admit task.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import os
 import socket
 import uuid
@@ -27,6 +29,7 @@ QUEUE = "relay"
 ADMIT = "relay.admit"
 DRAIN = "relay.drain"
 
+log = logging.getLogger("relay.taskqueue")
 _ORIGIN = f"leadrelay@{socket.gethostname()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
@@ -81,17 +84,23 @@ class Intake:
 
     def __init__(self, client: redis.Redis, queue: str = QUEUE) -> None:
         self.redis = client
-        self.queue = queue
         self.lanes = Lanes(client)
+        self.kicks = Kicks(client, queue)
 
     def publish(self, event: dict[str, Any], dedupe_window: float) -> str:
         """Store the event (``event_id`` among its keys); the intake entry id."""
-        kick, _ = task_message(ADMIT, [], "()", queue=self.queue)
         try:
-            return self.lanes.publish(_encode(event), event["event_id"], dedupe_window, kick,
-                                      self.queue)
+            entry, kick = self.lanes.publish(_encode(event), event["event_id"], dedupe_window)
         except redis.RedisError as exc:  # down, timed out, or OOM under noeviction
             raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc
+        if kick:
+            try:
+                self.kicks.send("")
+            except redis.RedisError as exc:
+                # The event is stored: its 202 stands. Every worker's sweep queues the admit
+                # task once the kick key (set above, a few seconds) has run out.
+                log.warning("stored the event but could not queue an admit task: %s", exc)
+        return entry
 
     def depth(self) -> int:
         return self.lanes.depth()

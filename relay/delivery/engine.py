@@ -109,10 +109,6 @@ class Slots:
         with self._lock:
             self._free = min(self.size, self._free + n)
 
-    @property
-    def free(self) -> int:
-        return self._free
-
 
 class Engine:
     """The worker-side core, built once per worker process."""

@@ -36,12 +36,9 @@ import redis
 from relay.delivery.keys import (
     DRAINERS_PREFIX,
     GROUP,
-    HOLD_PREFIX,
     INFLIGHT_PREFIX,
     INTAKE,
     INTAKE_KICK,
-    KICK_PREFIX,
-    LANE_PREFIX,
     LANES,
     SCHEDULED,
     hold_key,
@@ -55,16 +52,16 @@ KICK_TTL_MS = 10_000
 #: Intake entries a dead worker had read are taken over after this long (admission is fast).
 INTAKE_RECLAIM_IDLE_MS = 5_000
 
-# KEYS: intake, seen marker, intake kick, Celery queue; ARGV: event json, window ms, kick
-# message, kick ttl ms. The first event received under an id marks it (NX): when two events
-# share a sender's Idempotency-Key, the one received first is the one admitted.
+# KEYS: intake, seen marker, intake kick; ARGV: event json, window ms, kick ttl ms. The first
+# event received under an id marks it (NX): when two events share a sender's Idempotency-Key,
+# the one received first is the one admitted. Answers {entry id, 1 when the caller is to queue
+# an admit task (none was queued)}: the task message is built only then, off the hot path.
 _PUBLISH = """
 local entry = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
 redis.call('SET', KEYS[2], entry, 'NX', 'PX', ARGV[2])
-if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[4]) then
-  redis.call('LPUSH', KEYS[4], ARGV[3])
-end
-return entry
+local kick = 0
+if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then kick = 1 end
+return {entry, kick}
 """
 
 # Admits a batch of intake entries: dedupe, store, and fan out into the lanes, in one script.
@@ -208,14 +205,14 @@ class Lanes:
 
     # -- the ingress ---------------------------------------------------------------------
 
-    def publish(self, event: str, event_id: str, dedupe_window: float, kick_message: str,
-                celery_queue: str) -> str:
-        """Store an accepted event (its JSON) in the intake, mark its id as received, and
-        queue an admit task unless one is queued already. One round trip."""
-        entry = self._publish(
-            keys=[INTAKE, f"relay:seen:{event_id}", INTAKE_KICK, celery_queue],
-            args=[event, max(1, int(dedupe_window * 1000)), kick_message, KICK_TTL_MS])
-        return entry.decode() if isinstance(entry, bytes) else str(entry)
+    def publish(self, event: str, event_id: str, dedupe_window: float) -> tuple[str, bool]:
+        """Store an accepted event (its JSON) in the intake and mark its id as received, in
+        one round trip: the entry id, and whether the caller is to queue an admit task (none
+        is queued; the kick key is now set for it)."""
+        entry, kick = self._publish(
+            keys=[INTAKE, f"relay:seen:{event_id}", INTAKE_KICK],
+            args=[event, max(1, int(dedupe_window * 1000)), KICK_TTL_MS])
+        return (entry.decode() if isinstance(entry, bytes) else str(entry)), bool(kick)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -388,5 +385,4 @@ def _intake_entry(entry_id: bytes, fields: dict[bytes, bytes] | None) -> IntakeE
                        fields.get(b"e", b"") if fields else b"")
 
 
-__all__ = ["HOLD_PREFIX", "KICK_PREFIX", "LANE_PREFIX", "IntakeEntry", "Lanes", "intake_events",
-           "parked"]
+__all__ = ["IntakeEntry", "Lanes", "intake_events", "parked"]

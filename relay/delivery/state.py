@@ -201,7 +201,6 @@ class Taken:
     """What :meth:`DeliveryStore.take` did: the claims, and the entries it settled itself."""
 
     claims: list[Claim]
-    in_flight_before: int = 0
     done: int = 0  # already delivered or dead: acknowledged
     busy: int = 0  # another drainer holds the lease: parked until it ends
     gone: int = 0  # the event was erased or expired: acknowledged
@@ -271,14 +270,14 @@ class DeliveryStore:
         dead worker left pending that long) and claim each delivery for ``lease`` seconds,
         keeping the destination's in-flight total within ``limit``. One round trip."""
         now = time.time()
-        used, claimed, done, busy, gone = self._take(
+        _used, claimed, done, busy, gone = self._take(
             keys=[lane_key(lane), DRAINERS_PREFIX + lane, INFLIGHT_PREFIX + lane, SCHEDULED],
             args=[GROUP, consumer, holder, want, limit, now, now + lease, self.retention, lane,
                   int(reclaim_idle * 1000)])
         claims = [Claim(entry.decode(), LeadEvent.from_json(json.loads(event)), int(attempts),
                         int(crashes))
                   for entry, _id, attempts, crashes, event in claimed]
-        return Taken(claims, int(used), int(done), int(busy), int(gone))
+        return Taken(claims, int(done), int(busy), int(gone))
 
     def confirm(self, lane: str, holder: str, lease: float,
                 confirmations: Sequence[Confirmation]) -> None:
