@@ -3,9 +3,10 @@ measured in the same run: ``python -m bench.delivery [--scenario NAME]``.
 
 Every relay run posts its events through the real ingress (``create_app()``'s ``POST
 /hooks/kickofflabs``, Flask test client: each becomes the ingress's own intake stream entry),
-then starts the exact ``relay worker`` command with its shipped defaults (one process, Celery's
-threads pool, ``--concurrency`` 8 tasks, ``RELAY_MAX_IN_FLIGHT`` 100 send threads; a
-destination's ``concurrency:`` defaults to 50) and watches the drain: ``relay:stats:<dest>``
+then starts the exact ``relay worker`` command with its shipped defaults (one Celery worker
+process per core, each with Celery's threads pool, ``--concurrency`` 8 tasks and
+``RELAY_MAX_IN_FLIGHT`` 100 send threads; a destination's ``concurrency:`` defaults to 50)
+and watches the drain: ``relay:stats:<dest>``
 and the in-flight hashes every 10 ms, the worker's CPU (user + system of its process tree), and
 afterwards each delivery's own time from ``relay:recent:<dest>:delivered``. Redis is emptied
 between runs.
@@ -33,8 +34,9 @@ Scenarios (``--scenario``, default all, in this order):
     (1,000 events to a destination with ``concurrency: 500`` answering in 2 s, ``relay worker
     --max-in-flight 500``), beside the bare consumer's peak RSS with 500 threads.
 
-``--profile DIR``: py-spy (``--gil --nonblocking``) samples the worker in every relay run into
-collapsed stacks, to see where its CPU goes.
+``--profile DIR``: py-spy (``--gil --nonblocking --subprocesses``) samples the worker
+processes in every relay run into collapsed stacks, to see where their CPU goes.
+``--worker-arg ARG`` adds an argument to ``relay worker`` (``--worker-arg=--processes=1``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from bench.common import (
     verdict,
     write_config,
 )
+from relay.cli import usable_cores
 from relay.delivery.keys import INFLIGHT_PREFIX, event_key, recent_key, stats_key
 
 SCENARIOS = ("isolation", "slow", "fast", "memory")
@@ -118,6 +121,7 @@ class Run:
     posting: float = 0.0  # seconds the ingress took to accept the measured events
     threads: int = 0  # bare consumer only
     pool: bool = False  # bare consumer: sent the relay's way (a future per POST on a pool)
+    processes: int = 1  # bare consumer: processes sharing the list
 
     @property
     def rate(self) -> float:
@@ -199,9 +203,8 @@ class Bench:
         names = [d.name for d in dests]
         waited = list(wait_for or names)
         env = self.env(dests)
-        argv, worker_env = relay_command("worker", *worker_args)
-        argv += self.args.worker_arg
-        env.update(worker_env)
+        extra = [*worker_args, *self.args.worker_arg]
+        argv = [sys.executable, "-m", "relay", "worker", *extra]
         load = os.getloadavg()[0]
         log = self.workdir / f"worker-{self.runs}-{label}.log"
         if not live:
@@ -213,7 +216,7 @@ class Bench:
         rss_idle = base = 0
         try:
             if live:
-                wait_ready(worker, log, deadline)
+                wait_ready(worker, log, deadline, worker_processes(extra))
                 time.sleep(0.5)
                 rss_idle = process_tree_rss(worker.pid)
                 if warmup:
@@ -284,8 +287,8 @@ class Bench:
         self.args.profile.mkdir(parents=True, exist_ok=True)
         out = self.args.profile / f"{self.runs:02d}-{label}.txt"
         print(f"    profiling the worker into {out}", flush=True)
-        return spawn([spy, "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate",
-                      "250", "--format", "raw", "--output", str(out)],
+        return spawn([spy, "record", "--pid", str(pid), "--subprocesses", "--gil",
+                      "--nonblocking", "--rate", "250", "--format", "raw", "--output", str(out)],
                      log=self.args.profile / f"{self.runs:02d}-{label}.log")
 
     def progress(self, names: Sequence[str]) -> tuple[dict[str, int], int, int]:
@@ -342,31 +345,41 @@ class Bench:
 
     # -- the bare consumer -------------------------------------------------------------------
 
-    def bare(self, dests: Sequence[Dest], events: int, threads: int, pool: bool = False) -> Run:
+    def bare(self, dests: Sequence[Dest], events: int, threads: int, pool: bool = False,
+             processes: int = 1) -> Run:
+        """The bare consumer: one process (the baseline), or ``processes`` of them sharing
+        the list (not a baseline: what the same cores give a consumer without the relay)."""
         reset_redis(self.client)
         urls = [self.url(d) for d in dests]
         pipe = self.client.pipeline(transaction=False)
         for number in range(events):
             pipe.lpush(BARE_LIST, json.dumps(lead(number)))
         pipe.execute()
-        argv = [sys.executable, "-m", "bench.bare_consumer", "--redis", self.redis_server.url,
-                "--list", BARE_LIST, "--threads", str(threads), "--total", str(events),
-                "--timeout", str(self.args.timeout), *(["--pool"] if pool else []), *urls]
+        shares = [events // processes + (i < events % processes) for i in range(processes)]
+        argvs = [[sys.executable, "-m", "bench.bare_consumer", "--redis", self.redis_server.url,
+                  "--list", BARE_LIST, "--threads", str(threads), "--total", str(share),
+                  "--timeout", str(self.args.timeout), *(["--pool"] if pool else []), *urls]
+                 for share in shares]
         load = os.getloadavg()[0]
         redis0 = process_tree_cpu(self.redis_pid)
         with CpuWatch() as watch:
-            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
-                                  timeout=self.args.timeout + 60, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"bare consumer failed: {done.stderr}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        if not result["complete"]:
-            print(f"    bare: only {result['items']:,} items within {self.args.timeout:g}s; "
-                  f"its errors: {done.stderr[-1000:]!r}", flush=True)
-        return Run(result["deliveries"], result["seconds"], result["cpu_seconds"],
-                   result["failed"], process_tree_cpu(self.redis_pid) - redis0,
-                   watch.foreign_cores, watch.note(), load, rss_peak=result["max_rss_bytes"],
-                   threads=threads, pool=pool)
+            children = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True) for argv in argvs]
+            outputs = [child.communicate(timeout=self.args.timeout + 60) for child in children]
+        results = []
+        for child, (stdout, stderr) in zip(children, outputs, strict=True):
+            if child.returncode != 0:
+                raise RuntimeError(f"bare consumer failed: {stderr}")
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+            if not results[-1]["complete"]:
+                print(f"    bare: only {results[-1]['items']:,} items within "
+                      f"{self.args.timeout:g}s; its errors: {stderr[-1000:]!r}", flush=True)
+        return Run(sum(r["deliveries"] for r in results), max(r["seconds"] for r in results),
+                   sum(r["cpu_seconds"] for r in results), sum(r["failed"] for r in results),
+                   process_tree_cpu(self.redis_pid) - redis0,
+                   watch.foreign_cores, watch.note(), load,
+                   rss_peak=max(r["max_rss_bytes"] for r in results),
+                   threads=threads, pool=pool, processes=processes)
 
 
 def _chunks(items: Any, size: int) -> Any:
@@ -430,19 +443,29 @@ def enqueue_through_ingress(env: dict[str, str], events: int, start: int = 0
     return ids, accepted
 
 
-def wait_ready(worker: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
-    """Until the Celery worker logs that it is ready."""
+def worker_processes(worker_args: Sequence[str]) -> int:
+    """How many Celery worker processes ``relay worker <worker_args>`` runs."""
+    from relay.cli import worker
+
+    context = worker.make_context("worker", list(worker_args))
+    return context.params["processes"] or usable_cores()
+
+
+def wait_ready(worker: subprocess.Popen[bytes], log: Path, deadline: float,
+               processes: int) -> None:
+    """Until each of the worker's Celery processes logs that it is ready."""
     while time.monotonic() < deadline:
         if worker.poll() is not None:
             raise RuntimeError(f"the worker exited ({worker.returncode}); see {log}")
-        if log.exists() and b" ready." in log.read_bytes():
+        if log.exists() and log.read_bytes().count(b" ready.") >= processes:
             return
         time.sleep(0.05)
     raise RuntimeError(f"the worker was not ready in time; see {log}")
 
 
 def describe(label: str, run: Run) -> str:
-    extra = f", {run.threads} threads" if run.threads else (
+    extra = (f", {run.processes} processes x {run.threads} threads" if run.processes > 1
+             else f", {run.threads} threads") if run.threads else (
         f", in flight mean {run.in_flight_mean:.0f} max {run.in_flight_max}")
     return (f"    {label}: {run.deliveries:,} deliveries in {run.seconds:.2f}s = "
             f"{run.rate:,.0f}/s, CPU {run.cpu_ms:.2f} ms/delivery (Redis "
@@ -557,14 +580,21 @@ def fast(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         print(describe("bare ", bares[1]), flush=True)
     best = max(bares, key=lambda r: r.rate)
     ratio = relay.rate / best.rate
-    # Not a baseline: the relay's hand-off to a send pool, without its Redis bookkeeping.
-    probe = bench.bare(dests, args.events, threads=max(len(dests), matched), pool=True)
-    print(describe("pool ", probe), flush=True)
+    # Not baselines: the relay's hand-off to a send pool, without its Redis bookkeeping; and
+    # bare consumers in as many processes as the relay runs, on the same cores.
+    probes = [bench.bare(dests, args.events, threads=max(len(dests), matched), pool=True)]
+    print(describe("pool ", probes[0]), flush=True)
+    processes = worker_processes(args.worker_arg)
+    if processes > 1:
+        probes.append(bench.bare(dests, args.events, threads=cores, processes=processes))
+        print(describe("bare ", probes[1]), flush=True)
     rows = [["relay", f"{relay.rate:,.0f}", f"{relay.in_flight_mean:.1f} / {relay.in_flight_max}",
              f"{relay.cpu_ms:.2f}", f"{relay.redis_cpu_ms:.2f}", "-",
              f"{relay.load:.2f} / {relay.foreign_cores:.2f}"]]
-    for bare in [*bares, probe]:
+    for bare in [*bares, *probes]:
         name = f"bare, {'pool of ' if bare.pool else ''}{bare.threads} threads"
+        if bare.processes > 1:
+            name = f"bare, {bare.processes} processes x {bare.threads} threads"
         rows.append([name, f"{bare.rate:,.0f}", f"{bare.threads}",
                      f"{bare.cpu_ms:.2f}", f"{bare.redis_cpu_ms:.2f}",
                      f"{relay.rate / bare.rate:.2f}x",
@@ -575,10 +605,11 @@ def fast(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
           f">= {RATIO_TARGET}x): {verdict(ratio >= RATIO_TARGET)}; CPU per delivery "
           f"{relay.cpu_ms:.2f} ms vs {best.cpu_ms:.2f} ms "
           f"({relay.cpu_ms / best.cpu_ms:.1f}x)\n", flush=True)
-    print("(the pool row sends the relay's way, a future per POST on a thread pool, without "
-          "its Redis bookkeeping: not a baseline, it shows what the hand-off costs)")
+    print("(not baselines: the pool row sends the relay's way, a future per POST on a thread "
+          "pool, without its Redis bookkeeping, and shows what the hand-off costs; the "
+          "processes row runs as many bare consumers as the relay runs worker processes)")
     return {"sink": what, "relay": asdict(relay), "bare": [asdict(b) for b in bares],
-            "pool_probe": asdict(probe),
+            "probes": [asdict(p) for p in probes],
             "ratio": ratio, "pass": ratio >= RATIO_TARGET}
 
 
@@ -587,8 +618,9 @@ def memory(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     dest = Dest("slow-2s", "delay:2", {"concurrency": n})
     events = 2 * n
     print(f"memory: {events:,} events to a destination with concurrency {n} answering in 2 s, "
-          f"relay worker --max-in-flight {n}", flush=True)
-    relay = bench.relay("memory", [dest], events, worker_args=["--max-in-flight", str(n)],
+          f"relay worker --processes 1 --max-in-flight {n}", flush=True)
+    relay = bench.relay("memory", [dest], events,
+                        worker_args=["--processes", "1", "--max-in-flight", str(n)],
                         live=True)
     print(describe("relay", relay), flush=True)
     bare = bench.bare([dest], events, threads=n)
@@ -624,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=5000, help="events of the fast scenario")
     parser.add_argument("--memory-in-flight", type=int, default=500)
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
-                        help="an extra Celery worker argument for tuning experiments; "
-                        "repeatable")
+                        help="an extra `relay worker` argument for tuning experiments "
+                        "(--worker-arg=--processes=1); repeatable")
     parser.add_argument("--python-sink", action="store_true",
                         help="use the asyncio sink even when nginx is installed")
     parser.add_argument("--timeout", type=float, default=120, help="bound on each drain, s")
@@ -643,8 +675,9 @@ def main(argv: list[str] | None = None) -> int:
         info = machine_info(bench.client)
         info["code"] = code_version()
         print_machine(info)
-        argv, _ = relay_command("worker")
-        print(f"relay worker: {' '.join(argv[2:])} (+ {' '.join(args.worker_arg) or 'nothing'});"
+        argv, _ = relay_command("worker", "--processes", "1")
+        processes = worker_processes(args.worker_arg)
+        print(f"relay worker {' '.join(args.worker_arg)}: {processes} x {' '.join(argv[2:])};"
               f" logs in {workdir}; load average {os.getloadavg()[0]:.2f}", flush=True)
         started = time.monotonic()
         for name in chosen:

@@ -88,26 +88,37 @@ def web(host: str, port: int, workers: int | None, threads: int) -> None:
 
 @main.command(with_appcontext=False)
 @click.option(
+    "--processes",
+    "-p",
+    default=None,
+    type=click.IntRange(1, 256),
+    help="worker processes, each a Celery worker with its own tasks and send threads "
+    "[default: the cores this process may use]",
+)
+@click.option(
     "--concurrency",
     "-c",
     default=8,
     show_default=True,
     type=click.IntRange(1, 256),
-    help="tasks (lanes drained, intake batches) at once in this worker",
+    help="tasks (lanes drained, intake batches) at once in each worker process",
 )
 @click.option(
     "--max-in-flight",
     default=None,
     type=click.IntRange(1, 10_000),
-    help="deliveries in flight at once in this worker [default: RELAY_MAX_IN_FLIGHT or 100]",
+    help="deliveries in flight at once in each worker process "
+    "[default: RELAY_MAX_IN_FLIGHT or 100]",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--task-events/--no-task-events", default=False, show_default=True,
               help="send task events from the start (Flower turns them on when it runs)")
-def worker(concurrency: int, max_in_flight: int | None, loglevel: str,
+def worker(processes: int | None, concurrency: int, max_in_flight: int | None, loglevel: str,
            task_events: bool) -> None:
-    """Run a Celery worker (and the retry scheduler it carries). One per core: each is one
-    process whose sends run on a pool of --max-in-flight threads."""
+    """Run the Celery workers (each carries the retry scheduler and the lane sweep): one
+    process per core by default, each sending on a pool of --max-in-flight threads. Python
+    runs one thread at a time per process, so against fast receivers throughput comes from
+    processes; a dead process is started again, and SIGTERM stops them all warmly."""
     if max_in_flight is not None:
         os.environ["RELAY_MAX_IN_FLIGHT"] = str(max_in_flight)
     args = [
@@ -124,7 +135,23 @@ def worker(concurrency: int, max_in_flight: int | None, loglevel: str,
         # Events cost a quarter of a delivery's CPU (bench.delivery); Flower enables them on
         # every worker by remote control while it runs, so they are off by default.
         args.append("--task-events")
-    os.execv(sys.executable, args)
+    processes = processes or usable_cores()
+    if processes == 1:
+        os.execv(sys.executable, args)
+    from relay.supervise import Replicas
+
+    # Each process is its own Celery node (Flower lists them): relay1@host, relay2@host, …
+    replicas = Replicas(lambda i: [*args, "--hostname", f"relay{i}@%h"], processes,
+                        say=lambda text: click.echo(f"relay worker: {text}", err=True))
+    sys.exit(replicas.run())
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers set)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @main.command("send-sample", with_appcontext=False)
@@ -208,7 +235,9 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
             ],
             env=env,
         ),
-        subprocess.Popen([*relay, "worker", "--concurrency", str(concurrency)], env=env),
+        # One worker process: a laptop needs no more, and it keeps one log stream.
+        subprocess.Popen([*relay, "worker", "--processes", "1", "--concurrency", str(concurrency)],
+                         env=env),
     ]
     if flower:
         children.append(

@@ -1,4 +1,5 @@
-"""Process supervision for ``relay dev``: one process tree that stops as one.
+"""Process supervision: ``relay dev``'s process tree that stops as one, and ``relay worker
+--processes N``'s copies of one Celery worker, kept running (:class:`Replicas`).
 
 ``relay dev`` starts gunicorn, a Celery worker, maybe Flower, and an embedded redis-server, and
 each of those starts processes of its own (gunicorn and Celery workers). Stopping ``relay dev``
@@ -20,11 +21,13 @@ are followed).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -83,6 +86,80 @@ class ProcessTree:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+
+
+class Replicas:
+    """``count`` copies of one command (``argv_for(i)``, i = 1 … count), kept running.
+
+    The children stay in this process's group, so a kill of the group takes them all, and each
+    is sent SIGTERM should this process die without stopping them (Linux's parent-death
+    signal). A stop signal (SIGTERM, SIGINT, SIGHUP) is passed on once, as SIGTERM, to every
+    child (Celery's warm shutdown: finish and confirm what is in flight); :meth:`run` returns
+    when all have exited. A child that exits by itself is started again, as Celery's prefork
+    pool replaces a dead child, unless it exited within ``startup`` seconds of its start (a bad
+    config, Redis refusing): then the others are stopped and its exit status is returned.
+    """
+
+    def __init__(self, argv_for: Callable[[int], list[str]], count: int,
+                 startup: float = 10.0, restart_pause: float = 1.0,
+                 poll_interval: float = 0.2, say: Callable[[str], None] | None = None) -> None:
+        self.argv_for = argv_for
+        self.count = count
+        self.startup = startup
+        self.restart_pause = restart_pause
+        self.poll_interval = poll_interval
+        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.received: int | None = None
+        self.children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def _start(self, i: int) -> None:
+        process = subprocess.Popen(self.argv_for(i), preexec_fn=_die_with_parent(os.getpid()))
+        self.children[i] = (process, time.monotonic())
+
+    def run(self) -> int:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+        for i in range(1, self.count + 1):
+            self._start(i)
+        status = 0
+        while self.received is None:
+            for i, (process, started) in list(self.children.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                if time.monotonic() - started < self.startup:
+                    self.say(f"worker process {i} exited with {code} at start-up; stopping")
+                    status = code or 1
+                    break
+                self.say(f"worker process {i} exited with {code}; starting it again")
+                time.sleep(self.restart_pause)
+                self._start(i)
+            else:
+                time.sleep(self.poll_interval)
+                continue
+            break
+        for process, _ in self.children.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        for process, _ in self.children.values():
+            process.wait()
+        return status
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child is sent SIGTERM when ``parent`` dies (Linux only)."""
+    def preexec() -> None:
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # it died before the prctl
+                os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
 
 
 def _descendants(roots: Iterable[int]) -> dict[int, str]:

@@ -168,9 +168,11 @@ class RelayDeployment:
         self.env["RELAY_CONFIG"] = str(path)
         return path
 
-    def start_worker(self, concurrency: int = 2) -> WorkerProcess:
+    def start_worker(self, concurrency: int = 2, processes: int = 1) -> WorkerProcess:
+        """``relay worker``; one process unless asked (the shipped default is one per core:
+        tests that are about it ask for 2)."""
         worker = WorkerProcess(self.tmp / f"worker-{len(self.workers)}.log", dict(self.env),
-                               concurrency)
+                               concurrency, processes)
         worker.start()
         self.workers.append(worker)
         return worker
@@ -191,17 +193,19 @@ class WorkerProcess:
     log_path: Path
     env: dict[str, str]
     concurrency: int = 2
+    processes: int = 1
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "worker", "--concurrency", str(self.concurrency),
-             "--loglevel", "INFO"],
+            [sys.executable, "-m", "relay", "worker", "--processes", str(self.processes),
+             "--concurrency", str(self.concurrency), "--loglevel", "INFO"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             start_new_session=True,  # its own process group: kill -9 takes the pool too
         )
-        wait_for(lambda: " ready." in self.log() or self.process.poll() is not None,  # type: ignore[union-attr]
+        wait_for(lambda: self.log().count(" ready.") >= self.processes  # every process
+                 or self.process.poll() is not None,  # type: ignore[union-attr]
                  timeout, message="the worker to be ready")
         if self.process.poll() is not None:
             raise AssertionError(f"worker exited:\n{self.log()[-3000:]}")

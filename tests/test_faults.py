@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import socket
 import threading
@@ -158,14 +159,15 @@ def test_kill_9_of_a_worker_with_1000_events_to_2_sinks_loses_none(
 ) -> None:
     deployment.configure({"destinations": [webhook("a", f"{sink.url}/a"),
                                            webhook("b", f"{sink.url}/b")]})
-    worker = deployment.start_worker(concurrency=4)
+    # The shipped shape on 2 cores: `relay worker` runs one Celery worker process per core.
+    worker = deployment.start_worker(concurrency=4, processes=2)
     client = deployment.web_client()
     ids = {accepted(client, lead(n)) for n in range(1000)}
 
     wait_for(lambda: len(sink.requests()) >= 400, message="deliveries under way")
     worker.kill()
     killed_at = time.monotonic()
-    deployment.start_worker(concurrency=4)
+    deployment.start_worker(concurrency=4, processes=2)
 
     # The killed worker's deliveries stay pending in their lanes and are taken over once their
     # lease (timeout + 10 s) has run out: well within the minute the issue sets.
@@ -381,7 +383,8 @@ def test_sigterm_hands_back_unfinished_deliveries_at_once(
     deployment.env["RELAY_TASK_TIME_LIMIT"] = "60"
     deployment.configure({"destinations": [webhook("a", f"{sink.url}/a")]})
     sink.delay = 0.5
-    first = deployment.start_worker(concurrency=2)
+    # Two worker processes under `relay worker`: the SIGTERM to it reaches both.
+    first = deployment.start_worker(concurrency=2, processes=2)
     client = deployment.web_client()
     ids = {accepted(client, lead(n)) for n in range(30)}
 
@@ -389,6 +392,9 @@ def test_sigterm_hands_back_unfinished_deliveries_at_once(
     first.terminate()
     stopped_at = time.monotonic()
     assert not first.alive()
+    assert first.process is not None
+    with pytest.raises(ProcessLookupError):  # relay worker waited for every process it ran
+        os.killpg(first.process.pid, 0)
     assert len(delivered(sink)) < 30
     deployment.start_worker(concurrency=2)
 
