@@ -6,7 +6,7 @@ called by the thin tasks in ``workers``.
 - :meth:`Engine.drain` drains one destination's lane: it keeps up to the destination's
   ``concurrency`` deliveries in flight (shared by every worker through Redis, and within this
   process's ``max_in_flight``), each claimed before it is sent and confirmed after, in batches:
-  one round trip claims what the free slots allow, one confirms whatever has finished.
+  one round trip records whatever has finished and claims what the free slots allow.
 
 Sends run on a thread pool of ``max_in_flight`` threads: a slow destination fills its own share
 of it and waits there, while every other lane is drained by its own task.
@@ -59,6 +59,7 @@ LATENCY_HORIZON = 2.0
 #: How often a drainer also looks for deliveries a dead worker left pending.
 RECLAIM_EVERY = 2.0
 ADMIT_BATCH = 200
+SUCCESSES = frozenset({"delivered", "skipped"})
 
 
 class SubscriptionSource(Protocol):
@@ -363,6 +364,7 @@ class _Drain:
         last_reclaim = -math.inf
         lane_empty = False
         reading = True  # False once Redis failed a read: this task takes nothing more
+        outcomes: list[Confirmation] = []  # decided, not yet recorded
         while True:
             now = time.monotonic()
             if (reading and not lane_empty and self.held_until is None and now < deadline
@@ -371,8 +373,11 @@ class _Drain:
                 if reclaim:
                     last_reclaim = now
                 try:
-                    lane_empty = not self._refill(reclaim)
+                    # The outcomes ride with the next claim: one round trip for both.
+                    lane_empty = not self._refill(reclaim, outcomes)
                 except redis.RedisError:
+                    if outcomes:
+                        self._record(outcomes)
                     if self.in_flight == 0:
                         raise
                     # Redis went away: take nothing more, but record what is already out.
@@ -380,6 +385,10 @@ class _Drain:
                                 "deliveries in flight", self.in_flight,
                                 extra={"destination": self.lane})
                     reading = False
+                outcomes = []
+            elif outcomes:
+                self._record(outcomes)
+                outcomes = []
             if self.in_flight == 0:
                 break
             remaining = hard_deadline - time.monotonic()
@@ -396,7 +405,13 @@ class _Drain:
                     done.append(self.finished.get_nowait())
                 except queue.Empty:
                     break
-            self._confirm(done)
+            outcomes = self._decide(done)
+            if outcomes and (any(o.attempt.outcome not in SUCCESSES for o in outcomes)
+                             or any(g.reads_outcomes(self.destination) for g in engine.gates)):
+                # The circuit counts failures (and a probe's success), and the gates look
+                # before the next claim: record first, so that they see these outcomes.
+                self._record(outcomes)
+                outcomes = []
             lane_empty = False  # look again: entries may have come while these were out
         if self.held_until is not None:
             engine.lanes.hold(self.lane, self.held_until)
@@ -404,31 +419,33 @@ class _Drain:
               and engine.redis.xlen(lane_key(self.lane))):
             engine.kick([self.lane])  # budget spent, work left: hand over to a new task
 
-    def _refill(self, reclaim: bool) -> bool:
-        """Claim and send as many deliveries as the free slots allow. False when the lane had
-        nothing to read (or the destination's shared concurrency is used up)."""
+    def _refill(self, reclaim: bool, outcomes: list[Confirmation]) -> bool:
+        """Record ``outcomes``, and claim and send as many deliveries as the free slots
+        allow, in one round trip. False when the lane had nothing to read (or the
+        destination's shared concurrency is used up). A Redis error leaves ``outcomes``
+        unrecorded (the caller records them)."""
         engine, destination = self.engine, self.destination
-        free = min(engine.lane_share(destination), self.batch, self._window()) - self.in_flight
-        if free <= 0:
-            return True
-        want = free
+        want = min(engine.lane_share(destination), self.batch, self._window()) - self.in_flight
         for gate in engine.gates:
+            if want <= 0:
+                break
             granted, until = gate.allow(destination, want)
             if granted < want:
                 want = granted
                 self.held_until = until
-            if want <= 0:
-                return True
-        want = engine.slots.take(want)
-        if want <= 0:
+        want = engine.slots.take(want) if want > 0 else 0
+        if want <= 0 and not outcomes:
             return True
         try:
-            taken = engine.store.take(self.lane, engine.consumer, self.holder, want,
-                                      destination.concurrency, destination.lease,
+            taken = engine.store.step(self.lane, engine.consumer, self.holder,
+                                      destination.lease, outcomes, want,
+                                      destination.concurrency,
                                       destination.lease if reclaim else 0.0)
         except BaseException:
             engine.slots.give(want)
             raise
+        if want <= 0:
+            return True
         engine.slots.give(want - len(taken.claims))
         self.report.add("already-done", taken.done)
         self.report.add("busy", taken.busy)
@@ -467,7 +484,8 @@ class _Drain:
             self.finished.put((future, group))
         return finished
 
-    def _confirm(self, done: list[tuple[Future[list[Sent]], list[Claim]]]) -> None:
+    def _decide(self, done: list[tuple[Future[list[Sent]], list[Claim]]]
+                ) -> list[Confirmation]:
         engine, destination = self.engine, self.destination
         confirmations: list[Confirmation] = []
         for future, group in done:
@@ -479,12 +497,12 @@ class _Drain:
             for item in sent:
                 engine.observed(self.lane, item.latency_ms)
                 confirmation = engine.decider.decide(destination, item)
-                succeeded = confirmation.attempt.outcome in ("delivered", "skipped")
+                succeeded = confirmation.attempt.outcome in SUCCESSES
                 for gate in engine.gates:
                     gate.attempted(destination, succeeded)
                 confirmations.append(confirmation)
                 self.report.add(confirmation.attempt.outcome)
-        self._record(confirmations)
+        return confirmations
 
     def _record(self, confirmations: list[Confirmation]) -> None:
         """Confirm, waiting out a Redis that is briefly away (a restart, a failover): the

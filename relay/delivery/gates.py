@@ -58,6 +58,11 @@ class Gate(Protocol):
         """Told the outcome of each attempt this process made (a gate may cache state)."""
         ...
 
+    def reads_outcomes(self, destination: Destination) -> bool:
+        """Whether the next :meth:`allow` would read what recorded outcomes change: then the
+        drainer records its outcomes before it asks, instead of with its next claim."""
+        ...
+
 
 # KEYS: circuit hash, probe lease, stats hash
 # ARGV: now, threshold, cooldown, probe ttl, probe wait, window, failure rate, min volume
@@ -173,6 +178,9 @@ class PauseGate:
     def attempted(self, destination: Destination, succeeded: bool) -> None:
         pass
 
+    def reads_outcomes(self, destination: Destination) -> bool:
+        return False
+
     def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
         if not self._paused_now(destination.name):
             return want, None
@@ -238,11 +246,19 @@ class CircuitBreaker:
         if not succeeded:
             self._healthy.pop(destination.name, None)
 
+    def _snapshot_healthy(self, name: str) -> bool:
+        return (self.snapshot_ttl > 0
+                and time.monotonic() - self._healthy.get(name, -math.inf) < self.snapshot_ttl)
+
+    def reads_outcomes(self, destination: Destination) -> bool:
+        # The script reads the failure counts and the successes since a probe began.
+        return not self._snapshot_healthy(destination.name)
+
     def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
         p = self.policy
         name = destination.name
         now = time.monotonic()
-        if self.snapshot_ttl > 0 and now - self._healthy.get(name, -math.inf) < self.snapshot_ttl:
+        if self._snapshot_healthy(name):
             return want, None
         action, until = self._script(
             keys=[circuit_key(name), circuit_key(name) + ":probe", stats_key(name)],
@@ -289,6 +305,9 @@ class RateLimitGate:
 
     def attempted(self, destination: Destination, succeeded: bool) -> None:
         pass
+
+    def reads_outcomes(self, destination: Destination) -> bool:
+        return False
 
     def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
         limit = destination.rate_limit

@@ -1,11 +1,11 @@
 """Everything the relay keeps in Redis about events and deliveries (keys: :mod:`.keys`).
 
 Delivery state moves ``pending → inflight → delivered | retrying | dead`` with
-claim-then-confirm, per (event, destination), whatever the batch it travels in:
-:meth:`DeliveryStore.take` reads a batch of a lane's entries and claims each delivery with a
-lease in the same script (a second claimant is told ``busy`` or ``done``), and
-:meth:`DeliveryStore.confirm` records the outcomes of a batch in one script that never turns a
-``delivered`` back into anything else and acknowledges the lane entries only then.
+claim-then-confirm, per (event, destination), whatever the batch it travels in. A drainer's
+round trip is one script (:meth:`DeliveryStore.step`): it records the outcomes of the
+deliveries that finished (never turning a ``delivered`` back into anything else, and
+acknowledging their lane entries only then), then reads the next batch of the lane's entries
+and claims each delivery with a lease (a second claimant is told ``busy`` or ``done``).
 """
 
 from __future__ import annotations
@@ -43,43 +43,103 @@ RECENT_CAP = 10_000  # per destination and status: what the admin API lists
 RECENT_STATUSES = ("delivered", "retrying", "dead")
 ERROR_TEXT_LIMIT = 500
 
-# Reads up to ARGV[4] entries of a lane and claims each delivery, within the destination's
-# concurrency (the sum of what its drainers hold in flight stays <= ARGV[5]).
-# KEYS: lane stream, drainers zset, in-flight hash, scheduled zset
-# ARGV: group, consumer, holder, want, limit, now, lease until, retention s, destination,
-#       reclaim idle ms (0: read new entries only)
-# Answers {in flight before, {claimed: entry, event id, attempts, crashes, event json}...,
-#          done count, busy count, gone count}
-_TAKE = """
-local now = tonumber(ARGV[6])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-if #expired > 0 then  -- drainers whose worker died: their slots are free again
-  redis.call('ZREM', KEYS[2], unpack(expired))
-  redis.call('HDEL', KEYS[3], unpack(expired))
+# One drainer's round trip: record the outcomes of the deliveries that finished, then claim
+# the next ones, within the destination's concurrency (the sum of what its drainers hold in
+# flight stays <= the limit). Either part may be empty: the confirm of a batch acknowledges its
+# lane entries and gives back their slots, all of it or nothing; the claim reads the lane and
+# takes each delivery with a lease (a second claimant is told busy or done).
+# KEYS: lane stream, in-flight hash, drainers zset, stats hash, recent delivered / retrying /
+#       dead zsets, dead letters hash, dead letters index, scheduled zset
+# ARGV: group, consumer, holder, destination, now, lease until, retention s, log cap,
+#       recent cap, want, limit, reclaim idle ms (0: new entries only), outcomes: a JSON array
+#       of [entry, event id, state json, attempt json, outcome, time, error, listed status,
+#       dead letter json ('' if none), retry due time ('' if none)]
+# Answers {confirmed, in flight before the claim, {claimed: entry, event id, attempts,
+#          crashes, event json}..., done count, busy count, gone count}
+_STEP = """
+local group, consumer, holder, dest = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now, lease_until, retention = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local log_cap, recent_cap = tonumber(ARGV[8]), tonumber(ARGV[9])
+local statuses = {'delivered', 'retrying', 'dead'}
+
+-- the outcomes
+local confirmed = 0
+for _, item in ipairs(cjson.decode(ARGV[13])) do
+  local entry, id, state, attempt, outcome, at, err, listed, letter, retry_at = unpack(item)
+  local delivery, log = 'relay:delivery:' .. id, 'relay:log:' .. id
+  local raw = redis.call('HGET', delivery, dest)
+  if not (raw and cjson.decode(raw).status == 'delivered') then
+    redis.call('HSET', delivery, dest, state)   -- never downgrade a confirmed delivery
+    redis.call('EXPIRE', delivery, retention)
+  end
+  redis.call('RPUSH', log, attempt)
+  redis.call('LTRIM', log, -log_cap, -1)
+  redis.call('EXPIRE', log, retention)
+  if outcome == 'delivered' or outcome == 'skipped' then
+    redis.call('HINCRBY', KEYS[4], 'delivered', 1)
+    redis.call('HSET', KEYS[4], 'consecutive_failures', 0, 'last_success_at', at)
+  else
+    redis.call('HINCRBY', KEYS[4], 'failed', 1)
+    redis.call('HINCRBY', KEYS[4], 'consecutive_failures', 1)
+    redis.call('HSET', KEYS[4], 'last_error', err, 'last_error_at', at)
+  end
+  if retry_at ~= '' then
+    redis.call('ZADD', KEYS[10], retry_at, id .. '|' .. dest)
+  end
+  if outcome == 'dead' then
+    redis.call('HINCRBY', KEYS[4], 'dead', 1)
+    redis.call('HSET', KEYS[8], id .. '|' .. dest, letter)
+    redis.call('ZADD', KEYS[9], at, id .. '|' .. dest)
+  end
+  for s = 1, 3 do
+    local recent = KEYS[4 + s]
+    if statuses[s] == listed then
+      redis.call('ZADD', recent, at, id)
+      redis.call('ZREMRANGEBYRANK', recent, 0, -recent_cap - 1)
+      redis.call('EXPIRE', recent, retention)
+    else
+      redis.call('ZREM', recent, id)
+    end
+  end
+  if entry ~= '' then
+    redis.call('XACK', KEYS[1], group, entry)
+    redis.call('XDEL', KEYS[1], entry)
+    confirmed = confirmed + 1
+  end
 end
-redis.call('ZADD', KEYS[2], ARGV[7], ARGV[3])
+if confirmed > 0 and redis.call('HINCRBY', KEYS[2], holder, -confirmed) < 0 then
+  redis.call('HSET', KEYS[2], holder, 0)
+end
+
+-- the claim
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+if #expired > 0 then  -- drainers whose worker died: their slots are free again
+  redis.call('ZREM', KEYS[3], unpack(expired))
+  redis.call('HDEL', KEYS[2], unpack(expired))
+end
+redis.call('ZADD', KEYS[3], lease_until, holder)
+redis.call('EXPIRE', KEYS[3], 3600)
 redis.call('EXPIRE', KEYS[2], 3600)
 local used = 0
-for _, n in ipairs(redis.call('HVALS', KEYS[3])) do used = used + tonumber(n) end
-local want = math.min(tonumber(ARGV[4]), tonumber(ARGV[5]) - used)
+for _, n in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(n) end
+local want = math.min(tonumber(ARGV[10]), tonumber(ARGV[11]) - used)
 local claimed, done, busy, gone = {}, 0, 0, 0
-if want <= 0 then return {used, claimed, done, busy, gone} end
+if want <= 0 then return {confirmed, used, claimed, done, busy, gone} end
 local entries = {}
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', want,
+local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
                          'STREAMS', KEYS[1], '>')
 if reply then
   -- {{stream, entries}} from Redis; fakeredis (the unit layer) answers {stream, entries}
   if type(reply[1]) == 'table' then entries = reply[1][2] else entries = reply[2] end
   entries = entries or {}
 end
-if #entries < want and tonumber(ARGV[10]) > 0 then
-  local stale = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[10], '0-0',
+if #entries < want and tonumber(ARGV[12]) > 0 then
+  local stale = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[12], '0-0',
                            'COUNT', want - #entries)
   for _, item in ipairs(stale[2] or {}) do table.insert(entries, item) end
 end
-local dest = ARGV[9]
 local function finish(entry)
-  redis.call('XACK', KEYS[1], ARGV[1], entry)
+  redis.call('XACK', KEYS[1], group, entry)
   redis.call('XDEL', KEYS[1], entry)
 end
 for _, item in ipairs(entries) do
@@ -99,7 +159,7 @@ for _, item in ipairs(entries) do
       done = done + 1
     elseif st.status == 'inflight' and tonumber(st.lease_until) > now then
       -- another drainer is sending it (or died doing so): look again after its lease
-      redis.call('ZADD', KEYS[4], tonumber(st.lease_until) + 1, id .. '|' .. dest)
+      redis.call('ZADD', KEYS[10], tonumber(st.lease_until) + 1, id .. '|' .. dest)
       finish(entry)
       busy = busy + 1
     else
@@ -109,78 +169,16 @@ for _, item in ipairs(entries) do
       if st.status == 'inflight' then st.crashes = (st.crashes or 0) + 1 end
       st.attempts = st.attempts + 1
       st.status = 'inflight'
-      st.lease_until = tonumber(ARGV[7])
+      st.lease_until = lease_until
       st.updated_at = now
       redis.call('HSET', key, dest, cjson.encode(st))
-      redis.call('EXPIRE', key, ARGV[8])
+      redis.call('EXPIRE', key, retention)
       table.insert(claimed, {entry, id, st.attempts, st.crashes or 0, event})
     end
   end
 end
-if #claimed > 0 then redis.call('HINCRBY', KEYS[3], ARGV[3], #claimed) end
-redis.call('EXPIRE', KEYS[3], 3600)
-return {used, claimed, done, busy, gone}
-"""
-
-# Records the outcomes of a batch of one destination's deliveries, acknowledges their lane
-# entries and gives back their concurrency slots: one script, all of it or nothing.
-# KEYS: lane stream, in-flight hash, drainers zset, stats hash, recent delivered / retrying /
-#       dead zsets, dead letters hash, dead letters index, scheduled zset
-# ARGV: group, holder, destination, retention s, log cap, recent cap, lease until, then per
-#       delivery: entry, event id, state json, attempt json, outcome, time, error, listed
-#       status, dead letter json ('' if none), retry due time ('' if none)
-_CONFIRM = """
-local dest, retention = ARGV[3], ARGV[4]
-local n = 0
-for i = 8, #ARGV, 10 do
-  local entry, id, outcome, at = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 5]
-  local delivery, log = 'relay:delivery:' .. id, 'relay:log:' .. id
-  local raw = redis.call('HGET', delivery, dest)
-  if not (raw and cjson.decode(raw).status == 'delivered') then
-    redis.call('HSET', delivery, dest, ARGV[i + 2])   -- never downgrade a confirmed delivery
-    redis.call('EXPIRE', delivery, retention)
-  end
-  redis.call('RPUSH', log, ARGV[i + 3])
-  redis.call('LTRIM', log, -tonumber(ARGV[5]), -1)
-  redis.call('EXPIRE', log, retention)
-  if outcome == 'delivered' or outcome == 'skipped' then
-    redis.call('HINCRBY', KEYS[4], 'delivered', 1)
-    redis.call('HSET', KEYS[4], 'consecutive_failures', 0, 'last_success_at', at)
-  else
-    redis.call('HINCRBY', KEYS[4], 'failed', 1)
-    redis.call('HINCRBY', KEYS[4], 'consecutive_failures', 1)
-    redis.call('HSET', KEYS[4], 'last_error', ARGV[i + 6], 'last_error_at', at)
-  end
-  if ARGV[i + 9] ~= '' then
-    redis.call('ZADD', KEYS[10], ARGV[i + 9], id .. '|' .. dest)
-  end
-  if outcome == 'dead' then
-    redis.call('HINCRBY', KEYS[4], 'dead', 1)
-    redis.call('HSET', KEYS[8], id .. '|' .. dest, ARGV[i + 8])
-    redis.call('ZADD', KEYS[9], at, id .. '|' .. dest)
-  end
-  local statuses = {'delivered', 'retrying', 'dead'}
-  for s = 1, 3 do
-    local recent = KEYS[4 + s]
-    if statuses[s] == ARGV[i + 7] then
-      redis.call('ZADD', recent, at, id)
-      redis.call('ZREMRANGEBYRANK', recent, 0, -tonumber(ARGV[6]) - 1)
-      redis.call('EXPIRE', recent, retention)
-    else
-      redis.call('ZREM', recent, id)
-    end
-  end
-  if entry ~= '' then
-    redis.call('XACK', KEYS[1], ARGV[1], entry)
-    redis.call('XDEL', KEYS[1], entry)
-    n = n + 1
-  end
-end
-if n > 0 and redis.call('HINCRBY', KEYS[2], ARGV[2], -n) < 0 then
-  redis.call('HSET', KEYS[2], ARGV[2], 0)
-end
-redis.call('ZADD', KEYS[3], 'XX', ARGV[7], ARGV[2])
-return n
+if #claimed > 0 then redis.call('HINCRBY', KEYS[2], holder, #claimed) end
+return {confirmed, used, claimed, done, busy, gone}
 """
 
 Outcome = Literal["delivered", "retrying", "dead", "skipped"]
@@ -239,8 +237,7 @@ class DeliveryStore:
     def __init__(self, client: redis.Redis, retention: float = 7 * 86400) -> None:
         self.redis = client
         self.retention = int(retention)
-        self._take = client.register_script(_TAKE)
-        self._confirm = client.register_script(_CONFIRM)
+        self._step = client.register_script(_STEP)
         self.metrics = metrics_for(client)
 
     # -- events ---------------------------------------------------------------------------
@@ -264,42 +261,44 @@ class DeliveryStore:
 
     # -- deliveries -----------------------------------------------------------------------
 
-    def take(self, lane: str, consumer: str, holder: str, want: int, limit: int,
-             lease: float, reclaim_idle: float = 0.0) -> Taken:
-        """Read up to ``want`` of the lane's entries (with ``reclaim_idle``, also entries a
-        dead worker left pending that long) and claim each delivery for ``lease`` seconds,
-        keeping the destination's in-flight total within ``limit``. One round trip."""
+    def step(self, lane: str, consumer: str, holder: str, lease: float,
+             confirmations: Sequence[Confirmation] = (), want: int = 0, limit: int = 0,
+             reclaim_idle: float = 0.0) -> Taken:
+        """A drainer's round trip: record a batch of the destination's outcomes (each
+        delivery state, never downgrading a confirmed delivery; log line, counter,
+        per-destination list, retry or dead letter; then acknowledge their lane entries and
+        free their slots), then read up to ``want`` of the lane's entries (with
+        ``reclaim_idle``, also entries a dead worker left pending that long) and claim each
+        delivery for ``lease`` seconds, keeping the destination's in-flight total within
+        ``limit``. One script, one round trip."""
         now = time.time()
-        _used, claimed, done, busy, gone = self._take(
-            keys=[lane_key(lane), DRAINERS_PREFIX + lane, INFLIGHT_PREFIX + lane, SCHEDULED],
-            args=[GROUP, consumer, holder, want, limit, now, now + lease, self.retention, lane,
-                  int(reclaim_idle * 1000)])
-        claims = [Claim(entry.decode(), LeadEvent.from_json(json.loads(event)), int(attempts),
-                        int(crashes))
-                  for entry, _id, attempts, crashes, event in claimed]
-        return Taken(claims, int(done), int(busy), int(gone))
-
-    def confirm(self, lane: str, holder: str, lease: float,
-                confirmations: Sequence[Confirmation]) -> None:
-        """Record a batch of one destination's outcomes: each delivery state (never
-        downgrading a confirmed delivery), log line, counter, per-destination list, retry or
-        dead letter; then acknowledge their lane entries and free their slots."""
-        if not confirmations:
-            return
-        args: list[Any] = [GROUP, holder, lane, self.retention, LOG_CAP, RECENT_CAP,
-                           time.time() + lease]
-        for c in confirmations:
-            args += _confirm_args(c)
-        self._confirm(
+        outcomes = json.dumps([_confirm_args(c) for c in confirmations])
+        _confirmed, _used, claimed, done, busy, gone = self._step(
             keys=[lane_key(lane), INFLIGHT_PREFIX + lane, DRAINERS_PREFIX + lane,
                   stats_key(lane), *(recent_key(lane, s) for s in RECENT_STATUSES),
                   DEAD_KEY, DEAD_INDEX, SCHEDULED],
-            args=args)
+            args=[GROUP, consumer, holder, lane, now, now + lease, self.retention, LOG_CAP,
+                  RECENT_CAP, want, limit, int(reclaim_idle * 1000), outcomes])
         for c in confirmations:
             self.metrics.inc("deliveries", {"destination": lane, "outcome": c.attempt.outcome})
             if c.attempt.latency_ms is not None:
                 self.metrics.observe("attempt_latency_seconds", c.attempt.latency_ms / 1000,
                                      {"destination": lane})
+        claims = [Claim(entry.decode(), LeadEvent.from_json(json.loads(event)), int(attempts),
+                        int(crashes))
+                  for entry, _id, attempts, crashes, event in claimed]
+        return Taken(claims, int(done), int(busy), int(gone))
+
+    def take(self, lane: str, consumer: str, holder: str, want: int, limit: int,
+             lease: float, reclaim_idle: float = 0.0) -> Taken:
+        """Claim only (:meth:`step` with no outcomes)."""
+        return self.step(lane, consumer, holder, lease, (), want, limit, reclaim_idle)
+
+    def confirm(self, lane: str, holder: str, lease: float,
+                confirmations: Sequence[Confirmation], consumer: str = "") -> None:
+        """Record outcomes only (:meth:`step` claiming nothing)."""
+        if confirmations:
+            self.step(lane, consumer, holder, lease, confirmations)
 
     def delivery_states(self, event_id: str) -> dict[str, dict[str, Any]]:
         raw = self.redis.hgetall(delivery_key(event_id))
@@ -384,8 +383,8 @@ def _confirm_args(c: Confirmation) -> list[Any]:
     # Each delivery is listed under its current status only (skipped counts as delivered).
     listed = "delivered" if attempt.outcome == "skipped" else attempt.outcome
     return [c.entry_id, event_id, json.dumps(state), json.dumps(attempt.to_json()),
-            attempt.outcome, attempt.at, attempt.error or "", listed, letter,
-            "" if c.retry_at is None else c.retry_at]
+            attempt.outcome, repr(attempt.at), attempt.error or "", listed, letter,
+            "" if c.retry_at is None else repr(c.retry_at)]
 
 
 __all__ = ["DEAD_INDEX", "DEAD_KEY", "PREFIX", "Attempt", "Claim", "Confirmation",
