@@ -1,6 +1,7 @@
 """The lead index: which events a lead had, newest first, for the console's lead search.
 
-The workers keep it: :func:`index_event` is called once per event they admit as new. Keys
+The workers keep it: each batch they admit is indexed with one script
+(:class:`LeadIndexer`), before the admit script, so every admitted event is indexed. Keys
 (under ``relay:``), bounded like the events they point to:
 
 =============================  ====================================================  ==========
@@ -72,29 +73,59 @@ def lead_keys(payload: Mapping[str, Any]) -> list[str]:
     return keys
 
 
-def index_event(client: redis.Redis | redis.client.Pipeline, event: LeadEvent,
-                retention: float) -> None:
-    """Add ``event`` to its lead's entries (and the latest events). Idempotent: indexing an
-    event twice leaves one entry. Given a pipeline it only queues the commands, so a worker can
-    send them with a round trip it makes anyway."""
-    at = event.received_at or time.time()
-    ttl = max(1, int(retention))
-    keys = lead_keys(event.payload)
-    # A Pipeline is a Redis subclass: ask for the pipeline, not for the client.
-    given = isinstance(client, redis.client.Pipeline)
-    pipe = client if given else client.pipeline(transaction=False)
-    for key in keys:
-        pipe.zadd(key, {event.event_id: at})
-        pipe.zremrangebyscore(key, "-inf", f"({at - retention}")
-        pipe.zremrangebyrank(key, 0, -PER_LEAD_CAP - 1)
-        pipe.expire(key, ttl)
-    pipe.zadd(ALL_KEY, {event.event_id: at})
-    pipe.zremrangebyrank(ALL_KEY, 0, -ALL_CAP - 1)
-    pipe.expire(ALL_KEY, ttl)
-    if keys:
-        pipe.set(_of_key(event.event_id), json.dumps(keys), ex=ttl)
-    if not given:
-        pipe.execute()
+# Adds a batch of events to their leads' zsets and the latest events, trims both and sets
+# their expiry: one round trip for an admitted batch. The scores stay the strings Python sent
+# (a Lua number would be rounded to 14 digits).
+# KEYS: the latest-events zset
+# ARGV: ttl s, per-lead cap, all cap, lead:of key prefix, then per event: event id, time,
+#       trim-before time, the lead:of JSON ('' when the event names no lead), key count, keys
+_INDEX = """
+local ttl, per_lead, all, of_prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local i = 5
+while i <= #ARGV do
+  local id, at, before, of, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+                                tonumber(ARGV[i + 4])
+  for k = i + 5, i + 4 + n do
+    local key = ARGV[k]
+    redis.call('ZADD', key, at, id)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. before)
+    redis.call('ZREMRANGEBYRANK', key, 0, -per_lead - 1)
+    redis.call('EXPIRE', key, ttl)
+  end
+  redis.call('ZADD', KEYS[1], at, id)
+  if of ~= '' then
+    redis.call('SET', of_prefix .. id, of, 'EX', ttl)
+  end
+  i = i + 5 + n
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -all - 1)
+redis.call('EXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+
+class LeadIndexer:
+    """Adds admitted events to the index, a batch per round trip (the workers hold one)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(_INDEX)
+
+    def add(self, events: Iterable[LeadEvent], retention: float) -> None:
+        """Add ``events`` to their leads' entries (and the latest events). Idempotent:
+        indexing an event twice leaves one entry."""
+        args: list[Any] = [max(1, int(retention)), PER_LEAD_CAP, ALL_CAP, _of_key("")]
+        for event in events:
+            at = event.received_at or time.time()
+            keys = lead_keys(event.payload)
+            args += [event.event_id, repr(at), repr(at - retention),
+                     json.dumps(keys) if keys else "", len(keys), *keys]
+        if len(args) > 4:
+            self._script(keys=[ALL_KEY], args=args)
+
+
+def index_event(client: redis.Redis, event: LeadEvent, retention: float) -> None:
+    """Add one event to the index (:class:`LeadIndexer` for a batch)."""
+    LeadIndexer(client).add([event], retention)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,17 @@ def configure_logging(log_format: str | None = None, level: str | None = None) -
     root.setLevel((level or os.environ.get("RELAY_LOG_LEVEL") or "INFO").upper())
 
 
+def lean_records() -> None:
+    """Skip the parts of a log record no relay line shows: the caller's file and line (a walk
+    up the stack for every record), the thread's and the process's names. These are the
+    switches of the logging HOWTO's "Optimization" section; a server process (gunicorn's app,
+    a Celery worker) sets them once, where a line per request and per attempt adds up."""
+    logging._srcfile = None  # type: ignore[attr-defined]  # documented in the HOWTO
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
 def init_app(app: Flask, log_format: str | None = None) -> None:
     """Configure logging and write one line per ingress request (``POST /hooks/…``)."""
     configure_logging(log_format)

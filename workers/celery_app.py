@@ -29,7 +29,7 @@ from celery.signals import setup_logging, worker_init
 from kombu import Queue
 
 from relay.config import load_config
-from relay.logs import configure_logging
+from relay.logs import configure_logging, lean_records
 from relay.settings import Settings
 from relay.taskqueue import QUEUE
 from workers import broker
@@ -82,6 +82,7 @@ def _configure_logging(loglevel: Any = None, **_: Any) -> None:
     # worker's own lines too.
     configure_logging(settings.log_format, logging.getLevelName(loglevel) if isinstance(
         loglevel, int) else loglevel)
+    lean_records()  # a line per attempt: nothing in it that no line shows
     # Celery's "Task … received" and "Task … succeeded" lines repeat, less readably, the
     # relay's own line per attempt (and dump the whole message or the task's return value:
     # a tenth of the consumer's CPU); failures still show at WARNING and above, and Flower

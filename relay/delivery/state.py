@@ -10,7 +10,9 @@ and claims each delivery with a lease (a second claimant is told ``busy`` or ``d
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -233,12 +235,37 @@ class Confirmation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class ParsedEvents:
+    """Events parsed from their stored JSON, kept by that JSON's bytes: an event routed to
+    several lanes is claimed once per lane, and admission parsed it already. Keyed by content,
+    an entry can never be stale; bounded, so it holds only the last few hundred events."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._parsed: collections.OrderedDict[bytes, LeadEvent] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, raw: bytes, event: LeadEvent) -> None:
+        with self._lock:
+            self._parsed[raw] = event
+            if len(self._parsed) > self.size:
+                self._parsed.popitem(last=False)
+
+    def get(self, raw: bytes) -> LeadEvent:
+        event = self._parsed.get(raw)
+        if event is None:
+            event = LeadEvent.from_json(json.loads(raw))
+            self.add(raw, event)
+        return event
+
+
 class DeliveryStore:
     def __init__(self, client: redis.Redis, retention: float = 7 * 86400) -> None:
         self.redis = client
         self.retention = int(retention)
         self._step = client.register_script(_STEP)
         self.metrics = metrics_for(client)
+        self.parsed = ParsedEvents()
 
     # -- events ---------------------------------------------------------------------------
 
@@ -284,8 +311,7 @@ class DeliveryStore:
             if c.attempt.latency_ms is not None:
                 self.metrics.observe("attempt_latency_seconds", c.attempt.latency_ms / 1000,
                                      {"destination": lane})
-        claims = [Claim(entry.decode(), LeadEvent.from_json(json.loads(event)), int(attempts),
-                        int(crashes))
+        claims = [Claim(entry.decode(), self.parsed.get(event), int(attempts), int(crashes))
                   for entry, _id, attempts, crashes, event in claimed]
         return Taken(claims, int(done), int(busy), int(gone))
 
