@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Seconds a claimed delivery's lease adds to its destination's timeout (RELAY_LEASE_MARGIN).
+LEASE_MARGIN = 10.0
+
 
 @dataclass(frozen=True)
 class LeadEvent:
@@ -97,8 +100,9 @@ class Destination:
     def lease(self) -> float:
         """How long a claimed delivery is held: its timeout (which bounds a whole answer, see
         :mod:`relay.http`) with room to spare for recording the outcome. A delivery whose
-        worker died is taken over once this has passed."""
-        return self.timeout + 10
+        worker died is taken over once this has passed. (Workers add
+        ``RELAY_LEASE_MARGIN`` instead, see :meth:`relay.delivery.engine.Engine.lease`.)"""
+        return self.timeout + LEASE_MARGIN
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from relay.durations import parse_duration
 from relay.errors import ConfigError
+from relay.models import LEASE_MARGIN
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -25,6 +26,9 @@ class Settings:
     task_time_limit: float = 120.0
     max_in_flight: int = 100  # deliveries in flight at once per worker process
     max_task_runs: int = 3  # a task that kills its worker this often becomes a dead letter
+    # A claimed delivery's lease is its destination's timeout plus this: how soon a dead
+    # worker's deliveries are taken over, and how long a live one may take to record them.
+    lease_margin: float = LEASE_MARGIN
     retention: float = 7 * 86400.0  # event payloads, delivery log
     scheduler_interval: float = 1.0
     log_format: str = "text"
@@ -46,6 +50,7 @@ class Settings:
                 visibility_timeout=parse_duration(env.get("RELAY_VISIBILITY_TIMEOUT") or 300),
                 task_time_limit=parse_duration(env.get("RELAY_TASK_TIME_LIMIT") or 120),
                 max_task_runs=int(env.get("RELAY_MAX_TASK_RUNS") or 3),
+                lease_margin=parse_duration(env.get("RELAY_LEASE_MARGIN") or LEASE_MARGIN),
                 max_in_flight=int(env.get("RELAY_MAX_IN_FLIGHT") or 100),
                 retention=parse_duration(env.get("RELAY_RETENTION") or "7d"),
                 scheduler_interval=parse_duration(env.get("RELAY_SCHEDULER_INTERVAL") or 1),

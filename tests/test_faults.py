@@ -415,8 +415,10 @@ def test_a_delivery_that_kills_its_worker_becomes_a_dead_letter(
 ) -> None:
     # A 1 s task time limit below the destination's 3 s timeout: the drain gives up on the
     # never-answered request at the limit, as a killed pool process did with prefork, and
-    # leaves it unconfirmed. Its lease (3 + 10 s) runs out, another drain takes the entry over
-    # and counts the crash on the delivery: with RELAY_MAX_TASK_RUNS=1, a dead letter.
+    # leaves it unconfirmed. Its lease (3 + 3 s: RELAY_LEASE_MARGIN) runs out, another drain
+    # takes the entry over and counts the crash on the delivery: with RELAY_MAX_TASK_RUNS=1,
+    # a dead letter.
+    deployment.env["RELAY_LEASE_MARGIN"] = "3"
     deployment.env["RELAY_TASK_TIME_LIMIT"] = "1"
     deployment.env["RELAY_MAX_TASK_RUNS"] = "1"
     deployment.configure({"destinations": [

@@ -152,6 +152,9 @@ def test_signed_delivery_verifies_with_the_standard_webhooks_algorithm(
 def test_kill_9_of_the_worker_with_500_events_in_flight_loses_none(
     deployment: RelayDeployment, sink: Sink, redis_client
 ) -> None:
+    # Leases of 2 + 3 s: the killed worker's deliveries are taken over 5 s after their claim
+    # (the shipped 10 s margin is the fault test's).
+    deployment.env["RELAY_LEASE_MARGIN"] = "3"
     deployment.configure({"destinations": [
         webhook("a", f"{sink.url}/a", timeout="2s"),
         webhook("b", f"{sink.url}/b", timeout="2s"),

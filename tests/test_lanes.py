@@ -95,3 +95,12 @@ def test_claimed_kicks_are_set_once() -> None:
     assert world.lanes.claim_kicks(["crm", "crm", "backend"]) == ["backend", "crm"]
     assert world.lanes.claim_kicks(["crm"]) == []
     assert world.redis.exists(kick_key("crm")) and not world.redis.exists(hold_key("crm"))
+
+
+def test_a_lease_is_the_destination_timeout_plus_the_configured_margin() -> None:
+    world = World()
+    crm = world.config.destination("crm")
+    assert crm is not None
+    assert world.engine("w").lease(crm) == crm.timeout + 10 == crm.lease
+    settings = Settings.from_env({"RELAY_LEASE_MARGIN": "3s"})
+    assert Engine(settings, world.config, world.redis).lease(crm) == crm.timeout + 3

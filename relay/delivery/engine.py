@@ -37,7 +37,7 @@ from relay.delivery.gates import Gate
 from relay.delivery.keys import INTAKE, lane_key
 from relay.delivery.lanes import IntakeEntry, Lanes
 from relay.delivery.state import Claim, Confirmation, DeliveryStore
-from relay.leadindex import index_event
+from relay.leadindex import LeadIndexer
 from relay.metrics import metrics_for
 from relay.models import Destination, LeadEvent
 from relay.routing import route
@@ -133,6 +133,7 @@ class Engine:
         self.consumer = consumer
         self.store = DeliveryStore(client, settings.retention)
         self.lanes = Lanes(client, consumer)
+        self.lead_index = LeadIndexer(client)
         self.subscriptions = subscriptions
         self.drivers = drivers or DriverCache()
         self.gates = gates
@@ -208,7 +209,10 @@ class Engine:
             try:
                 if entry.event is None:
                     raise TypeError("not a JSON object")
-                events.append((entry, LeadEvent.from_json(entry.event)))
+                event = LeadEvent.from_json(entry.event)
+                events.append((entry, event))
+                if entry.raw:  # what the lanes' claims will read: parsed once, here
+                    self.store.parsed.add(entry.raw, event)
             except (KeyError, TypeError):
                 bad.append(entry.entry_id)
         if bad:  # never written so by the ingress: nothing could deliver them
@@ -218,10 +222,7 @@ class Engine:
             return
         # The console's lead index first: a crash before the admit script leaves the entries
         # to be admitted again, so every admitted event is indexed (duplicates share an id).
-        pipe = self.redis.pipeline(transaction=False)
-        for _, event in events:
-            index_event(pipe, event, self.settings.retention)
-        pipe.execute()
+        self.lead_index.add((event for _, event in events), self.settings.retention)
         version_key = self.subscriptions.version_key if self.subscriptions else "relay:nothing"
         if self._version is None:
             self._version = self.redis.get(version_key) or b""
@@ -279,7 +280,7 @@ class Engine:
         holder = f"{self.consumer}:{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
         try:
-            if not self.lanes.join(lane, holder, destination.lease, MAX_DRAINERS):
+            if not self.lanes.join(lane, holder, self.lease(destination), MAX_DRAINERS):
                 report.add("crowded")
                 return report
             while True:
@@ -300,6 +301,12 @@ class Engine:
                 if late and not self.stopping.is_set():
                     self.kick([lane])
         return report
+
+    def lease(self, destination: Destination) -> float:
+        """How long this worker holds a claimed delivery: the destination's timeout (which
+        bounds a whole answer) plus ``RELAY_LEASE_MARGIN`` to record the outcome. A dead
+        worker's deliveries are taken over once it has passed."""
+        return destination.timeout + self.settings.lease_margin
 
     def lane_share(self, destination: Destination) -> int:
         """How many of this process's slots one lane may use: its ``concurrency``, and no
@@ -437,10 +444,10 @@ class _Drain:
         if want <= 0 and not outcomes:
             return True
         try:
-            taken = engine.store.step(self.lane, engine.consumer, self.holder,
-                                      destination.lease, outcomes, want,
-                                      destination.concurrency,
-                                      destination.lease if reclaim else 0.0)
+            lease = engine.lease(destination)
+            taken = engine.store.step(self.lane, engine.consumer, self.holder, lease,
+                                      outcomes, want, destination.concurrency,
+                                      lease if reclaim else 0.0)
         except BaseException:
             engine.slots.give(want)
             raise
@@ -462,7 +469,7 @@ class _Drain:
                 claims.append(claim)
         if buried:
             engine.slots.give(len(buried))
-            engine.store.confirm(self.lane, self.holder, destination.lease, buried)
+            engine.store.confirm(self.lane, self.holder, engine.lease(destination), buried)
             self.report.add("dead", len(buried))
         if claims:
             driver = engine.drivers.get(destination)
@@ -509,12 +516,12 @@ class _Drain:
         outcomes are known, and recording them beats having the deliveries taken over and
         sent again once their lease runs out. Half the lease is the most it waits."""
         destination = self.destination
-        give_up = time.monotonic() + destination.lease / 2
+        lease = self.engine.lease(destination)
+        give_up = time.monotonic() + lease / 2
         pause = 0.2
         while True:
             try:
-                self.engine.store.confirm(self.lane, self.holder, destination.lease,
-                                          confirmations)
+                self.engine.store.confirm(self.lane, self.holder, lease, confirmations)
                 return
             except redis.RedisError as exc:
                 if time.monotonic() + pause > give_up or self.engine.stopping.is_set():
