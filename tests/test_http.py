@@ -198,3 +198,20 @@ def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout(http: Htt
         server.close()
     assert "timed out" in caught.value.message
     assert time.monotonic() - started < 5  # generous: one second plus a trickled byte
+
+
+def test_an_origin_whose_pool_the_manager_evicted_is_looked_up_again(
+        vendor: VendorServer) -> None:
+    import urllib3
+
+    # One pool in all: every request to the other origin evicts (closes) this one's pool.
+    http = HttpClient(urllib3.PoolManager(num_pools=1))
+    other = vendor.url.replace("127.0.0.1", "localhost")
+    for _ in range(3):
+        post(http, vendor)
+        response = http.request("POST", other + "/hook", body=b"{}", timeout=5)
+        assert response.status == 200
+    assert len(vendor.requests) == 6
+    # The query string is part of the request target.
+    http.request("POST", vendor.url + "/hook?a=1&b=2", body=b"{}", timeout=5)
+    assert vendor.requests[-1].path == "/hook?a=1&b=2"
