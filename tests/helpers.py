@@ -155,3 +155,12 @@ def run_queue(relay: Engine, client: redis.Redis) -> None:
             return
         before = now
     raise AssertionError("the queue never emptied")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie), read from /proc."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")

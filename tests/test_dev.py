@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import urllib3
 from conftest import ROOT, wait_for
+from helpers import process_alive
 
 from relay.embedded_redis import free_port
 
@@ -49,14 +50,6 @@ def tree_of(pid: int) -> dict[int, str]:
                         .replace(b"\0", b" ").decode(errors="replace")
                 pending.append(child)
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
 @pytest.fixture
@@ -112,7 +105,7 @@ def test_a_signal_to_relay_dev_stops_its_whole_process_tree(
 
     process.send_signal(signum)  # to relay dev alone, as `kill`, `timeout` or docker stop do
     assert process.wait(90) == 0
-    survivors = {pid: command for pid, command in tree.items() if alive(pid)}
+    survivors = {pid: command for pid, command in tree.items() if process_alive(pid)}
     assert survivors == {}, "relay dev exited while these were still running"
 
 
@@ -142,7 +135,7 @@ def test_the_tree_is_stopped_even_when_a_grandchild_ignores_sigterm() -> None:
         assert tree.wait() == "signal"
         tree.stop(grace=1.0)
         assert child.poll() is not None and stubborn.poll() is not None
-        assert not alive(grandchild)
+        assert not process_alive(grandchild)
     finally:
         for process in (child, stubborn):
             if process.poll() is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from helpers import process_alive
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc and uses the parent-death signal")
@@ -47,14 +48,6 @@ def started(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if not p.name.endswith(".term"))
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = (Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
-
-
 def supervise(out: Path, count: int, child: str = CHILD, startup: float = 0.0
               ) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", SUPERVISOR, child, str(out), str(count),
@@ -75,7 +68,7 @@ def test_a_stop_signal_reaches_every_child_and_a_dead_one_is_started_again(
         assert supervisor.wait(20) == 0
         # Both live children got SIGTERM and were waited for before the supervisor exited.
         assert len(list(tmp_path.glob("*.term"))) == 2
-        assert not any(pid_alive(int(p.suffix[1:])) for p in started(tmp_path))
+        assert not any(process_alive(int(p.suffix[1:])) for p in started(tmp_path))
     finally:
         if supervisor.poll() is None:
             os.killpg(supervisor.pid, signal.SIGKILL)
@@ -101,7 +94,7 @@ def test_children_do_not_outlive_a_supervisor_killed_with_9(tmp_path: Path) -> N
         wait_for(lambda: len(list(tmp_path.glob("*.term"))) == 2, timeout=20,
                  message="each child told to stop by the parent-death signal")
         deadline = time.monotonic() + 20
-        while any(pid_alive(int(p.suffix[1:])) for p in started(tmp_path)):
+        while any(process_alive(int(p.suffix[1:])) for p in started(tmp_path)):
             assert time.monotonic() < deadline, "a child outlived its supervisor"
             time.sleep(0.05)
     finally:
