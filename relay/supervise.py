@@ -126,22 +126,11 @@ class Replicas:
         for i in range(1, self.count + 1):
             self._start(i)
         status = 0
-        while self.received is None:
-            for i, (process, started) in list(self.children.items()):
-                code = process.poll()
-                if code is None:
-                    continue
-                if time.monotonic() - started < self.startup:
-                    self.say(f"worker process {i} exited with {code} at start-up; stopping")
-                    status = code or 1
-                    break
-                self.say(f"worker process {i} exited with {code}; starting it again")
-                time.sleep(self.restart_pause)
-                self._start(i)
-            else:
-                time.sleep(self.poll_interval)
-                continue
-            break
+        while self.received is None and not status:
+            time.sleep(self.poll_interval)
+            status = self._restart_exited()
+        # A Ctrl-C at a terminal reached the children too: SIGINT then SIGTERM is still one
+        # warm shutdown for Celery (a second SIGINT would be its cold one).
         for process, _ in self.children.values():
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -149,6 +138,21 @@ class Replicas:
         for process, _ in self.children.values():
             process.wait()
         return status
+
+    def _restart_exited(self) -> int:
+        """Start again each child that exited; the status to exit with when one failed at
+        start-up (0: none did)."""
+        for i, (process, started) in list(self.children.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            if time.monotonic() - started < self.startup:
+                self.say(f"worker process {i} exited with {code} at start-up; stopping")
+                return code if code > 0 else 1
+            self.say(f"worker process {i} exited with {code}; starting it again")
+            time.sleep(self.restart_pause)
+            self._start(i)
+        return 0
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:

@@ -119,7 +119,11 @@ if #expired > 0 then  -- drainers whose worker died: their slots are free again
   redis.call('ZREM', KEYS[3], unpack(expired))
   redis.call('HDEL', KEYS[2], unpack(expired))
 end
-redis.call('ZADD', KEYS[3], lease_until, holder)
+if tonumber(ARGV[10]) > 0 then
+  redis.call('ZADD', KEYS[3], lease_until, holder)
+else  -- recording only: extend a drainer's lease, never bring back one that has left
+  redis.call('ZADD', KEYS[3], 'XX', lease_until, holder)
+end
 redis.call('EXPIRE', KEYS[3], 3600)
 redis.call('EXPIRE', KEYS[2], 3600)
 local used = 0
@@ -321,10 +325,10 @@ class DeliveryStore:
         return self.step(lane, consumer, holder, lease, (), want, limit, reclaim_idle)
 
     def confirm(self, lane: str, holder: str, lease: float,
-                confirmations: Sequence[Confirmation], consumer: str = "") -> None:
+                confirmations: Sequence[Confirmation]) -> None:
         """Record outcomes only (:meth:`step` claiming nothing)."""
         if confirmations:
-            self.step(lane, consumer, holder, lease, confirmations)
+            self.step(lane, "", holder, lease, confirmations)
 
     def delivery_states(self, event_id: str) -> dict[str, dict[str, Any]]:
         raw = self.redis.hgetall(delivery_key(event_id))
