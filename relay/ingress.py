@@ -60,13 +60,13 @@ def receive(source: str) -> Response:
         raise ValidationFailed("not a valid lead event", exc.messages) from None
     name: str = lead["__event"]
     event_id = _event_id(source, name, lead)
-    event = {
+    event = {  # the payload last: a webhook's body is its compact JSON, cut out as stored
         "event_id": event_id,
         "source": source,
         "name": name,
-        "payload": lead,
         "known": is_known(name),
         "received_at": time.time(),
+        "payload": lead,
     }
     ctx.intake.publish(event, configured.dedupe_window)
     g.relay_event_id = event_id  # for the request log line

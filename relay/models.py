@@ -25,6 +25,9 @@ class LeadEvent:
     payload: Mapping[str, Any]
     known: bool = True
     received_at: float = 0.0
+    #: The payload's compact JSON (``json.dumps(payload, separators=(",", ":"))``) when it was
+    #: cut out of the stored event (:func:`relay.delivery.state.parse_event`), else None.
+    payload_json: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def campaign_id(self) -> str | None:
@@ -34,17 +37,18 @@ class LeadEvent:
         return None if value is None else str(value)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        return {  # the payload last, as the ingress stores it
             "event_id": self.event_id,
             "source": self.source,
             "name": self.name,
-            "payload": dict(self.payload),
             "known": self.known,
             "received_at": self.received_at,
+            "payload": dict(self.payload),
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> LeadEvent:
+    def from_json(cls, data: Mapping[str, Any], payload_json: bytes | None = None
+                  ) -> LeadEvent:
         return cls(
             event_id=data["event_id"],
             source=data["source"],
@@ -52,6 +56,7 @@ class LeadEvent:
             payload=data["payload"],
             known=data.get("known", True),
             received_at=data.get("received_at", 0.0),
+            payload_json=payload_json,
         )
 
 

@@ -36,7 +36,7 @@ from relay.delivery.attempt import Decider, DriverCache, Sent, send
 from relay.delivery.gates import Gate
 from relay.delivery.keys import INTAKE, lane_key
 from relay.delivery.lanes import IntakeEntry, Lanes
-from relay.delivery.state import Claim, Confirmation, DeliveryStore
+from relay.delivery.state import Claim, Confirmation, DeliveryStore, parse_event
 from relay.leadindex import LeadIndexer
 from relay.metrics import metrics_for
 from relay.models import Destination, LeadEvent
@@ -209,10 +209,12 @@ class Engine:
             try:
                 if entry.event is None:
                     raise TypeError("not a JSON object")
-                event = LeadEvent.from_json(entry.event)
-                events.append((entry, event))
                 if entry.raw:  # what the lanes' claims will read: parsed once, here
+                    event = parse_event(entry.raw, entry.event)
                     self.store.parsed.add(entry.raw, event)
+                else:
+                    event = LeadEvent.from_json(entry.event)
+                events.append((entry, event))
             except (KeyError, TypeError):
                 bad.append(entry.entry_id)
         if bad:  # never written so by the ingress: nothing could deliver them

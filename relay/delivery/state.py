@@ -14,7 +14,7 @@ import collections
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -239,6 +239,21 @@ class Confirmation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_PAYLOAD_KEY = b',"payload":{'
+
+
+def parse_event(raw: bytes, data: Mapping[str, Any] | None = None) -> LeadEvent:
+    """The event stored as ``raw`` (``data``: ``raw`` already parsed), with its payload's
+    compact JSON cut out of ``raw`` when the ingress stored it: compact, payload last (so
+    ``raw`` ends with the payload's closing brace and the record's). Inside a JSON string a
+    quote is escaped, so the first ``,"payload":{`` is the record's own key; a record written
+    otherwise (spaces after the separators, the payload elsewhere) gets none and its payload
+    is encoded again when sent."""
+    at = raw.find(_PAYLOAD_KEY) if raw.endswith(b"}}") else -1
+    payload_json = raw[at + len(_PAYLOAD_KEY) - 1:-1] if at > 0 else None
+    return LeadEvent.from_json(json.loads(raw) if data is None else data, payload_json)
+
+
 class ParsedEvents:
     """Events parsed from their stored JSON, kept by that JSON's bytes: an event routed to
     several lanes is claimed once per lane, and admission parsed it already. Keyed by content,
@@ -258,7 +273,7 @@ class ParsedEvents:
     def get(self, raw: bytes) -> LeadEvent:
         event = self._parsed.get(raw)
         if event is None:
-            event = LeadEvent.from_json(json.loads(raw))
+            event = parse_event(raw)
             self.add(raw, event)
         return event
 

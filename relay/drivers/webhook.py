@@ -47,9 +47,11 @@ class WebhookDriver(Driver):
 
     def send(self, event: LeadEvent) -> DeliveryResult:
         url: str = self.options["url"]
-        body, content_type = encode_body(
-            event.payload, delivery_format(url, self.options.get("format"))
-        )
+        body_format = delivery_format(url, self.options.get("format"))
+        if body_format == "json" and event.payload_json is not None:
+            body, content_type = event.payload_json, "application/json"  # as stored: the same
+        else:
+            body, content_type = encode_body(event.payload, body_format)
         headers = {**self.options.get("headers", {})}
         headers.update({
             "Content-Type": content_type,
