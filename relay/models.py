@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 #: Seconds a claimed delivery's lease adds to its destination's timeout (RELAY_LEASE_MARGIN).
 LEASE_MARGIN = 10.0
+
+
+class LazyPayload(Mapping[str, Any]):
+    """A payload kept as its JSON until something reads it: a claimed webhook delivery sends
+    the JSON as it is and never needs the parsed lead (other drivers read fields and parse
+    it then, once)."""
+
+    __slots__ = ("json", "_data")
+
+    def __init__(self, raw: bytes) -> None:
+        self.json = raw
+        self._data: dict[str, Any] | None = None
+
+    def _parsed(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = json.loads(self.json)
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._parsed()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def __repr__(self) -> str:
+        return f"LazyPayload({len(self.json)} bytes)"
 
 
 @dataclass(frozen=True)

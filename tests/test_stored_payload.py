@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from relay.delivery.state import parse_event
 from relay.drivers.webhook import encode_body
-from relay.models import LeadEvent
+from relay.models import LazyPayload, LeadEvent
 from relay.taskqueue import _encode
 
 JSON = st.recursive(
@@ -37,7 +37,7 @@ def stored(payload: dict[str, Any], source: str = "kickofflabs") -> bytes:
 def test_the_cut_is_the_payload_encoded(payload: dict[str, Any], source: str) -> None:
     event = parse_event(stored(payload, source))
     assert event.payload == payload
-    body, _ = encode_body(event.payload, "json")
+    body, _ = encode_body(payload, "json")
     assert event.payload_json == body
 
 
@@ -50,3 +50,18 @@ def test_a_record_stored_otherwise_gets_no_cut() -> None:
                          "payload": payload, "known": True, "received_at": 1.0}).encode()
     assert parse_event(old_order).payload_json is None  # stored before the payload went last
     assert parse_event(old_order).payload == payload
+
+
+def test_a_claimed_event_keeps_its_payload_as_json_until_read() -> None:
+    payload = {"email": "ada@example.com", "custom_fields": {"company": "ACME"}}
+    event = parse_event(stored(payload))  # as a claim reads it: not parsed before
+    assert isinstance(event.payload, LazyPayload)
+    assert event.payload._data is None  # nothing parsed yet
+    assert event.payload_json == encode_body(payload, "json")[0]
+    assert (event.event_id, event.name, event.known) == ("evt_1", "new_signup", True)
+    # Read like a mapping (drivers, dotted paths), it is the payload; so is the event's JSON
+    # (a dead letter's record).
+    assert event.payload["custom_fields"]["company"] == "ACME"
+    assert event.payload == payload and dict(event.payload) == payload
+    assert event.to_json()["payload"] == payload
+    assert event == parse_event(stored(payload), json.loads(stored(payload)))

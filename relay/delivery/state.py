@@ -38,7 +38,7 @@ from relay.delivery.keys import (
     stats_key,
 )
 from relay.metrics import metrics_for
-from relay.models import LeadEvent
+from relay.models import LazyPayload, LeadEvent
 
 LOG_CAP = 100
 RECENT_CAP = 10_000  # per destination and status: what the admin API lists
@@ -248,10 +248,15 @@ def parse_event(raw: bytes, data: Mapping[str, Any] | None = None) -> LeadEvent:
     ``raw`` ends with the payload's closing brace and the record's). Inside a JSON string a
     quote is escaped, so the first ``,"payload":{`` is the record's own key; a record written
     otherwise (spaces after the separators, the payload elsewhere) gets none and its payload
-    is encoded again when sent."""
+    is encoded again when sent. Not yet parsed (``data`` None), a cut payload stays JSON
+    until a driver reads it (:class:`relay.models.LazyPayload`)."""
     at = raw.find(_PAYLOAD_KEY) if raw.endswith(b"}}") else -1
-    payload_json = raw[at + len(_PAYLOAD_KEY) - 1:-1] if at > 0 else None
-    return LeadEvent.from_json(json.loads(raw) if data is None else data, payload_json)
+    if at <= 0:
+        return LeadEvent.from_json(json.loads(raw) if data is None else data)
+    payload_json = raw[at + len(_PAYLOAD_KEY) - 1:-1]
+    if data is None:
+        data = {**json.loads(raw[:at] + b"}"), "payload": LazyPayload(payload_json)}
+    return LeadEvent.from_json(data, payload_json)
 
 
 class ParsedEvents:
