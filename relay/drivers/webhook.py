@@ -17,7 +17,7 @@ from marshmallow import Schema, fields, validate
 from relay import forms, signing
 from relay.drivers.base import Driver
 from relay.http import USER_AGENT, raise_for_status
-from relay.models import DeliveryResult, LazyPayload, LeadEvent
+from relay.models import DeliveryResult, LeadEvent
 
 
 class WebhookOptions(Schema):
@@ -37,8 +37,6 @@ def delivery_format(url: str, configured: str | None) -> str:
 def encode_body(payload: Any, body_format: str) -> tuple[bytes, str]:
     if body_format == "form":
         return forms.encode(payload).encode(), "application/x-www-form-urlencoded"
-    if isinstance(payload, LazyPayload):  # still the compact JSON it would be encoded to
-        return payload.json, "application/json"
     return json.dumps(payload, separators=(",", ":")).encode(), "application/json"
 
 
