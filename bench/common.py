@@ -27,7 +27,7 @@ from unittest import mock
 import psutil
 import redis
 
-from relay.embedded_redis import EmbeddedRedis, free_port
+from relay.cli.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

@@ -78,7 +78,7 @@ from bench.common import (
     write_config,
 )
 from relay.cli import usable_cores
-from relay.delivery.keys import INFLIGHT_PREFIX, event_key, recent_key, stats_key
+from relay.store.keys import INFLIGHT_PREFIX, event_key, recent_key, stats_key
 
 SCENARIOS = ("isolation", "slow", "fast", "memory")
 BARE_LIST = "bench:deliveries"
@@ -540,7 +540,7 @@ def isolation(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 
 def slow(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     dest = Dest("slow-200ms", "delay:0.2")
-    concurrency = 50  # the webhook default (relay.models.Destination.concurrency)
+    concurrency = 50  # the webhook default (relay.core.models.Destination.concurrency)
     print(f"slow: {args.slow_events:,} events to one destination answering in 200 ms "
           f"(shipped defaults: concurrency {concurrency})", flush=True)
     relay = bench.relay("slow", [dest], args.slow_events)

@@ -58,7 +58,7 @@ from bench.common import (
     write_config,
 )
 from bench.loadgen import OpenLoopResult, open_loop
-from relay.delivery.keys import INTAKE
+from relay.store.keys import INTAKE
 
 TOKEN = "bench-token"
 TARGET_RATIO = 0.8

@@ -1,6 +1,6 @@
 """The Flask app factory: ``create_app()`` builds the ingress (and, later, the APIs).
 
-The web side never imports Celery: it publishes tasks by name (:mod:`relay.taskqueue`).
+The web side never imports Celery: it publishes tasks by name (:mod:`relay.delivery.kicks`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import redis
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from relay.config import RelayConfig, load_config
-from relay.errors import IngressError, QueueUnavailable
-from relay.settings import Settings
-from relay.taskqueue import Intake, connect
+from relay.config.relay_yaml import RelayConfig, load_config
+from relay.config.settings import Settings, apply_process_settings
+from relay.core.errors import IngressError, QueueUnavailable
+from relay.ingress.intake import Intake
+from relay.store.connection import connect
 
 log = logging.getLogger("relay.web")
 KICKOFFLABS_PREFIX = "/v2/"  # the subscription API's family of error bodies
@@ -41,7 +42,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     config: RelayConfig = test_config.get("RELAY_CONFIG_OBJECT") or load_config(
         settings.config_path
     )
-    client = test_config.get("RELAY_REDIS") or connect(settings.redis_url)
+    apply_process_settings(settings)
+    client = test_config.get("RELAY_REDIS") or connect(settings.redis_url,
+                                                           max_connections=settings.redis_pool)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         MAX_FORM_PARTS=1000,
@@ -52,20 +55,24 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         settings, config, client, Intake(client)
     )
 
-    from relay import ingress, openapi, ops, subscriptions_api
+    from relay.api import health as ops
+    from relay.api import openapi
+    from relay.api import subscriptions as subscriptions_api
+    from relay.ingress import view as ingress
 
     app.register_blueprint(ingress.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(subscriptions_api.bp)
     app.register_blueprint(openapi.bp)
     if settings.dev_inbox:
-        from relay import devinbox
+        from relay.api import dev_inbox as devinbox
 
         app.register_blueprint(devinbox.bp)
-    from relay import admin_api, logs, metrics
+    from relay.api import access_log
+    from relay.api import admin as admin_api
 
-    logs.init_app(app, settings.log_format)  # one line per ingress request
-    metrics.init_app(app)  # /metrics and the ingress counters
+    access_log.init_app(app, settings.log_format, settings.log_level)  # a line per request
+    ops.init_metrics(app)  # /metrics and the ingress counters
     app.register_blueprint(admin_api.bp)
     from relay import console
 
@@ -81,7 +88,7 @@ def error_response(status: int, message: str, details: Any = None,
     ``{"message": …, "errors"?: …}``, whoever raised the error (a view, or Flask's routing
     for an unknown path or method)."""
     if request.path.startswith(KICKOFFLABS_PREFIX):
-        from relay.subscriptions_api import message_response
+        from relay.api.subscriptions import message_response
 
         response = message_response(status, message, details)
     else:

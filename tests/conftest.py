@@ -21,7 +21,7 @@ import pytest
 import redis
 import yaml
 
-from relay.embedded_redis import EmbeddedRedis
+from relay.cli.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "relay" / "samples"
@@ -179,8 +179,8 @@ class RelayDeployment:
 
     def web_client(self) -> Any:
         from relay.app import create_app
-        from relay.config import load_config
-        from relay.settings import Settings
+        from relay.config.relay_yaml import load_config
+        from relay.config.settings import Settings
 
         settings = Settings.from_env(self.env)
         app = create_app({"RELAY_SETTINGS": settings,

@@ -26,13 +26,13 @@ import redis
 from flask import Flask
 
 from relay.app import create_app
-from relay.config import RelayConfig, parse_config
+from relay.config.relay_yaml import RelayConfig, parse_config
+from relay.config.settings import Settings
+from relay.core.events import EVENTS
 from relay.delivery.engine import Engine
-from relay.delivery.keys import INTAKE, SCHEDULED
-from relay.delivery.lanes import Lanes
-from relay.events import EVENTS
-from relay.settings import Settings
-from relay.taskqueue import QUEUE
+from relay.delivery.kicks import QUEUE
+from relay.store.keys import INTAKE, SCHEDULED
+from relay.store.lanes import Lanes
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 SAMPLE_EVENTS: tuple[str, ...] = EVENTS

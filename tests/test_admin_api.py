@@ -12,11 +12,11 @@ import pytest
 from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 
-from relay.delivery import state as store_module
+from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from relay.delivery.gates import default_gates
-from relay.delivery.state import LOG_CAP, Attempt, Confirmation, recent_key
-from relay.settings import Settings
+from relay.store import deliveries as store_module
+from relay.store.deliveries import LOG_CAP, Attempt, Confirmation, recent_key
 
 KEY = "admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

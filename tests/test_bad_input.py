@@ -24,7 +24,7 @@ from conftest import ROOT, RelayDeployment, Sink, sample, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.embedded_redis import free_port
+from relay.cli.embedded_redis import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from helpers import SAMPLE_EVENTS, accepted_events, closed_port, make_app, sampl
 from vendor_server import VendorServer, vendor_server  # noqa: F401
 from werkzeug.serving import make_server
 
-from relay import forms
 from relay.cli import main
+from relay.core import formdata as forms
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_CONFIG = REPO / "config" / "relay.yaml"

@@ -1,5 +1,5 @@
 """``relay status``, ``events show``, ``dlq list|replay``, ``pause``/``resume`` and ``erase``
-through click's CliRunner against fakeredis (``relay.cli_ops.redis_client`` replaced)."""
+through click's CliRunner against fakeredis (``relay.cli.operator.redis_client`` replaced)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from click.testing import CliRunner, Result
 from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 
-from relay import cli_ops
 from relay.cli import main
+from relay.cli import operator as cli_ops
+from relay.config.settings import Settings
 from relay.delivery.engine import Engine
-from relay.settings import Settings
 
 
 class World:

@@ -90,7 +90,7 @@ def test_dockerfile_installs_what_the_services_run() -> None:
 
 
 def test_config_mounted_into_the_image_is_valid() -> None:
-    from relay.config import load_config
+    from relay.config.relay_yaml import load_config
 
     config = load_config(ROOT / "config" / "relay.yaml", {})
     assert config.sources["kickofflabs"]

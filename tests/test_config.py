@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from relay.config import DEFAULT_SOURCE, load_config, masked, parse_config
-from relay.durations import format_duration, parse_duration, parse_rate_limit
-from relay.errors import ConfigError
-from relay.models import RateLimit, RetryPolicy
+from relay.config.relay_yaml import DEFAULT_SOURCE, load_config, masked, parse_config
+from relay.core.durations import format_duration, parse_duration, parse_rate_limit
+from relay.core.errors import ConfigError
+from relay.core.models import RateLimit, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ slowdown of wrong keys, the actions (replay, pause, resume), and that no page sh
 
 Events go in through the ingress and are processed by the worker-side core in this process
 (``helpers.run_queue``); the lead index is fed the way a worker feeds it, one
-:func:`relay.leadindex.index_event` per newly admitted event."""
+:func:`relay.store.lead_index.index_event` per newly admitted event."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from conftest import Sink
 from flask.testing import FlaskClient
 from helpers import config, make_app, run_queue, sample
 
+from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from relay.delivery.gates import PauseGate
-from relay.delivery.lanes import Lanes
-from relay.delivery.state import DeliveryStore
-from relay.metrics import metrics_for
-from relay.settings import Settings
-from relay.subscriptions import SubscriptionStore
+from relay.observability.metrics import metrics_for
+from relay.store.deliveries import DeliveryStore
+from relay.store.lanes import Lanes
+from relay.store.subscriptions import SubscriptionStore
 
 API_KEY = "console-test-key-3f9a1c"
 OTHER_KEY = "second-key-77b2"

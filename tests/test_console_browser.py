@@ -34,9 +34,9 @@ import pytest
 import redis
 from conftest import ROOT, RelayDeployment, Sink, sample, wait_for
 
-from relay.delivery.state import DeliveryStore
-from relay.embedded_redis import free_port
-from relay.leadindex import index_event
+from relay.cli.embedded_redis import free_port
+from relay.store.deliveries import DeliveryStore
+from relay.store.lead_index import index_event
 
 pytestmark = pytest.mark.integration
 

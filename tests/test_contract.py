@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from relay.api.subscriptions import GUARD_EXTENSION
 from relay.app import create_app
-from relay.config import parse_config
-from relay.embedded_redis import EmbeddedRedis, free_port
-from relay.netguard import AddressGuard
-from relay.settings import Settings
-from relay.subscriptions_api import GUARD_EXTENSION
+from relay.cli.embedded_redis import EmbeddedRedis, free_port
+from relay.config.relay_yaml import parse_config
+from relay.config.settings import Settings
+from relay.drivers.ssrf_guard import AddressGuard
 
 KEY = "contract-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -18,7 +18,7 @@ import urllib3
 from conftest import ROOT, wait_for
 from helpers import process_alive
 
-from relay.embedded_redis import free_port
+from relay.cli.embedded_redis import free_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -120,7 +120,7 @@ time.sleep(300)
 
 
 def test_the_tree_is_stopped_even_when_a_grandchild_ignores_sigterm() -> None:
-    from relay.supervise import ProcessTree
+    from relay.cli.processes import ProcessTree
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     child = subprocess.Popen([sys.executable, "-c", _LEAVES_AN_ORPHAN])

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from marshmallow import ValidationError
 from postgres_server import free_port, postgres_url  # noqa: F401  (session fixture)
 
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.core.models import Destination, LeadEvent
 from relay.drivers import driver_class
 from relay.drivers.database import DatabaseDriver, DatabaseOptions
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.models import Destination, LeadEvent
 
 SAMPLES = Path(__file__).resolve().parent.parent / "relay" / "samples"
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from vendor_server import VendorServer, vendor_server  # noqa: F401
 
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.core.models import Destination, LeadEvent
+from relay.drivers.http import HttpClient
 from relay.drivers.hubspot import HubSpotDriver
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.http import HttpClient
-from relay.models import Destination, LeadEvent
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 UPSERT = "/crm/v3/objects/contacts/batch/upsert"

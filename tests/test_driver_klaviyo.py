@@ -10,10 +10,10 @@ import pytest
 from marshmallow import ValidationError
 from vendor_server import RecordedRequest, VendorServer, vendor_server  # noqa: F401
 
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.core.models import Destination, LeadEvent
+from relay.drivers.http import HttpClient
 from relay.drivers.klaviyo import REVISION, KlaviyoDriver
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.http import HttpClient
-from relay.models import Destination, LeadEvent
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 API_KEY = "pk_0123456789abcdef0123456789abcdef01"

@@ -12,10 +12,10 @@ import pytest
 from marshmallow import ValidationError
 from vendor_server import VendorServer, vendor_server  # noqa: F401
 
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.core.models import Destination, LeadEvent
+from relay.drivers.http import HttpClient
 from relay.drivers.mailchimp import MailchimpDriver
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.http import HttpClient
-from relay.models import Destination, LeadEvent
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 API_KEY = "0123456789abcdef0123456789abcdef-us21"

@@ -10,10 +10,10 @@ import redis
 from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 
+from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from relay.delivery.gates import PauseGate
-from relay.erase import erase_lead
-from relay.settings import Settings
+from relay.store.erase import erase_lead
 
 ADA = "ada.lovelace@example.com"
 GRACE = "grace@example.com"

@@ -10,8 +10,8 @@ from urllib.parse import parse_qsl
 import pytest
 from helpers import SAMPLE_EVENTS, sample
 
-from relay import forms
-from relay.events import (
+from relay.core import formdata as forms
+from relay.core.events import (
     EVENTS,
     canonical_event_name,
     derive_event_id,
@@ -19,7 +19,7 @@ from relay.events import (
     is_known,
     lead_identity,
 )
-from relay.schemas import LeadSchema
+from relay.ingress.lead_schema import LeadSchema
 
 SOURCE = "kickofflabs"
 

@@ -23,8 +23,8 @@ import pytest
 import redis
 from conftest import RelayDeployment, Sink, _start_sink, sample, wait_for
 
-from relay.embedded_redis import EmbeddedRedis
-from relay.taskqueue import QUEUE
+from relay.cli.embedded_redis import EmbeddedRedis
+from relay.delivery.kicks import QUEUE
 
 pytestmark = pytest.mark.integration
 

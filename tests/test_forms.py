@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qs_codec import EncodeOptions, ListFormat
 
-from relay import forms
-from relay.errors import ValidationFailed
+from relay.core import formdata as forms
+from relay.core.errors import ValidationFailed
 
 
 def decode_body(body: str) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def test_conflicting_index_keys_are_a_validation_error(pairs: list[tuple[str, st
 
 # -- a form body and its JSON twin are one event --------------------------------------------------
 # Encoded by qs-codec, a port of Node's ``qs`` (the most common form encoder), not by
-# relay.forms: in its default index style (``tags[0][id]=42``) and in brackets
+# relay.core.formdata: in its default index style (``tags[0][id]=42``) and in brackets
 # (``tags[][id]=42``), with empty lists written as ``key[]`` (qs' allowEmptyArrays).
 
 

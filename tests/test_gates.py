@@ -16,11 +16,11 @@ import pytest
 from conftest import Sink
 from helpers import config, make_app, parked_deliveries, release_parked, sample
 
+from relay.config.settings import Settings
+from relay.core.models import Destination, RateLimit
 from relay.delivery.engine import Engine
 from relay.delivery.gates import CircuitBreaker, CircuitPolicy, Gate, PauseGate, RateLimitGate
-from relay.delivery.keys import hold_key, lane_key, stats_key
-from relay.models import Destination, RateLimit
-from relay.settings import Settings
+from relay.store.keys import hold_key, lane_key, stats_key
 
 
 class Clock:
@@ -281,7 +281,7 @@ def test_held_deliveries_are_counted(sink: Sink) -> None:
     PauseGate(world.redis).pause("crm")
     world.post(0)
     world.run()
-    from relay.metrics import METRICS_KEY, metrics_for
+    from relay.observability.metrics import METRICS_KEY, metrics_for
 
     metrics_for(world.redis).flush()
     fields = {json.loads(k)[0]: v for k, v in world.redis.hgetall(METRICS_KEY).items()}

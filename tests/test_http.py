@@ -11,8 +11,8 @@ import pytest
 from helpers import closed_port, silent_server
 from vendor_server import VendorServer, vendor_server  # noqa: F401
 
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.http import HttpClient, parse_retry_after, raise_for_status, shared_client
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.drivers.http import HttpClient, parse_retry_after, raise_for_status, shared_client
 
 
 @pytest.fixture

@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
-from relay import forms
-from relay.events import event_id_from_header
-from relay.settings import Settings
-from relay.taskqueue import connect
+from relay.config.settings import Settings
+from relay.core import formdata as forms
+from relay.core.events import event_id_from_header
+from relay.store.connection import connect
 
 HOOK = "/hooks/kickofflabs"
 LEAD = {"__event": "new_signup", "email": "ada@example.com", "social_id": "36N38P"}

@@ -13,8 +13,8 @@ from urllib.parse import parse_qsl
 import pytest
 from conftest import RelayDeployment, Sink, sample, wait_for
 
-from relay.events import EVENTS
-from relay.forms import decode
+from relay.core.events import EVENTS
+from relay.core.formdata import decode
 
 pytestmark = pytest.mark.integration
 

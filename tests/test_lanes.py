@@ -1,4 +1,4 @@
-"""The intake and the lanes on fakeredis (relay.delivery.lanes): what the streams keep when a
+"""The intake and the lanes on fakeredis (relay.store.lanes): what the streams keep when a
 worker dies between reading and recording, and how kicks and the sweep start work."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import time
 import fakeredis
 from helpers import accepted_events, config, make_app, queued_tasks, sample
 
+from relay.config.settings import Settings
 from relay.delivery.engine import MAX_DRAINERS, Engine
-from relay.delivery.keys import INTAKE, hold_key, kick_key, lane_key
-from relay.delivery.lanes import Lanes
-from relay.settings import Settings
+from relay.store.keys import INTAKE, hold_key, kick_key, lane_key
+from relay.store.lanes import Lanes
 
 
 class World:

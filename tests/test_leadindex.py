@@ -1,6 +1,6 @@
 """The lead index (console lead search): by email, social_id, phone and event id, newest first,
 bounded by the retention, and gone with ``relay erase``. Events are indexed the way the workers
-index a newly admitted event: one :func:`relay.leadindex.index_event` call each."""
+index a newly admitted event: one :func:`relay.store.lead_index.index_event` call each."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import json
 import fakeredis
 from helpers import sample
 
-from relay import leadindex
-from relay.erase import erase_lead
-from relay.leadindex import index_event, search
-from relay.models import LeadEvent
+from relay.core.models import LeadEvent
+from relay.store import lead_index as leadindex
+from relay.store.erase import erase_lead
+from relay.store.lead_index import index_event, search
 
 DAY = 86400.0
 
@@ -80,8 +80,8 @@ def test_given_a_pipeline_it_only_queues_the_commands() -> None:
     # second pipeline of their own sent on the side.
     import fakeredis
 
-    from relay.leadindex import index_event, search
-    from relay.models import LeadEvent
+    from relay.core.models import LeadEvent
+    from relay.store.lead_index import index_event, search
 
     client = fakeredis.FakeRedis()
     event = LeadEvent("evt_1", "kickofflabs", "new_signup", {"email": "ada@example.com"})

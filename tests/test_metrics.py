@@ -14,13 +14,13 @@ from conftest import Sink
 from helpers import config, make_app, run_queue, sample
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.admin_api import destination_health, known_destinations
+from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from relay.delivery.gates import CircuitBreaker, PauseGate
-from relay.logs import TextFormatter
-from relay.metrics import Metrics, metrics_for
-from relay.settings import Settings
-from relay.subscriptions import SubscriptionStore
+from relay.observability.logs import TextFormatter
+from relay.observability.metrics import Metrics, metrics_for
+from relay.operations.destinations import destination_health, known_destinations
+from relay.store.subscriptions import SubscriptionStore
 
 
 class World:

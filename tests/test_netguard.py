@@ -22,10 +22,10 @@ import urllib3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import netguard
-from relay.errors import ConfigError, PermanentDeliveryError, UnsafeURLError
-from relay.http import HttpClient
-from relay.netguard import AddressGuard, parse_legacy_ipv4, refusal_reason
+from relay.core.errors import ConfigError, PermanentDeliveryError, UnsafeURLError
+from relay.drivers import ssrf_guard as netguard
+from relay.drivers.http import HttpClient
+from relay.drivers.ssrf_guard import AddressGuard, parse_legacy_ipv4, refusal_reason
 
 PUBLIC_V4 = "93.184.216.34"  # never contacted: only returned by fake resolvers
 

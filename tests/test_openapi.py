@@ -10,11 +10,11 @@ import pytest
 from flask import Flask
 from marshmallow import Schema
 
-from relay import subscriptions_api as subs
+from relay.api import subscriptions as subs
 from relay.app import create_app
-from relay.config import parse_config
-from relay.schemas import LeadSchema
-from relay.settings import Settings
+from relay.config.relay_yaml import parse_config
+from relay.config.settings import Settings
+from relay.ingress.lead_schema import LeadSchema
 
 KEY = "k1"
 DOCUMENTED_PREFIXES = ("/v2/", "/hooks/", "/api/")

@@ -17,9 +17,9 @@ import pytest
 from helpers import accepted_events, config, make_app, parked_deliveries, release_parked, sample
 from vendor_server import VendorServer
 
+from relay.config.settings import Settings
 from relay.delivery.engine import Engine, Report
-from relay.delivery.keys import lane_key
-from relay.settings import Settings
+from relay.store.keys import lane_key
 
 SCHEDULE = ["10s", "1m"]
 
@@ -300,8 +300,8 @@ def test_a_batch_is_claimed_in_one_round_trip_each_delivery_on_its_own_terms(
 
 
 def _ok(claim: Any) -> Any:
+    from relay.core.models import DeliveryResult
     from relay.delivery.attempt import Sent
-    from relay.models import DeliveryResult
 
     return Sent(claim, DeliveryResult(200), 1.0)
 

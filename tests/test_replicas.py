@@ -1,5 +1,5 @@
 """``relay worker --processes N`` keeps N copies of the Celery worker running
-(:class:`relay.supervise.Replicas`), checked here with small stand-in children: a stop signal
+(:class:`relay.cli.processes.Replicas`), checked here with small stand-in children: a stop signal
 reaches every child, a child that dies is started again, one that fails at start-up stops the
 rest, and the children do not outlive a supervisor killed with -9."""
 
@@ -36,7 +36,7 @@ CHILD = textwrap.dedent("""
 
 SUPERVISOR = textwrap.dedent("""
     import sys
-    from relay.supervise import Replicas
+    from relay.cli.processes import Replicas
     child, out, count, startup = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     replicas = Replicas(lambda i: [sys.executable, "-c", child, out, str(i)], count,
                         startup=startup, restart_pause=0.1, poll_interval=0.05)
@@ -107,7 +107,8 @@ class _Exec(Exception):
 
 
 def test_relay_worker_runs_one_celery_node_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from relay import cli, supervise
+    from relay import cli
+    from relay.cli import processes as supervise
 
     execs: list[list[str]] = []
     runs: list[list[list[str]]] = []

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from relay.core.models import RetryPolicy
 from relay.delivery.retry import next_delay
-from relay.models import RetryPolicy
 
 SCHEDULE = (10.0, 60.0, 300.0, 1800.0)
 

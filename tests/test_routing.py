@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from helpers import config, sample
 
-from relay.events import canonical_event_name, is_known
-from relay.models import Destination, LeadEvent
-from relay.routing import matches, route
+from relay.core.events import canonical_event_name, is_known
+from relay.core.models import Destination, LeadEvent
+from relay.core.routing import matches, route
 
 
 def destination(**keys: Any) -> Destination:

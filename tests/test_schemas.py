@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
-from relay.schemas import _PLAN, LeadSchema, _already_typed, load_lead
+from relay.ingress.lead_schema import _PLAN, LeadSchema, _already_typed, load_lead
 
 SAMPLES = Path(__file__).resolve().parents[1] / "relay" / "samples"
 SCHEMA = LeadSchema()

@@ -15,13 +15,14 @@ import pytest
 from helpers import config, sample
 from vendor_server import VendorServer, vendor_server  # noqa: F401
 
-from relay import forms, signing
+from relay.core import formdata as forms
+from relay.core import signing
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.core.events import derive_event_id
+from relay.core.models import LeadEvent
+from relay.drivers.http import HttpClient
 from relay.drivers.webhook import WebhookDriver
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.events import derive_event_id
-from relay.http import HttpClient
-from relay.models import LeadEvent
-from relay.schemas import LeadSchema
+from relay.ingress.lead_schema import LeadSchema
 
 # The published Standard Webhooks test vector (reference implementations use it).
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -1,6 +1,6 @@
 """A webhook's JSON body is its payload's compact JSON; the worker cuts it out of the event
 as the ingress stored it instead of parsing and encoding it again
-(:func:`relay.delivery.state.parse_event`). Held here: the cut is byte for byte what encoding
+(:func:`relay.store.deliveries.parse_event`). Held here: the cut is byte for byte what encoding
 the payload gives, for any JSON payload, and a record stored another way gets no cut."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.delivery.state import parse_event
+from relay.core.models import LazyPayload, LeadEvent
 from relay.drivers.webhook import encode_body
-from relay.models import LazyPayload, LeadEvent
-from relay.taskqueue import _encode
+from relay.ingress.intake import _encode
+from relay.store.deliveries import parse_event
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -25,7 +25,7 @@ JSON = st.recursive(
 
 
 def stored(payload: dict[str, Any], source: str = "kickofflabs") -> bytes:
-    """The record as the ingress writes it (relay.ingress: the payload last)."""
+    """The record as the ingress writes it (relay.ingress.view: the payload last)."""
     return _encode({"event_id": "evt_1", "source": source, "name": "new_signup",
                     "known": True, "received_at": 1764590000.123456,
                     "payload": payload}).encode()

@@ -12,12 +12,13 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from relay.app import create_app
-from relay.auth import RedactApiKeys, key_matches, redact
-from relay.config import parse_config
-from relay.models import Destination, LeadEvent
-from relay.routing import route
-from relay.settings import Settings
-from relay.subscriptions import SubscriptionStore
+from relay.config.relay_yaml import parse_config
+from relay.config.settings import Settings
+from relay.core.api_keys import key_matches
+from relay.core.models import Destination, LeadEvent
+from relay.core.redaction import RedactApiKeys, redact
+from relay.core.routing import route
+from relay.store.subscriptions import SubscriptionStore
 
 KEY = "k1-s3cret-key"
 CAMPAIGN = 135544
@@ -515,7 +516,7 @@ def test_a_campaign_has_at_most_max_per_campaign_subscriptions() -> None:
     store.register(CAMPAIGN, SINK + "1", ["referral"])
     store.register(CAMPAIGN, SINK + "2", ["referral"])
     store.register(CAMPAIGN, SINK + "2", ["verified"])  # an update is not a new one
-    from relay.subscriptions import TooManySubscriptions
+    from relay.store.subscriptions import TooManySubscriptions
 
     with pytest.raises(TooManySubscriptions):
         store.register(CAMPAIGN, SINK + "3", ["referral"])

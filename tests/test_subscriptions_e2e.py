@@ -11,8 +11,8 @@ import redis
 from conftest import RelayDeployment, Sink, wait_for
 from conftest import sample as _sample
 
-from relay.delivery.state import DeliveryStore
-from relay.embedded_redis import EmbeddedRedis
+from relay.cli.embedded_redis import EmbeddedRedis
+from relay.store.deliveries import DeliveryStore
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import time
 import fakeredis
 import pytest
 
-from relay import timeseries
-from relay.metrics import Metrics
-from relay.status import attempt_latency, histogram_quantile
+from relay.observability import timeseries
+from relay.observability.metrics import Metrics
+from relay.operations.status import attempt_latency, histogram_quantile
 
 
 def test_the_metrics_flush_counts_each_minute() -> None:

@@ -28,10 +28,10 @@ from celery import Celery
 from celery.signals import setup_logging, worker_init
 from kombu import Queue
 
-from relay.config import load_config
-from relay.logs import configure_logging, lean_records
-from relay.settings import Settings
-from relay.taskqueue import QUEUE
+from relay.config.relay_yaml import load_config
+from relay.config.settings import Settings
+from relay.delivery.kicks import QUEUE
+from relay.observability.logs import configure_logging, lean_records
 from workers import broker
 from workers.scheduler import SchedulerStep
 
@@ -80,8 +80,8 @@ def create_celery(settings: Settings) -> Celery:
 def _configure_logging(loglevel: Any = None, **_: Any) -> None:
     # Connected, so Celery leaves logging to us: the relay's format (RELAY_LOG_FORMAT) for the
     # worker's own lines too.
-    configure_logging(settings.log_format, logging.getLevelName(loglevel) if isinstance(
-        loglevel, int) else loglevel)
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel
+    configure_logging(settings.log_format, level or settings.log_level)
     lean_records()  # a line per attempt: nothing in it that no line shows
     # Celery's "Task … received" and "Task … succeeded" lines repeat, less readably, the
     # relay's own line per attempt (and dump the whole message or the task's return value:

@@ -13,10 +13,11 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from relay.config.settings import Settings
 from relay.delivery.engine import MAX_DRAINERS
-from relay.delivery.lanes import Lanes
-from relay.settings import Settings
-from relay.taskqueue import Kicks, connect
+from relay.delivery.kicks import Kicks
+from relay.store.connection import connect
+from relay.store.lanes import Lanes
 
 log = logging.getLogger("relay.scheduler")
 

@@ -20,8 +20,8 @@ import redis
 from celery import shared_task
 from celery.signals import worker_process_shutdown, worker_shutting_down
 
+from relay.delivery.assembly import build_engine
 from relay.delivery.engine import Engine
-from relay.runtime import build_engine
 
 log = logging.getLogger("relay.tasks")
 #: Pause after a failed task, so a persistent failure (Redis away) does not spin a core.

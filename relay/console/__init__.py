@@ -1,9 +1,9 @@
 """The operator console under ``/console``: server-rendered pages for "what happened to this
 lead", dead letters and destination health.
 
-Reads come from the code the admin API and ``relay status`` use (:mod:`relay.status`,
-:mod:`relay.admin_api`, :mod:`relay.delivery.state`, :mod:`relay.leadindex`,
-:mod:`relay.timeseries`);
+Reads come from the code the admin API and ``relay status`` use (:mod:`relay.operations.status`,
+:mod:`relay.api.admin`, :mod:`relay.store.deliveries`, :mod:`relay.store.lead_index`,
+:mod:`relay.observability.timeseries`);
 actions (replay, pause, resume) call the same functions. Jinja templates, plain CSS and htmx
 (vendored in ``static/``) for the pages that refresh themselves; no JavaScript build step.
 
@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from flask import Blueprint, Flask
 
-from relay.settings import Settings
+from relay.config.settings import Settings
 
 PREFIX = "/console"
 

@@ -1,6 +1,6 @@
 """Who may use the console: sign-in with one of ``RELAY_API_KEYS``, the session cookie, CSRF.
 
-- The key is checked by :func:`relay.auth.key_matches` (constant time, against every key), the
+- The key is checked by :func:`relay.api.auth.key_matches` (constant time, against every key), the
   check the admin API makes. The session keeps no key, only an HMAC of it under
   ``RELAY_SECRET_KEY``, checked on every request: removing a key from ``RELAY_API_KEYS`` signs
   out everyone who signed in with it.
@@ -25,9 +25,9 @@ from flask.sessions import SecureCookieSessionInterface, SessionMixin
 from flask_wtf.csrf import generate_csrf, validate_csrf
 from wtforms import ValidationError
 
-from relay.auth import key_matches
 from relay.console import PREFIX
-from relay.delivery.keys import PREFIX as REDIS_PREFIX
+from relay.core.api_keys import key_matches
+from relay.store.keys import PREFIX as REDIS_PREFIX
 
 SESSION_KEY = "signed_in_with"
 
@@ -78,7 +78,7 @@ def signed_in() -> bool:
     if not isinstance(held, str):
         return False
     matched = False
-    for key in _keys():  # no early exit, as in relay.auth
+    for key in _keys():  # no early exit, as in relay.api.auth
         matched |= hmac.compare_digest(held, _fingerprint(key))
     return matched
 

@@ -9,7 +9,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from werkzeug.datastructures import MultiDict
 
-from relay.admin_api import ReplayRequest
+from relay.operations.dead_letters import ReplayRequest
 
 PAGE_SIZE = 25
 

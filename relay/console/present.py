@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from relay.auth import redact
-from relay.logs import is_secret_name
-from relay.timeseries import SERIES, Minute
+from relay.core.redaction import is_secret_name, redact
+from relay.observability.timeseries import SERIES, Minute
 
 REDACTED = "[redacted]"
 IN_FLIGHT = frozenset({"pending", "inflight", "retrying"})
@@ -20,7 +19,7 @@ IN_FLIGHT = frozenset({"pending", "inflight", "retrying"})
 
 def redacted(value: Any) -> Any:
     """``value`` with every field named like a secret replaced, and keys in URLs and header
-    lines masked (:func:`relay.auth.redact`, the log lines' redaction)."""
+    lines masked (:func:`relay.api.auth.redact`, the log lines' redaction)."""
     if isinstance(value, Mapping):
         return {k: REDACTED if is_secret_name(str(k)) and v not in (None, "")
                 else redacted(v) for k, v in value.items()}

@@ -24,21 +24,17 @@ from flask import (
 )
 from werkzeug.exceptions import HTTPException, NotFound
 
-from relay.admin_api import (
-    destination_known,
-    event_detail,
-    replay_dead_letters,
-    replay_targets,
-)
 from relay.console import PREFIX, auth, bp, forms, present
 from relay.console.forms import PAGE_SIZE, FormError
-from relay.delivery.gates import PauseGate
-from relay.delivery.state import DeliveryStore
-from relay.leadindex import search
-from relay.metrics import metrics_for
-from relay.status import dead_letter_counts, relay_status
-from relay.subscriptions import SubscriptionStore
-from relay.timeseries import last_minutes
+from relay.observability.metrics import metrics_for
+from relay.observability.timeseries import last_minutes
+from relay.operations import dead_letters as letters_ops
+from relay.operations import destinations as destination_ops
+from relay.operations import events as event_ops
+from relay.operations.status import relay_status
+from relay.store.deliveries import DeliveryStore
+from relay.store.lead_index import search
+from relay.store.subscriptions import SubscriptionStore
 
 PUBLIC = frozenset({"console.login", "console.logout", "console.static"})
 OVERVIEW_REFRESH = 5  # seconds
@@ -204,7 +200,7 @@ def destinations() -> Response:
 
 def _known_or_404(name: str) -> None:
     ctx = _ctx()
-    if not destination_known(ctx.redis, ctx.config, name):
+    if not destination_ops.destination_known(ctx.redis, ctx.config, name):
         raise NotFound(f"There is no destination called {name!r}.")
 
 
@@ -212,7 +208,7 @@ def _known_or_404(name: str) -> None:
 def pause(name: str) -> Response:
     _known_or_404(name)
     form = forms.load_pause(request.form)
-    PauseGate(_ctx().redis).pause(name, form["reason"])
+    destination_ops.pause(_ctx().redis, name, form["reason"])
     flash(f"{name} is paused: its deliveries are held until it is resumed.")
     return redirect(_safe_back(form["back"], ".destinations"))
 
@@ -221,7 +217,7 @@ def pause(name: str) -> Response:
 def resume(name: str) -> Response:
     _known_or_404(name)
     form = forms.load_pause(request.form)
-    released = PauseGate(_ctx().redis).resume(name)
+    released = destination_ops.resume(_ctx().redis, name)["released"]
     flash(f"{name} is resumed; {released} held deliver{'y' if released == 1 else 'ies'} "
           "released.")
     return redirect(_safe_back(form["back"], ".destinations"))
@@ -259,7 +255,7 @@ def _event_row(store: DeliveryStore, event_id: str, at: float | None) -> dict[st
 
 @bp.get("/events/<event_id>")
 def event(event_id: str) -> Response:
-    detail = event_detail(_store(), event_id)
+    detail = event_ops.event_detail(_store(), event_id)
     if detail is None:
         return _problem(404, "No such event",
                         f"The relay knows nothing of {event_id}: never received, expired "
@@ -280,9 +276,10 @@ def event(event_id: str) -> Response:
 def dead_letters() -> Response:
     query = forms.load_dead_letter_query(request.args)
     destination, page = query["destination"], query["page"]
-    counts = dead_letter_counts(_ctx().redis)
+    counts = letters_ops.dead_letter_counts(_ctx().redis)
     total = counts[destination] if destination else sum(counts.values())
-    letters = _store().dead_letters(destination or None, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    letters = letters_ops.dead_letters_page(_store(), destination or None, PAGE_SIZE,
+                                            (page - 1) * PAGE_SIZE)
     rows = []
     for letter in letters:
         event = letter.get("event") or {}
@@ -306,10 +303,11 @@ def replay() -> Response:
         flash(exc.message, "error")
         return redirect(back)
     store = _store()
-    targets = replay_targets(store, form["ids"], form["destination"] or None, form["all"])
+    targets = letters_ops.replay_targets(store, form["ids"], form["destination"] or None,
+                                         form["all"])
     if not form["confirmed"]:
         return _page("replay_confirm.html", form=form, targets=targets, back=back)
-    queued = replay_dead_letters(store, targets)
+    queued = letters_ops.replay_dead_letters(store, targets)
     gone = len(targets) - queued
     flash(f"Replayed {queued} dead letter{'' if queued == 1 else 's'}: queued for delivery."
           + (f" {gone} {'was' if gone == 1 else 'were'} no longer dead (replayed already?)."

@@ -1,6 +1,6 @@
 """One attempt of a delivery: send it with the destination's driver, then decide what the
 answer means (SPEC §4). The driver only says what happened (a result, a retryable or a
-permanent error); this module turns it into a :class:`~relay.delivery.state.Confirmation`:
+permanent error); this module turns it into a :class:`~relay.store.deliveries.Confirmation`:
 delivered, a retry at its due time, or a dead letter. Nothing waits in worker memory.
 """
 
@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from relay.core.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from relay.core.models import DeliveryResult, Destination
 from relay.delivery.retry import next_delay
-from relay.delivery.state import Attempt, Claim, Confirmation
 from relay.drivers import Driver, driver_class
-from relay.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
-from relay.http import HttpClient
-from relay.models import DeliveryResult, Destination
+from relay.drivers.http import HttpClient
+from relay.store.deliveries import Attempt, Claim, Confirmation
 
 log = logging.getLogger("relay.delivery")
 

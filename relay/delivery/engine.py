@@ -2,7 +2,7 @@
 called by the thin tasks in ``workers``.
 
 - :meth:`Engine.admit` drains the intake: each batch of accepted events is deduped, stored and
-  routed into the destinations' lanes by one script (:mod:`relay.delivery.lanes`).
+  routed into the destinations' lanes by one script (:mod:`relay.store.lanes`).
 - :meth:`Engine.drain` drains one destination's lane: it keeps up to the destination's
   ``concurrency`` deliveries in flight (shared by every worker through Redis, and within this
   process's ``max_in_flight``), each claimed before it is sent and confirmed after, in batches:
@@ -31,17 +31,17 @@ from typing import Protocol
 
 import redis
 
-from relay.config import RelayConfig, Source
+from relay.config.relay_yaml import RelayConfig, Source
+from relay.config.settings import Settings
+from relay.core.models import Destination, LeadEvent
+from relay.core.routing import route
 from relay.delivery.attempt import Decider, DriverCache, Sent, send
 from relay.delivery.gates import Gate
-from relay.delivery.keys import INTAKE, lane_key
-from relay.delivery.lanes import IntakeEntry, Lanes
-from relay.delivery.state import Claim, Confirmation, DeliveryStore, parse_event
-from relay.leadindex import LeadIndexer
-from relay.metrics import metrics_for
-from relay.models import Destination, LeadEvent
-from relay.routing import route
-from relay.settings import Settings
+from relay.observability.metrics import metrics_for
+from relay.store.deliveries import Claim, Confirmation, DeliveryStore, parse_event
+from relay.store.keys import INTAKE, lane_key
+from relay.store.lanes import IntakeEntry, Lanes
+from relay.store.lead_index import LeadIndexer
 
 log = logging.getLogger("relay.engine")
 
@@ -310,6 +310,14 @@ class Engine:
         worker's deliveries are taken over once it has passed."""
         return destination.timeout + self.settings.lease_margin
 
+    def count_outcomes(self, lane: str, outcomes: Sequence[Confirmation]) -> None:
+        """The metrics of recorded outcomes: one per delivery, and its attempt's latency."""
+        for c in outcomes:
+            self.metrics.inc("deliveries", {"destination": lane, "outcome": c.attempt.outcome})
+            if c.attempt.latency_ms is not None:
+                self.metrics.observe("attempt_latency_seconds", c.attempt.latency_ms / 1000,
+                                     {"destination": lane})
+
     def lane_share(self, destination: Destination) -> int:
         """How many of this process's slots one lane may use: its ``concurrency``, and no
         more than an equal share when several lanes are being drained here."""
@@ -453,6 +461,7 @@ class _Drain:
         except BaseException:
             engine.slots.give(want)
             raise
+        engine.count_outcomes(self.lane, outcomes)
         if want <= 0:
             return True
         engine.slots.give(want - len(taken.claims))
@@ -472,6 +481,7 @@ class _Drain:
         if buried:
             engine.slots.give(len(buried))
             engine.store.confirm(self.lane, self.holder, engine.lease(destination), buried)
+            engine.count_outcomes(self.lane, buried)
             self.report.add("dead", len(buried))
         if claims:
             driver = engine.drivers.get(destination)
@@ -524,6 +534,7 @@ class _Drain:
         while True:
             try:
                 self.engine.store.confirm(self.lane, self.holder, lease, confirmations)
+                self.engine.count_outcomes(self.lane, confirmations)
                 return
             except redis.RedisError as exc:
                 if time.monotonic() + pause > give_up or self.engine.stopping.is_set():

@@ -18,7 +18,7 @@ Keys (all under ``relay:``):
 ``rate:<destination>:<n>``     deliveries in fixed window ``n`` (expires after two windows)
 =============================  ===========================================================
 
-The breaker reads the counters :class:`relay.delivery.state.DeliveryStore` already keeps in
+The breaker reads the counters :class:`relay.store.deliveries.DeliveryStore` already keeps in
 ``stats:<destination>`` (``consecutive_failures``, ``delivered``, ``failed``), so closing it on
 success and counting failures needs nothing from the delivery code.
 """
@@ -35,9 +35,9 @@ from typing import Protocol
 
 import redis
 
-from relay.delivery.keys import PAUSED_KEY, PREFIX, circuit_key, hold_key, stats_key
-from relay.metrics import metrics_for
-from relay.models import Destination
+from relay.core.models import Destination
+from relay.observability.metrics import metrics_for
+from relay.store.keys import PAUSED_KEY, PREFIX, circuit_key, hold_key, stats_key
 
 log = logging.getLogger("relay.gates")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from relay.models import RetryPolicy
+from relay.core.models import RetryPolicy
 
 
 def next_delay(policy: RetryPolicy, attempt: int, retry_after: float | None = None,

@@ -22,7 +22,7 @@ A driver for a bulk API sets ``max_batch`` and overrides ``send_batch``: the eng
 it up to that many claimed deliveries of one destination per call, and the driver answers one
 result or error per event, in order (each delivery keeps its own retry and dead letter).
 
-Which answers are worth retrying is decided once, in :func:`relay.http.raise_for_status`
+Which answers are worth retrying is decided once, in :func:`relay.drivers.http.raise_for_status`
 (timeouts, 408, 425, 429, 5xx); a vendor that documents more of them declares them in
 ``retryable_answers`` (status -> least wait in seconds, or None for its ``Retry-After``) and
 passes them on: ``raise_for_status(answer, retryable=self.retryable_answers)``.
@@ -35,9 +35,9 @@ from typing import Any, ClassVar
 
 from marshmallow import Schema
 
-from relay.errors import DeliveryError
-from relay.http import HttpClient, RetryableAnswers, shared_client
-from relay.models import DeliveryResult, Destination, LeadEvent
+from relay.core.errors import DeliveryError
+from relay.core.models import DeliveryResult, Destination, LeadEvent
+from relay.drivers.http import HttpClient, RetryableAnswers, shared_client
 
 
 class Driver:

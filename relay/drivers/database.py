@@ -59,10 +59,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
+from relay.core.dotted import dotted_get
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.core.models import DeliveryResult, LeadEvent
 from relay.drivers.base import Driver
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.fields import dotted_get
-from relay.models import DeliveryResult, LeadEvent
 
 # JSONB on PostgreSQL so users can index and query into payloads; plain JSON elsewhere.
 _JSON = JSON().with_variant(postgresql.JSONB(), "postgresql")

@@ -22,7 +22,9 @@ from typing import Any
 
 from marshmallow import Schema, fields, validate
 
+from relay.core.models import DeliveryResult, Destination, LeadEvent
 from relay.drivers.base import Driver
+from relay.drivers.http import HttpClient, HttpResponse, parse_retry_after
 from relay.drivers.mapping import (
     apply_mapping,
     lead_email,
@@ -30,8 +32,6 @@ from relay.drivers.mapping import (
     raise_vendor_error,
     resolve_mapping,
 )
-from relay.http import HttpClient, HttpResponse, parse_retry_after
-from relay.models import DeliveryResult, Destination, LeadEvent
 
 UPSERT_PATH = "/crm/v3/objects/contacts/batch/upsert"
 

@@ -32,7 +32,9 @@ from typing import Any
 
 from marshmallow import Schema, fields, validate
 
+from relay.core.models import DeliveryResult, Destination, LeadEvent
 from relay.drivers.base import Driver
+from relay.drivers.http import HttpClient, HttpResponse
 from relay.drivers.mapping import (
     apply_mapping,
     lead_email,
@@ -40,8 +42,6 @@ from relay.drivers.mapping import (
     raise_vendor_error,
     resolve_mapping,
 )
-from relay.http import HttpClient, HttpResponse
-from relay.models import DeliveryResult, Destination, LeadEvent
 
 #: The API revision this driver was written against (Klaviyo keeps a revision for 2 years).
 REVISION = "2026-10-15"

@@ -32,7 +32,9 @@ from urllib.parse import quote
 
 from marshmallow import Schema, ValidationError, fields, validate, validates
 
+from relay.core.models import DeliveryResult, Destination, LeadEvent
 from relay.drivers.base import Driver
+from relay.drivers.http import HttpClient, HttpResponse
 from relay.drivers.mapping import (
     apply_mapping,
     lead_email,
@@ -40,8 +42,6 @@ from relay.drivers.mapping import (
     raise_vendor_error,
     resolve_mapping,
 )
-from relay.http import HttpClient, HttpResponse
-from relay.models import DeliveryResult, Destination, LeadEvent
 
 DEFAULT_MERGE_FIELDS: dict[str, str] = {
     "FNAME": "first_name",

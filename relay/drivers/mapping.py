@@ -8,7 +8,7 @@ Field mappings: YAML maps a destination field to a dotted path in the lead paylo
 
 :func:`mapping_field` validates that shape and :func:`resolve_mapping` merges it over the
 driver's defaults. :func:`raise_vendor_error` keeps the generic status classification of
-``relay.http.raise_for_status`` while letting a driver say what went wrong in its vendor's
+``relay.drivers.http.raise_for_status`` while letting a driver say what went wrong in its vendor's
 words.
 """
 
@@ -19,9 +19,9 @@ from typing import Any, NoReturn
 
 from marshmallow import ValidationError, fields
 
-from relay.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.fields import dotted_get
-from relay.http import HttpResponse, RetryableAnswers, raise_for_status
+from relay.core.dotted import dotted_get
+from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
+from relay.drivers.http import HttpResponse, RetryableAnswers, raise_for_status
 
 
 class _LeadPathOrOff(fields.Field):

@@ -14,10 +14,11 @@ from typing import Any
 
 from marshmallow import Schema, fields, validate
 
-from relay import forms, signing
+from relay.core import formdata as forms
+from relay.core import signing
+from relay.core.models import DeliveryResult, LeadEvent
 from relay.drivers.base import Driver
-from relay.http import USER_AGENT, raise_for_status
-from relay.models import DeliveryResult, LeadEvent
+from relay.drivers.http import USER_AGENT, raise_for_status
 
 
 class WebhookOptions(Schema):

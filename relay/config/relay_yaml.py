@@ -1,0 +1,313 @@
+"""The YAML configuration (SPEC §3): loading, ``${VAR}`` substitution, validation.
+
+Validation errors name the destination and the field: ``destinations[1] (crm): access_token:
+Missing data for required field.`` The result is a :class:`RelayConfig` of frozen values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates
+
+from relay.core.durations import parse_duration, parse_rate_limit
+from relay.core.errors import ConfigError
+from relay.core.events import canonical_event_name, is_known
+from relay.core.models import Destination, RetryPolicy
+from relay.drivers import REGISTRY, driver_class
+
+DEFAULT_SOURCE = "kickofflabs"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+COMMON_KEYS = frozenset(
+    {"name", "type", "events", "campaigns", "where", "timeout", "retry", "rate_limit", "base_url",
+     "concurrency"}
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    token: str | None = None
+    dedupe_window: float = 86400.0
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    sources: Mapping[str, Source]
+    destinations: tuple[Destination, ...]
+    warnings: tuple[str, ...] = ()
+    path: str | None = None
+    secrets: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+
+class Duration(fields.Field):
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class EventName(fields.String):
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        name = canonical_event_name(super()._deserialize(value, attr, data, **kwargs))
+        if name != "*" and not is_known(name):
+            raise ValidationError(f"unknown event {value!r}")
+        return name
+
+
+class RetrySchema(Schema):
+    schedule = fields.List(Duration(), required=True, validate=validate.Length(min=0, max=50))
+
+
+class SourceSchema(Schema):
+    token = fields.String(allow_none=True, load_default=None)
+    dedupe_window = Duration(load_default=86400.0)
+
+
+class DestinationSchema(Schema):
+    """The keys every driver takes; the driver's own keys go to its ``options_schema``."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    name = fields.String(
+        required=True,
+        validate=validate.Regexp(NAME_PATTERN, error=("use letters, digits, - and _ only")),
+    )
+    type = fields.String(required=True, validate=validate.OneOf(sorted(REGISTRY)))
+    events = fields.List(EventName(), load_default=lambda: ["*"], validate=validate.Length(min=1))
+    campaigns = fields.List(fields.Raw(), load_default=None, allow_none=True)
+    where = fields.Dict(keys=fields.String(), load_default=dict)
+    timeout = Duration(load_default=10.0)
+    retry = fields.Nested(RetrySchema, load_default=None, allow_none=True)
+    rate_limit = fields.String(load_default=None, allow_none=True)
+    base_url = fields.Url(load_default=None, allow_none=True, require_tld=False)
+    # Deliveries in flight to the destination across all workers (default: the driver's).
+    concurrency = fields.Integer(load_default=None, allow_none=True, strict=True,
+                                 validate=validate.Range(1, 1000))
+
+    @validates("rate_limit")
+    def _rate(self, value: str | None, **kwargs: Any) -> None:
+        if value is not None:
+            try:
+                parse_rate_limit(value)
+            except ValueError as exc:
+                raise ValidationError(str(exc)) from None
+
+    @validates("timeout")
+    def _timeout(self, value: float, **kwargs: Any) -> None:
+        if not 0 < value <= 300:
+            raise ValidationError("must be between 0 and 5m")
+
+
+def substitute(value: Any, environ: Mapping[str, str], where: str = "") -> Any:
+    """Replace ``${VAR}`` (and ``${VAR:-default}``) in every string of the parsed YAML."""
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            # As in the shell and compose: ``:-`` also replaces an empty value.
+            if environ.get(name):
+                return environ[name]
+            if default is not None:
+                return default
+            if name in environ:
+                return ""
+            raise ConfigError(f"{where or 'config'}: environment variable {name} is not set")
+
+        return _VAR.sub(replace, value)
+    if isinstance(value, list):
+        return [substitute(item, environ, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {
+            key: substitute(item, environ, f"{where}.{key}" if where else str(key))
+            for key, item in value.items()
+        }
+    return value
+
+
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> RelayConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    config = parse_config(raw, os.environ if environ is None else environ)
+    return RelayConfig(
+        config.sources, config.destinations, config.warnings, str(path), config.secrets
+    )
+
+
+def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    unknown = set(raw) - {"sources", "destinations"}
+    if unknown:
+        raise ConfigError(f"config: unknown top-level keys: {', '.join(sorted(unknown))}")
+    problems: list[str] = []
+    warnings: list[str] = []
+    sources = _parse_sources(raw.get("sources"), environ, problems, warnings)
+    destinations: list[Destination] = []
+    secrets: dict[str, frozenset[str]] = {}
+    seen: set[str] = set()
+    raw_destinations = raw.get("destinations") or []
+    if not isinstance(raw_destinations, list):
+        problems.append("destinations: must be a list")
+        raw_destinations = []
+    for index, item in enumerate(raw_destinations):
+        label = f"destinations[{index}]"
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            label += f" ({item['name']})"
+        try:
+            item = substitute(item, environ, label)
+            destination, secret_fields = _parse_destination(item, label)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        if destination.name.startswith("sub-"):
+            problems.append(f"{label}: name: the sub- prefix is reserved for API subscriptions")
+        if destination.name in seen:
+            problems.append(f"{label}: name: {destination.name!r} is used twice")
+        seen.add(destination.name)
+        destinations.append(destination)
+        secrets[destination.name] = secret_fields
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems), problems)
+    return RelayConfig(sources, tuple(destinations), tuple(warnings), None, secrets)
+
+
+def _parse_sources(
+    raw: Any, environ: Mapping[str, str], problems: list[str], warnings: list[str]
+) -> dict[str, Source]:
+    if raw is None:
+        warnings.append(
+            f"no sources configured: the {DEFAULT_SOURCE!r} source accepts events without a token"
+        )
+        return {DEFAULT_SOURCE: Source(DEFAULT_SOURCE)}
+    if not isinstance(raw, dict):
+        problems.append("sources: must be a mapping of source name to settings")
+        return {}
+    sources: dict[str, Source] = {}
+    for name, settings in raw.items():
+        label = f"sources.{name}"
+        if not re.match(NAME_PATTERN, str(name)):
+            problems.append(f"{label}: use letters, digits, - and _ only")
+            continue
+        try:
+            loaded = SourceSchema().load(substitute(settings or {}, environ, label))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        except ValidationError as exc:
+            problems.extend(_flatten(label, exc.messages))
+            continue
+        token = loaded["token"] or None
+        if token is None:
+            warnings.append(f"{label}: no token: anyone who knows the URL can post events")
+        sources[str(name)] = Source(str(name), token, loaded["dedupe_window"])
+    return sources
+
+
+def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[str]]:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{label}: must be a mapping")
+    try:
+        common = DestinationSchema().load(item)
+    except ValidationError as exc:
+        raise ConfigError(label, _flatten(label, exc.messages)) from None
+    cls = driver_class(common["type"])
+    own = {key: value for key, value in item.items() if key not in COMMON_KEYS}
+    try:
+        options = cls.options_schema().load(own)
+    except ValidationError as exc:
+        raise ConfigError(label, _flatten(label, exc.messages)) from None
+    retry = common["retry"]
+    campaigns = common["campaigns"]
+    destination = Destination(
+        name=common["name"],
+        type=common["type"],
+        events=frozenset(common["events"]),
+        campaigns=None if campaigns is None else frozenset(str(c) for c in campaigns),
+        where=common["where"],
+        timeout=common["timeout"],
+        retry=RetryPolicy(tuple(retry["schedule"])) if retry else RetryPolicy(),
+        rate_limit=parse_rate_limit(common["rate_limit"]) if common["rate_limit"] else None,
+        base_url=common["base_url"],
+        concurrency=common["concurrency"] or cls.default_concurrency,
+        options=options,
+    )
+    return destination, cls.secret_fields
+
+
+def _flatten(label: str, messages: Any, path: str = "") -> list[str]:
+    if isinstance(messages, dict):
+        out: list[str] = []
+        for key, value in messages.items():
+            out.extend(_flatten(label, value, f"{path}.{key}" if path else str(key)))
+        return out
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return [f"{label}: {path}: {' '.join(messages)}"]
+    if isinstance(messages, list):
+        return [line for m in messages for line in _flatten(label, m, path)]
+    return [f"{label}: {path}: {messages}"]
+
+
+def masked(config: RelayConfig) -> dict[str, Any]:
+    """A printable view of the config with every secret replaced by ``***``."""
+
+    def mask(value: Any) -> Any:
+        return "***" if value else value
+
+    out: dict[str, Any] = {
+        "sources": {
+            name: {"token": mask(s.token), "dedupe_window": s.dedupe_window}
+            for name, s in config.sources.items()
+        },
+        "destinations": [],
+    }
+    for d in config.destinations:
+        secret = config.secrets.get(d.name, frozenset())
+        options = {
+            key: (mask(value) if key in secret else _mask_nested(key, value))
+            for key, value in d.options.items()
+        }
+        out["destinations"].append(
+            {
+                "name": d.name,
+                "type": d.type,
+                "events": sorted(d.events),
+                "campaigns": sorted(d.campaigns) if d.campaigns is not None else None,
+                "where": dict(d.where),
+                "timeout": d.timeout,
+                "concurrency": d.concurrency,
+                "retry": list(d.retry.schedule),
+                "rate_limit": d.rate_limit
+                and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
+                "base_url": d.base_url,
+                **options,
+            }
+        )
+    return out
+
+
+def _mask_nested(key: str, value: Any) -> Any:
+    # Header values routinely carry API keys (``X-Api-Key``, ``Authorization``).
+    if key == "headers" and isinstance(value, Mapping):
+        return {name: "***" for name in value}
+    return value

@@ -1,0 +1,91 @@
+"""Process settings from the environment (SPEC §3). Everything but Redis has a default.
+
+This is the one reader of ``RELAY_*`` variables: the modules below take their values as
+arguments (a process applies the process-wide ones with :func:`apply_process_settings`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from relay.core.durations import parse_duration
+from relay.core.errors import ConfigError
+from relay.core.models import LEASE_MARGIN
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    config_path: str = "config/relay.yaml"
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1024 * 1024
+    allowed_networks: tuple[str, ...] = ()
+    # Celery: the broker's visibility timeout must exceed the task time limit, or a slow
+    # task's message is handed to a second worker while the first still runs it.
+    visibility_timeout: float = 300.0
+    task_time_limit: float = 120.0
+    max_in_flight: int = 100  # deliveries in flight at once per worker process
+    max_task_runs: int = 3  # a task that kills its worker this often becomes a dead letter
+    # A claimed delivery's lease is its destination's timeout plus this: how soon a dead
+    # worker's deliveries are taken over, and how long a live one may take to record them.
+    lease_margin: float = LEASE_MARGIN
+    retention: float = 7 * 86400.0  # event payloads, delivery log
+    scheduler_interval: float = 1.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+    redis_pool: int = 50  # connections per process (the web app's pool)
+    metrics_flush_interval: float = 1.0  # seconds between a process's metrics flushes
+    dev_inbox: bool = False
+    # Signs the console's session cookie; the console is off without it. Never in a repr.
+    secret_key: str = field(default="", repr=False)
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        try:
+            settings = cls(
+                redis_url=env.get("RELAY_REDIS_URL") or DEFAULT_REDIS_URL,
+                config_path=env.get("RELAY_CONFIG") or "config/relay.yaml",
+                api_keys=_split(env.get("RELAY_API_KEYS")),
+                max_body_bytes=int(env.get("RELAY_MAX_BODY_BYTES") or 1024 * 1024),
+                allowed_networks=_split(env.get("RELAY_ALLOWED_NETWORKS")),
+                visibility_timeout=parse_duration(env.get("RELAY_VISIBILITY_TIMEOUT") or 300),
+                task_time_limit=parse_duration(env.get("RELAY_TASK_TIME_LIMIT") or 120),
+                max_task_runs=int(env.get("RELAY_MAX_TASK_RUNS") or 3),
+                lease_margin=parse_duration(env.get("RELAY_LEASE_MARGIN") or LEASE_MARGIN),
+                max_in_flight=int(env.get("RELAY_MAX_IN_FLIGHT") or 100),
+                retention=parse_duration(env.get("RELAY_RETENTION") or "7d"),
+                scheduler_interval=parse_duration(env.get("RELAY_SCHEDULER_INTERVAL") or 1),
+                log_format=(env.get("RELAY_LOG_FORMAT") or "text").lower(),
+                log_level=(env.get("RELAY_LOG_LEVEL") or "INFO").upper(),
+                redis_pool=int(env.get("RELAY_REDIS_POOL") or 50),
+                metrics_flush_interval=float(env.get("RELAY_METRICS_FLUSH_INTERVAL") or 1),
+                dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
+                secret_key=env.get("RELAY_SECRET_KEY") or "",
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid environment setting: {exc}") from None
+        if settings.visibility_timeout <= settings.task_time_limit:
+            raise ConfigError(
+                "RELAY_VISIBILITY_TIMEOUT must be larger than RELAY_TASK_TIME_LIMIT "
+                f"({settings.visibility_timeout:g}s <= {settings.task_time_limit:g}s)"
+            )
+        return settings
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def apply_process_settings(settings: Settings) -> None:
+    """The knobs that are process-wide rather than per object: the metrics' flush interval and
+    the size of the HTTP client's pool (one connection per delivery in flight)."""
+    from relay.drivers import http
+    from relay.observability import metrics
+
+    metrics.configure(flush_interval=settings.metrics_flush_interval)
+    http.configure(pool_size=settings.max_in_flight)

@@ -1,0 +1,149 @@
+"""Small frozen values passed around inside leadrelay (only JSON crosses Redis)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Seconds a claimed delivery's lease adds to its destination's timeout (RELAY_LEASE_MARGIN).
+LEASE_MARGIN = 10.0
+
+
+class LazyPayload(Mapping[str, Any]):
+    """A payload kept as its JSON until something reads it: a claimed webhook delivery sends
+    the JSON as it is and never needs the parsed lead (other drivers read fields and parse
+    it then, once)."""
+
+    __slots__ = ("json", "_data")
+
+    def __init__(self, raw: bytes) -> None:
+        self.json = raw
+        self._data: dict[str, Any] | None = None
+
+    def _parsed(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = json.loads(self.json)
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._parsed()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def __repr__(self) -> str:
+        return f"LazyPayload({len(self.json)} bytes)"
+
+
+@dataclass(frozen=True)
+class LeadEvent:
+    """One accepted lead event, as the workers see it.
+
+    ``name`` is the event name after the ``fraudulent`` alias; ``known`` is False for a name
+    outside the KickoffLabs catalogue (such events go only to destinations subscribed to ``*``).
+    ``payload`` is the normalised lead plus ``__event`` and its ``__…`` block, relayed as is.
+    """
+
+    event_id: str
+    source: str
+    name: str
+    payload: Mapping[str, Any]
+    known: bool = True
+    received_at: float = 0.0
+    #: The payload's compact JSON (``json.dumps(payload, separators=(",", ":"))``) when it was
+    #: cut out of the stored event (:func:`relay.store.deliveries.parse_event`), else None.
+    payload_json: bytes | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def campaign_id(self) -> str | None:
+        value = self.payload.get("campaign_id")
+        if value is None:
+            value = self.payload.get("list_id")
+        return None if value is None else str(value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {  # the payload last, as the ingress stores it
+            "event_id": self.event_id,
+            "source": self.source,
+            "name": self.name,
+            "known": self.known,
+            "received_at": self.received_at,
+            "payload": dict(self.payload),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], payload_json: bytes | None = None
+                  ) -> LeadEvent:
+        return cls(
+            event_id=data["event_id"],
+            source=data["source"],
+            name=data["name"],
+            payload=data["payload"],
+            known=data.get("known", True),
+            received_at=data.get("received_at", 0.0),
+            payload_json=payload_json,
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delays (seconds) before the 2nd, 3rd, … attempt: ``len(schedule) + 1`` attempts in all."""
+
+    schedule: tuple[float, ...] = (10, 60, 300, 1800, 7200, 21600, 43200, 43200)
+    jitter: float = 0.2
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.schedule) + 1
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``count`` deliveries per ``per_seconds``, shared by all workers."""
+
+    count: int
+    per_seconds: float
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A configured place to deliver to. ``options`` holds the driver's own validated keys."""
+
+    name: str
+    type: str
+    events: frozenset[str] = frozenset({"*"})
+    campaigns: frozenset[str] | None = None
+    where: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rate_limit: RateLimit | None = None
+    base_url: str | None = None
+    concurrency: int = 50  # most deliveries in flight to it, across all workers
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # True for URLs registered through the subscription API: untrusted, SSRF-guarded.
+    untrusted: bool = False
+
+    def __hash__(self) -> int:  # mappings are not hashable; the name is unique
+        return hash(self.name)
+
+    @property
+    def lease(self) -> float:
+        """How long a claimed delivery is held: its timeout (which bounds a whole answer, see
+        :mod:`relay.drivers.http`) with room to spare for recording the outcome. A delivery whose
+        worker died is taken over once this has passed. (Workers add
+        ``RELAY_LEASE_MARGIN`` instead, see :meth:`relay.delivery.engine.Engine.lease`.)"""
+        return self.timeout + LEASE_MARGIN
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What a successful send tells the delivery log."""
+
+    status_code: int | None = None
+    detail: str = ""
+    skipped: bool = False  # nothing to send (e.g. HubSpot and a lead without an email)

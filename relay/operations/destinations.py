@@ -1,0 +1,88 @@
+"""Destinations as an operator sees them: which exist, their health, pause and resume."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+
+from relay.config.relay_yaml import RelayConfig
+from relay.delivery.gates import PauseGate, destination_state
+from relay.store.deliveries import dead_letter_counts, recent_key
+from relay.store.keys import PAUSED_KEY, STATS_PREFIX, stats_key
+from relay.store.lanes import Lanes, parked
+from relay.store.subscriptions import SubscriptionStore
+
+
+def known_destinations(client: redis.Redis, configured: Iterable[str]) -> list[str]:
+    """Configured destinations, every active API subscription, and any with counters (a
+    subscription since removed) or paused."""
+    names = set(configured) | set(SubscriptionStore(client).active_names())
+    for key in client.scan_iter(match=STATS_PREFIX + "*", count=1000):
+        names.add(key.decode()[len(STATS_PREFIX):])
+    names.update(k.decode() for k in client.hkeys(PAUSED_KEY))
+    return sorted(names)
+
+
+def destination_known(client: redis.Redis, config: RelayConfig, name: str) -> bool:
+    """Whether ``name`` is a destination pause / resume may act on: configured, an API
+    subscription, or one Redis has counters for."""
+    if config.destination(name) is not None:
+        return True
+    return SubscriptionStore(client).get(name) is not None or name in known_destinations(
+        client, ())
+
+
+def destination_health(client: redis.Redis, names: Iterable[str],
+                       types: dict[str, str] | None = None,
+                       clock: Callable[[], float] = time.time) -> list[dict[str, Any]]:
+    """State (active / paused / open / half-open), success rate, last error and the counts of
+    queued (waiting in the lane or in flight), parked (retry delays), retrying and dead
+    deliveries of each destination."""
+    names = list(names)
+    queued = Lanes(client).lane_depths()
+    waiting = Counter(destination for _, destination, _ in parked(client))
+    dead = dead_letter_counts(client)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(stats_key(name))
+        pipe.zcard(recent_key(name, "retrying"))
+    answers = pipe.execute()
+    health = []
+    for i, name in enumerate(names):
+        stats = {k.decode(): v.decode() for k, v in answers[2 * i].items()}
+        delivered, failed = int(stats.get("delivered", 0)), int(stats.get("failed", 0))
+        health.append({
+            "name": name,
+            "type": (types or {}).get(name),
+            "state": destination_state(client, name, clock),
+            "success_rate": round(delivered / (delivered + failed), 4)
+            if delivered + failed else None,
+            "delivered": delivered,
+            "failed": failed,
+            "consecutive_failures": int(stats.get("consecutive_failures", 0)),
+            "last_error": stats.get("last_error") or None,
+            "last_error_at": float(stats["last_error_at"]) if "last_error_at" in stats else None,
+            "last_success_at": float(stats["last_success_at"])
+            if "last_success_at" in stats else None,
+            "queued": queued.get(name, 0),
+            "parked": waiting[name],
+            "retrying": int(answers[2 * i + 1]),
+            "dead": dead[name],
+        })
+    return health
+
+
+def pause(client: redis.Redis, name: str, reason: str = "") -> None:
+    """Hold the destination's lane: nothing is sent until :func:`resume`."""
+    PauseGate(client).pause(name, reason)
+
+
+def resume(client: redis.Redis, name: str) -> dict[str, Any]:
+    """Lift a pause; the state the destination is in now and how many deliveries it released."""
+    released = PauseGate(client).resume(name)
+    return {"destination": name, "state": destination_state(client, name),
+            "released": released}

@@ -1,0 +1,5 @@
+"""Everything the relay keeps in Redis, and the one place that knows the layout: key names
+(:mod:`.keys`), the intake and the lanes (:mod:`.lanes`), delivery state, attempts and dead
+letters (:mod:`.deliveries`), API subscriptions, the lead index and erasure.
+
+Imports run one way: ``keys ← lanes, deliveries, subscriptions, lead_index ← erase``."""

@@ -1,0 +1,178 @@
+"""GDPR erasure: remove every trace of one lead (by email) that the relay keeps in Redis.
+
+What a lead leaves here, and what goes:
+
+- stored events (``relay:event:<id>``) whose payload's ``email`` is the address, and with them
+  each such event's delivery states, attempts log, dedupe marker and recent-delivery entries;
+- dead letters (they carry a copy of the event, which may outlive the event record);
+- events accepted and not yet admitted (intake entries carrying the lead), and its events'
+  deliveries waiting in a lane or parked for a retry;
+- the dev inbox's copies;
+- the lead's entries in the console's lead index (:mod:`relay.store.lead_index`).
+
+Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
+records whose own lead is the address are touched: other leads' events stay as they are, even
+where they mention the address (a referral's ``__referral.email``). What the destinations
+themselves hold (the CRM, the database) is theirs to erase.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import redis
+
+from relay.store.keys import (
+    DEAD_INDEX,
+    DEAD_KEY,
+    DEV_INBOX,
+    INTAKE,
+    PREFIX,
+    SCHEDULED,
+    delivery_key,
+    event_key,
+    lane_key,
+    log_key,
+    parked_member,
+)
+from relay.store.lanes import Lanes, intake_events, parked
+from relay.store.lead_index import forget_events
+
+BATCH = 500
+
+
+@dataclass
+class ErasureReport:
+    email: str
+    event_ids: set[str] = field(default_factory=set)
+    removed: Counter[str] = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"email": self.email, "event_ids": sorted(self.event_ids),
+                "removed": dict(sorted(self.removed.items()))}
+
+
+def _is_lead(payload: Any, email: str) -> bool:
+    if not isinstance(payload, Mapping):
+        return False
+    value = payload.get("email")
+    return isinstance(value, str) and value.strip().lower() == email
+
+
+def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
+    target = email.strip().lower()
+    report = ErasureReport(target)
+    _queued_events(client, target, report)
+    _stored_events(client, target, report)
+    _dead_letters(client, target, report)
+    _event_keys(client, report)
+    report.removed["lead_index_entries"] += forget_events(client, target, report.event_ids)
+    _parked(client, report)
+    _dev_inbox(client, target, report)
+    return report
+
+
+def _stored_events(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    for keys in _batches(client.scan_iter(match=f"{PREFIX}event:*", count=BATCH)):
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "event")
+        for key, raw in zip(keys, pipe.execute(), strict=True):
+            if raw is None:
+                continue
+            event = json.loads(raw)
+            if _is_lead(event.get("payload"), email):
+                report.event_ids.add(key.decode()[len(PREFIX) + len("event:"):])
+
+
+def _dead_letters(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    doomed = []
+    for key, raw in client.hscan_iter(DEAD_KEY, count=BATCH):
+        letter = json.loads(raw)
+        event_id = letter.get("event_id")
+        if event_id in report.event_ids or _is_lead((letter.get("event") or {}).get("payload"),
+                                                    email):
+            doomed.append(key)
+            report.event_ids.add(event_id)
+    report.removed["dead_letters"] += _remove_indexed(client, DEAD_KEY, DEAD_INDEX, doomed)
+
+
+def _event_keys(client: redis.Redis, report: ErasureReport) -> None:
+    recent = list(client.scan_iter(match=f"{PREFIX}recent:*", count=BATCH))
+    for ids in _batches(sorted(report.event_ids)):
+        pipe = client.pipeline(transaction=False)
+        for event_id in ids:
+            pipe.delete(event_key(event_id))
+            pipe.delete(delivery_key(event_id))
+            pipe.delete(log_key(event_id))
+            pipe.delete(f"{PREFIX}seen:{event_id}")
+        for key in recent:
+            pipe.zrem(key, *ids)
+        answers = pipe.execute()
+        for i, kind in enumerate(("events", "delivery_states", "delivery_logs",
+                                  "dedupe_markers")):
+            report.removed[kind] += sum(int(a) for a in answers[i:4 * len(ids):4])
+        report.removed["recent_entries"] += sum(int(a) for a in answers[4 * len(ids):])
+
+
+def _queued_events(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    """Events accepted and not yet admitted: the intake entries carrying the lead."""
+    doomed = []
+    for entry_id, event in intake_events(client):
+        if _is_lead(event.get("payload"), email):
+            report.event_ids.add(str(event.get("event_id")))
+            doomed.append(entry_id)
+    for batch in _batches(doomed):
+        report.removed["queued_events"] += int(client.xdel(INTAKE, *batch))
+
+
+def _parked(client: redis.Redis, report: ErasureReport) -> None:
+    """Deliveries of the erased events, waiting in a lane or for a retry's time: they would
+    find nothing to send."""
+    doomed = [parked_member(event_id, destination) for event_id, destination, _ in parked(client)
+              if event_id in report.event_ids]
+    for batch in _batches(doomed):
+        report.removed["parked_deliveries"] += int(client.zrem(SCHEDULED, *batch))
+    lanes = Lanes(client)
+    for lane in lanes.lane_depths():
+        entries = [entry for entry, event_id in lanes.lane_entries(lane)
+                   if event_id in report.event_ids]
+        for batch in _batches(entries):
+            report.removed["lane_entries"] += int(client.xdel(lane_key(lane), *batch))
+
+
+def _remove_indexed(client: redis.Redis, records: str, index: str, ids: list[Any]) -> int:
+    """Remove ``ids`` from a hash of records and the sorted set indexing it; how many went."""
+    removed = 0
+    for batch in _batches(ids):
+        pipe = client.pipeline(transaction=True)
+        pipe.hdel(records, *batch)
+        pipe.zrem(index, *batch)
+        gone, _ = pipe.execute()
+        removed += int(gone)
+    return removed
+
+
+def _dev_inbox(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    for raw in client.lrange(DEV_INBOX, 0, -1):
+        body = json.loads(raw).get("body")
+        if isinstance(body, str):
+            body = {k: v[0] for k, v in parse_qs(body).items()}
+        if _is_lead(body, email):
+            report.removed["dev_inbox"] += int(client.lrem(DEV_INBOX, 0, raw))
+
+
+def _batches(items: Iterable[Any], size: int = BATCH) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,388 @@
+"""Intake and lanes: the Redis streams between the ingress, admission and delivery.
+
+::
+
+    ingress ──XADD──▶ relay:intake ──admit (dedupe, route)──▶ relay:lane:<destination> ──▶ drain
+                      (one stream)    one script per batch     (one stream per destination)
+
+Both are Redis streams read through the consumer group :data:`~relay.store.keys.GROUP`: an
+entry a worker has read stays in the group's pending list until the script that records its
+outcome acknowledges (and deletes) it, so a ``kill -9`` anywhere between the read and that
+script leaves it pending, and :meth:`relay.store.deliveries.DeliveryStore.take` reclaims it
+(``XAUTOCLAIM``) once it has been idle for the destination's lease. Nothing is copied "just in
+case": the stream is the only copy.
+
+Work is started by *kicks*: a Celery task per lane (``relay.drain``) or for the intake
+(``relay.admit``), queued when the lane gets work and no kick is already queued (``SET NX`` on
+the kick key, which the task deletes when it starts). A task drains its lane until it is empty
+or its time budget is spent, so Celery's cost is paid per batch, not per delivery. A kick that
+is lost (a killed worker's prefetched message) costs nothing but time: every worker's
+scheduler sweeps the lanes once a second and kicks any lane that has work and no drainer.
+
+Redis being unreachable is the caller's problem: these methods let ``redis.RedisError`` through
+(the ingress turns it into a 503, the worker tasks retry on the next kick).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from relay.store.keys import (
+    DRAINERS_PREFIX,
+    GROUP,
+    INFLIGHT_PREFIX,
+    INTAKE,
+    INTAKE_KICK,
+    LANES,
+    SCHEDULED,
+    hold_key,
+    kick_key,
+    lane_key,
+    parked_member,
+)
+
+#: How long a queued kick keeps others from queueing another (a lost one is replaced after it).
+KICK_TTL_MS = 10_000
+#: Intake entries a dead worker had read are taken over after this long (admission is fast).
+INTAKE_RECLAIM_IDLE_MS = 5_000
+
+# KEYS: intake, seen marker, intake kick; ARGV: event json, window ms, kick ttl ms. The first
+# event received under an id marks it (NX): when two events share a sender's Idempotency-Key,
+# the one received first is the one admitted. Answers {entry id, 1 when the caller is to queue
+# an admit task (none was queued)}: the task message is built only then, off the hot path.
+_PUBLISH = """
+local entry = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+redis.call('SET', KEYS[2], entry, 'NX', 'PX', ARGV[2])
+local kick = 0
+if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then kick = 1 end
+return {entry, kick}
+"""
+
+# Admits a batch of intake entries: dedupe, store, and fan out into the lanes, in one script.
+# KEYS: intake, subscriptions' version key, lanes set; ARGV: group, expected version, now,
+# retention s,
+# then per entry: entry id, event id, dedupe window ms, event json, lane count, lanes...
+# Answers {'stale', version} without writing anything when the subscriptions moved (the caller
+# routes again), else {'ok', outcome per entry}: new, duplicate, or done (another worker
+# admitted it: its XACK came first).
+_ADMIT = """
+local version = redis.call('GET', KEYS[2]) or ''
+if version ~= ARGV[2] then return {'stale', version} end
+local now, retention = ARGV[3], ARGV[4]
+local outcomes = {}
+local i = 5
+while i <= #ARGV do
+  local entry, id, window, event = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local lanes = tonumber(ARGV[i + 4])
+  local first = i + 5
+  i = first + lanes
+  if redis.call('XACK', KEYS[1], ARGV[1], entry) == 0 then
+    table.insert(outcomes, 'done')
+  else
+    redis.call('XDEL', KEYS[1], entry)
+    local seen = 'relay:seen:' .. id
+    local record = 'relay:event:' .. id
+    local prev = redis.call('GET', seen)
+    if prev and prev ~= entry then
+      -- Counted on the record even when the first one received is admitted later.
+      redis.call('HINCRBY', record, 'duplicates', 1)
+      if redis.call('TTL', record) < 0 then redis.call('EXPIRE', record, retention) end
+      table.insert(outcomes, 'duplicate')
+    else
+      if not prev then redis.call('SET', seen, entry, 'PX', window) end
+      local counted = 0
+      if redis.call('HEXISTS', record, 'event') == 0 then
+        counted = redis.call('HGET', record, 'duplicates') or 0
+      end
+      redis.call('DEL', record, 'relay:delivery:' .. id)
+      redis.call('HSET', record, 'event', event, 'entry', entry, 'admitted_at', now,
+                 'duplicates', counted)
+      redis.call('EXPIRE', record, retention)
+      for j = first, first + lanes - 1 do
+        redis.call('XADD', 'relay:lane:' .. ARGV[j], '*', 'e', id)
+        redis.call('SADD', KEYS[3], ARGV[j])
+      end
+      table.insert(outcomes, 'new')
+    end
+  end
+end
+return {'ok', outcomes}
+"""
+
+# Who may drain a lane: KEYS: drainers zset, in-flight hash; ARGV: holder, now, lease until,
+# max drainers. Expired drainers (their worker died) are forgotten with their in-flight counts.
+_JOIN = """
+local now = tonumber(ARGV[2])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[1], unpack(expired))
+  redis.call('HDEL', KEYS[2], unpack(expired))
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
+
+# The sweep: which lanes need a kick. KEYS: lanes set, intake; ARGV: now, kick ttl ms,
+# max drainers. A lane needs one when it has entries nobody has read (or a dead drainer's
+# entries to take over), no queued kick, no hold, and room for another drainer.
+_SWEEP = """
+local now = tonumber(ARGV[1])
+local kicks = {}
+local function needs(stream, kick, drainers)
+  local length = redis.call('XLEN', stream)
+  if length == 0 then return false end
+  if redis.call('EXISTS', kick) == 1 then return false end
+  local active = 0
+  if drainers then
+    active = redis.call('ZCOUNT', drainers, '(' .. ARGV[1], '+inf')  -- live ones only
+    if active >= tonumber(ARGV[3]) then return false end
+  end
+  if active > 0 then
+    local pending = redis.call('XPENDING', stream, 'relay')[1]
+    if length <= pending then return false end
+  end
+  redis.call('SET', kick, '1', 'PX', ARGV[2])
+  return true
+end
+if needs(KEYS[2], 'relay:intake:kick', nil) then table.insert(kicks, '') end
+for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local stream = 'relay:lane:' .. lane
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('SREM', KEYS[1], lane)
+  elseif redis.call('EXISTS', 'relay:hold:' .. lane) == 0
+      and needs(stream, 'relay:kick:' .. lane, 'relay:drainers:' .. lane) then
+    table.insert(kicks, lane)
+  end
+end
+return kicks
+"""
+
+# Parked deliveries (retries, a claim another worker holds) back into their lanes when due.
+# KEYS: scheduled zset, lanes set; ARGV: now, limit. Answers the lanes that got entries.
+_RELEASE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local touched = {}
+for _, member in ipairs(due) do
+  local cut = string.find(member, '|', 1, true)
+  local id, lane = string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
+  redis.call('XADD', 'relay:lane:' .. lane, '*', 'e', id)
+  redis.call('SADD', KEYS[2], lane)
+  touched[lane] = true
+end
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+local lanes = {}
+for lane in pairs(touched) do table.insert(lanes, lane) end
+return {#due, lanes}
+"""
+
+
+@dataclass(frozen=True)
+class IntakeEntry:
+    entry_id: str
+    event: dict[str, Any] | None  # None: an entry that is not valid JSON (never written so)
+    raw: bytes = b""
+
+
+class Lanes:
+    """The intake and lane streams of one Redis."""
+
+    def __init__(self, client: redis.Redis, consumer: str = "relay") -> None:
+        self.redis = client
+        self.consumer = consumer
+        self._publish = client.register_script(_PUBLISH)
+        self._admit = client.register_script(_ADMIT)
+        self._join = client.register_script(_JOIN)
+        self._sweep = client.register_script(_SWEEP)
+        self._release = client.register_script(_RELEASE)
+        self._groups: set[str] = set()
+
+    # -- the ingress ---------------------------------------------------------------------
+
+    def publish(self, event: str, event_id: str, dedupe_window: float) -> tuple[str, bool]:
+        """Store an accepted event (its JSON) in the intake and mark its id as received, in
+        one round trip: the entry id, and whether the caller is to queue an admit task (none
+        is queued; the kick key is now set for it)."""
+        entry, kick = self._publish(
+            keys=[INTAKE, f"relay:seen:{event_id}", INTAKE_KICK],
+            args=[event, max(1, int(dedupe_window * 1000)), KICK_TTL_MS])
+        return (entry.decode() if isinstance(entry, bytes) else str(entry)), bool(kick)
+
+    # -- admission -----------------------------------------------------------------------
+
+    def ensure_group(self, stream: str) -> None:
+        if stream in self._groups:
+            return
+        try:
+            self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(stream)
+
+    def read_intake(self, count: int, reclaim: bool = False) -> list[IntakeEntry]:
+        """Up to ``count`` intake entries: a dead worker's first (with ``reclaim``), then new
+        ones."""
+        self.ensure_group(INTAKE)
+        entries: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+        if reclaim:
+            reply = self.redis.xautoclaim(INTAKE, GROUP, self.consumer,
+                                          INTAKE_RECLAIM_IDLE_MS, "0-0", count=count)
+            entries.extend(reply[1])
+        if len(entries) < count:
+            for _, items in self.redis.xreadgroup(GROUP, self.consumer, {INTAKE: ">"},
+                                                  count=count - len(entries)) or ():
+                entries.extend(items)
+        return [_intake_entry(entry_id, fields) for entry_id, fields in entries]
+
+    def admit(self, version_key: str, version: bytes, now: float, retention: float,
+              batch: Sequence[tuple[str, str, float, str, Sequence[str]]],
+              ) -> list[str] | bytes:
+        """Admit ``(entry id, event id, dedupe window s, event json, lanes)`` items: the
+        outcome of each, or the subscriptions' current version when ``version`` is stale."""
+        args: list[Any] = [GROUP, version, now, int(retention)]
+        for entry_id, event_id, window, event, lanes in batch:
+            args += [entry_id, event_id, max(1, int(window * 1000)), event, len(lanes), *lanes]
+        for lanes in {lane for *_, item_lanes in batch for lane in item_lanes}:
+            self.ensure_group(lane_key(lanes))
+        status, value = self._admit(keys=[INTAKE, version_key, LANES], args=args)
+        if status == b"stale":
+            return bytes(value)
+        return [v.decode() for v in value]
+
+    def drop(self, stream: str, entry_ids: Iterable[str]) -> None:
+        """Acknowledge and delete entries that cannot be processed (logged by the caller)."""
+        ids = list(entry_ids)
+        if ids:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(stream, GROUP, *ids)
+            pipe.xdel(stream, *ids)
+            pipe.execute()
+
+    # -- draining --------------------------------------------------------------------------
+
+    def join(self, lane: str, holder: str, lease: float, max_drainers: int) -> bool:
+        """Become one of the lane's drainers (at most ``max_drainers`` at once)."""
+        self.ensure_group(lane_key(lane))
+        now = time.time()
+        return bool(self._join(keys=[DRAINERS_PREFIX + lane, INFLIGHT_PREFIX + lane],
+                               args=[holder, now, now + lease, max_drainers]))
+
+    def leave(self, lane: str, holder: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(DRAINERS_PREFIX + lane, holder)
+        pipe.hdel(INFLIGHT_PREFIX + lane, holder)
+        pipe.execute()
+
+    def hold(self, lane: str, until: float) -> None:
+        """Keep the sweep from kicking the lane until ``until`` (pause, open circuit, rate)."""
+        ttl = max(1, int((until - time.time()) * 1000))
+        self.redis.set(hold_key(lane), f"{until:.6f}", px=ttl)
+
+    def unhold(self, lane: str) -> None:
+        self.redis.delete(hold_key(lane))
+
+    def sweep(self, max_drainers: int) -> list[str]:
+        """Lanes (and ``""`` for the intake) that need a kick now; their kick keys are set."""
+        kicks = self._sweep(keys=[LANES, INTAKE], args=[time.time(), KICK_TTL_MS, max_drainers])
+        return [k.decode() for k in kicks]
+
+    def claim_kicks(self, lanes: Iterable[str]) -> list[str]:
+        """Set the kick key of each lane (``""``: the intake) that has none queued; the lanes
+        to kick."""
+        names = sorted(set(lanes))
+        if not names:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in names:
+            pipe.set(_kick(lane), "1", nx=True, px=KICK_TTL_MS)
+        return [lane for lane, ok in zip(names, pipe.execute(), strict=True) if ok]
+
+    def kicked(self, lane: str) -> None:
+        """A kicked task has started (``""``: an admit task): later work needs a kick of its
+        own."""
+        self.redis.delete(_kick(lane))
+
+    def drop_lane(self, lane: str, limit: int = 1000) -> int:
+        """Acknowledge and delete up to ``limit`` entries of a lane whose destination is gone."""
+        entries = self.redis.xrange(lane_key(lane), count=limit)
+        self.drop(lane_key(lane), [entry.decode() for entry, _ in entries])
+        return len(entries)
+
+    # -- parked deliveries ---------------------------------------------------------------
+
+    def park(self, event_id: str, destination: str, due: float) -> None:
+        self.redis.zadd(SCHEDULED, {parked_member(event_id, destination): due})
+
+    def release_due(self, now: float | None = None, limit: int = 500) -> tuple[int, list[str]]:
+        """Move due parked deliveries into their lanes: (how many, the lanes touched)."""
+        moved, lanes = self._release(keys=[SCHEDULED, LANES],
+                                     args=[now if now is not None else time.time(), limit])
+        return int(moved), [lane.decode() for lane in lanes]
+
+    # -- reading -----------------------------------------------------------------------
+
+    def depth(self) -> int:
+        """Events accepted and not yet admitted."""
+        return int(self.redis.xlen(INTAKE))
+
+    def lane_depths(self) -> dict[str, int]:
+        """Deliveries waiting or in flight, per lane."""
+        names = sorted(m.decode() for m in self.redis.smembers(LANES))
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.xlen(lane_key(name))
+        return dict(zip(names, (int(n) for n in pipe.execute()), strict=True))
+
+    def scheduled(self) -> int:
+        return int(self.redis.zcard(SCHEDULED))
+
+    def lane_entries(self, lane: str, limit: int = 100_000) -> list[tuple[str, str]]:
+        """(entry id, event id) of a lane, oldest first."""
+        return [(entry.decode(), fields.get(b"e", b"").decode())
+                for entry, fields in self.redis.xrange(lane_key(lane), count=limit)]
+
+
+def parked(client: redis.Redis) -> Iterable[tuple[str, str, float]]:
+    """(event id, destination, due) of every parked delivery (ZSCAN: never blocks Redis)."""
+    for member, score in client.zscan_iter(SCHEDULED, count=1000):
+        event_id, _, destination = member.decode().rpartition("|")
+        yield event_id, destination, float(score)
+
+
+def intake_events(client: redis.Redis, limit: int = 100_000,
+                  ) -> Iterable[tuple[str, dict[str, Any]]]:
+    """(entry id, event) of the events accepted and not yet admitted, oldest first."""
+    start = "-"
+    while limit > 0:
+        chunk = client.xrange(INTAKE, min=start, count=min(1000, limit))
+        for entry_id, fields in chunk:
+            parsed = _intake_entry(entry_id, fields)
+            if parsed.event is not None:
+                yield parsed.entry_id, parsed.event
+        if len(chunk) < 1000:
+            return
+        limit -= len(chunk)
+        start = "(" + chunk[-1][0].decode()
+
+
+def _kick(lane: str) -> str:
+    return INTAKE_KICK if lane == "" else kick_key(lane)
+
+
+def _intake_entry(entry_id: bytes, fields: dict[bytes, bytes] | None) -> IntakeEntry:
+    try:
+        event = json.loads(fields[b"e"]) if fields else None
+    except (KeyError, ValueError):
+        event = None
+    return IntakeEntry(entry_id.decode(), event if isinstance(event, dict) else None,
+                       fields.get(b"e", b"") if fields else b"")
+
+
+__all__ = ["IntakeEntry", "Lanes", "intake_events", "parked"]
