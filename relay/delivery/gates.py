@@ -7,20 +7,13 @@ A gate never takes a delivery out of its lane: it *holds the lane* (the drainer 
 it and the sweep leaves it alone until the hold's time), so held deliveries keep their order
 and come back by themselves, a resumed or closed destination's oldest first.
 
-Keys (all under ``relay:``):
-
-=============================  ===========================================================
-``paused``                     hash: destination -> JSON {paused_at, reason}
-``circuit:<destination>``      hash: state (closed | open), reopen_at, reason, the success
-                               and failure totals seen at the last probe, the failure-rate
-                               window's start and totals
-``circuit:<destination>:probe``  the half-open probe lease (``SET NX PX``): one worker probes
-``rate:<destination>:<n>``     deliveries in fixed window ``n`` (expires after two windows)
-=============================  ===========================================================
+Their keys (``relay:paused``, ``relay:circuit:<destination>`` and its ``:probe`` lease,
+``relay:rate:<destination>:<window>``) are listed in :mod:`relay.store.keys`, their scripts are
+``circuit.lua`` and ``rate.lua`` in ``relay/store/lua/``.
 
 The breaker reads the counters :class:`relay.store.deliveries.DeliveryStore` already keeps in
-``stats:<destination>`` (``consecutive_failures``, ``delivered``, ``failed``), so closing it on
-success and counting failures needs nothing from the delivery code.
+``relay:stats:<destination>`` (``consecutive_failures``, ``delivered``, ``failed``), so closing
+it on success and counting failures needs nothing from the delivery code.
 """
 
 from __future__ import annotations
@@ -37,7 +30,16 @@ import redis
 
 from relay.core.models import Destination
 from relay.observability.metrics import metrics_for
-from relay.store.keys import PAUSED_KEY, PREFIX, circuit_key, hold_key, stats_key
+from relay.store.keys import (
+    PAUSED_KEY,
+    circuit_key,
+    hold_key,
+    lane_key,
+    probe_key,
+    rate_key,
+    stats_key,
+)
+from relay.store.scripts import register
 
 log = logging.getLogger("relay.gates")
 
@@ -62,81 +64,6 @@ class Gate(Protocol):
         """Whether the next :meth:`allow` would read what recorded outcomes change: then the
         drainer records its outcomes before it asks, instead of with its next claim."""
         ...
-
-
-# KEYS: circuit hash, probe lease, stats hash
-# ARGV: now, threshold, cooldown, probe ttl, probe wait, window, failure rate, min volume
-# Answers {action, hold until ('' to go ahead)}.
-_CIRCUIT = """
-local now = tonumber(ARGV[1])
-local c = redis.call('HMGET', KEYS[1], 'state', 'reopen_at', 'probe_ok', 'probe_failed',
-                     'win_start', 'win_ok', 'win_failed')
-local s = redis.call('HMGET', KEYS[3], 'consecutive_failures', 'delivered', 'failed')
-local cf = tonumber(s[1] or '0')
-local ok = tonumber(s[2] or '0')
-local failed = tonumber(s[3] or '0')
-local cooldown = tonumber(ARGV[3])
-
-local function open(reason)
-  local until_ = string.format('%.6f', now + cooldown)
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1], 'reason', reason,
-             'reopen_at', until_)
-  redis.call('DEL', KEYS[2])
-  return {'opened', until_}
-end
-
-if c[1] ~= 'open' then
-  if cf >= tonumber(ARGV[2]) then
-    return open(cf .. ' consecutive failures')
-  end
-  local ws = tonumber(c[5] or '0')
-  if now - ws >= tonumber(ARGV[6]) then
-    redis.call('HSET', KEYS[1], 'state', 'closed', 'win_start', ARGV[1], 'win_ok', ok,
-               'win_failed', failed)
-  else
-    local d_ok = ok - tonumber(c[6] or '0')
-    local d_failed = failed - tonumber(c[7] or '0')
-    local total = d_ok + d_failed
-    if total >= tonumber(ARGV[8]) and d_failed / total >= tonumber(ARGV[7]) then
-      return open(string.format('failure rate %d/%d', d_failed, total))
-    end
-  end
-  return {'go', ''}
-end
-
-local reopen_at = tonumber(c[2] or '0')
-if now < reopen_at then
-  return {'open', c[2]}
-end
--- Half-open: has the probe (or anything since the last probe began) answered?
-if c[3] and ok > tonumber(c[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'closed', 'win_start', ARGV[1], 'win_ok', ok,
-             'win_failed', failed)
-  redis.call('HDEL', KEYS[1], 'reopen_at', 'probe_ok', 'probe_failed', 'opened_at', 'reason')
-  redis.call('DEL', KEYS[2])
-  return {'closed', ''}
-end
-if c[4] and failed > tonumber(c[4]) then
-  redis.call('HDEL', KEYS[1], 'probe_ok', 'probe_failed')
-  return open('the probe failed')
-end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', math.floor(tonumber(ARGV[4]) * 1000)) then
-  redis.call('HSET', KEYS[1], 'probe_ok', ok, 'probe_failed', failed)
-  return {'probe', ''}
-end
-return {'half-open', string.format('%.6f', now + tonumber(ARGV[5]))}
-"""
-
-# KEYS: window counter; ARGV: wanted, limit, ttl ms. Answers how many of the wanted fit.
-_RATE = """
-local n = redis.call('INCRBY', KEYS[1], ARGV[1])
-if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-local over = n - tonumber(ARGV[2])
-if over <= 0 then return tonumber(ARGV[1]) end
-local granted = math.max(0, tonumber(ARGV[1]) - over)
-redis.call('DECRBY', KEYS[1], tonumber(ARGV[1]) - granted)  -- what was refused is not used
-return granted
-"""
 
 
 def _held(client: redis.Redis, gate: str, destination: str, refused: int) -> None:
@@ -202,7 +129,7 @@ class PauseGate:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(PAUSED_KEY, destination)
         pipe.delete(hold_key(destination))
-        pipe.xlen(PREFIX + "lane:" + destination)
+        pipe.xlen(lane_key(destination))
         waiting = int(pipe.execute()[2])
         if waiting:
             log.warning("destination resumed", extra={"destination": destination,
@@ -233,7 +160,7 @@ class CircuitBreaker:
         self.redis = client
         self.policy = policy or CircuitPolicy()
         self.clock = clock
-        self._script = client.register_script(_CIRCUIT)
+        self._script = register(client, "circuit")
         # Workers pass ``snapshot_ttl``: after the script said "go", this process lets a
         # destination's deliveries through without asking again for that long, as long as
         # each of its own attempts succeeds. A failure here, or the time running out, sends
@@ -261,7 +188,7 @@ class CircuitBreaker:
         if self._snapshot_healthy(name):
             return want, None
         action, until = self._script(
-            keys=[circuit_key(name), circuit_key(name) + ":probe", stats_key(name)],
+            keys=[circuit_key(name), probe_key(name), stats_key(name)],
             args=[self.clock(), p.threshold, p.cooldown, destination.lease,
                   p.probe_wait, p.window, p.failure_rate, p.min_volume],
         )
@@ -289,7 +216,7 @@ class CircuitBreaker:
         return "open" if self.clock() < float(reopen_at or 0) else "half-open"
 
     def reset(self, destination: str) -> None:
-        self.redis.delete(circuit_key(destination), circuit_key(destination) + ":probe")
+        self.redis.delete(circuit_key(destination), probe_key(destination))
 
 
 class RateLimitGate:
@@ -301,7 +228,7 @@ class RateLimitGate:
     def __init__(self, client: redis.Redis, clock: Clock = time.time) -> None:
         self.redis = client
         self.clock = clock
-        self._script = client.register_script(_RATE)
+        self._script = register(client, "rate")
 
     def attempted(self, destination: Destination, succeeded: bool) -> None:
         pass
@@ -315,7 +242,7 @@ class RateLimitGate:
             return want, None
         per = limit.per_seconds
         window = math.floor(self.clock() / per)
-        granted = int(self._script(keys=[f"{PREFIX}rate:{destination.name}:{window}"],
+        granted = int(self._script(keys=[rate_key(destination.name, window)],
                                    args=[want, limit.count, int(per * 2000) + 1000]))
         if granted >= want:
             return want, None

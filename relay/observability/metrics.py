@@ -50,8 +50,8 @@ from relay.store.deliveries import dead_letter_counts
 from relay.store.keys import (
     INTAKE,
     LANES,
+    METRICS_KEY,
     PAUSED_KEY,
-    PREFIX,
     SCHEDULED,
     circuit_key,
     lane_key,
@@ -60,7 +60,6 @@ from relay.store.subscriptions import SubscriptionStore
 
 log = logging.getLogger("relay.metrics")
 
-METRICS_KEY = PREFIX + "metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 INGRESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

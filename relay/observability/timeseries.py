@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import redis
 
-from relay.store.keys import PREFIX
+from relay.store.keys import minute_key
 
 SERIES = ("accepted", "delivered", "retrying", "dead")
 KEEP = 2 * 3600  # seconds a minute's counts are kept
@@ -27,10 +27,6 @@ KEEP = 2 * 3600  # seconds a minute's counts are kept
 # ``[name, [[label, value], ...]]``) -> series.
 _OUTCOMES = {"delivered": "delivered", "skipped": "delivered", "retrying": "retrying",
              "dead": "dead"}
-
-
-def minute_key(minute: int) -> str:
-    return f"{PREFIX}minute:{minute}"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -9,7 +9,8 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-from relay.store.deliveries import DEAD_INDEX, DEAD_KEY, DeliveryStore, dead_letter_counts
+from relay.store.deliveries import DeliveryStore, dead_letter_counts
+from relay.store.keys import DEAD_INDEX, DEAD_KEY, dead_id
 
 
 def destination_name(**kwargs: Any) -> fields.String:
@@ -39,7 +40,7 @@ class ReplayRequest(Schema):
 
 def dead_letters_of(store: DeliveryStore, event_id: str) -> list[dict[str, Any]]:
     """The dead letters of one event, one per destination that gave up on it."""
-    keys = [m.decode() for m, _ in store.redis.zscan_iter(DEAD_INDEX, match=f"{event_id}|*")]
+    keys = [m.decode() for m, _ in store.redis.zscan_iter(DEAD_INDEX, match=dead_id(event_id, "*"))]
     keys = [k for k in keys if k.rsplit("|", 1)[0] == event_id]
     if not keys:
         return []
@@ -83,7 +84,7 @@ def replay_targets(store: DeliveryStore, ids: Iterable[str] = (), destination: s
             if "|" in given:
                 keys.append(given)
             else:
-                keys.extend(f"{given}|{d['destination']}" for d in dead_letters_of(store, given))
+                keys.extend(dead_id(given, d["destination"]) for d in dead_letters_of(store, given))
     targets = [ReplayTarget(*key.rsplit("|", 1)) for key in dict.fromkeys(keys)]
     if destination and not everything:
         targets = [t for t in targets if t.destination == destination]
@@ -92,9 +93,10 @@ def replay_targets(store: DeliveryStore, ids: Iterable[str] = (), destination: s
 
 def replay_dead_letters(store: DeliveryStore, targets: Iterable[ReplayTarget],
                         on_each: Callable[[ReplayTarget, bool], None] | None = None) -> int:
-    """Take each dead letter out and put a fresh delivery into its destination's lane
-    (atomically: two replays of one dead letter queue it once; the workers' sweep picks the
-    lane up within a second). Returns how many were queued."""
+    """Take each dead letter out and put a fresh delivery into its destination's lane (one
+    script each: two replays of one dead letter queue it once, and a crash leaves it dead or
+    queued; the workers' sweep picks the lane up within a second). Returns how many were
+    queued."""
     queued = 0
     for target in targets:
         event = store.replay(target.event_id, target.destination)

@@ -24,167 +24,29 @@ from relay.core.models import LazyPayload, LeadEvent
 from relay.store.keys import (
     DEAD_INDEX,
     DEAD_KEY,
-    DRAINERS_PREFIX,
+    DELIVERY_PREFIX,
+    EVENT_PREFIX,
     GROUP,
-    INFLIGHT_PREFIX,
     LANES,
+    LOG_PREFIX,
     PREFIX,
     SCHEDULED,
     dead_id,
     delivery_key,
+    drainers_key,
     event_key,
+    inflight_key,
     lane_key,
     log_key,
     recent_key,
     stats_key,
 )
+from relay.store.scripts import register
 
 LOG_CAP = 100
 RECENT_CAP = 10_000  # per destination and status: what the admin API lists
 RECENT_STATUSES = ("delivered", "retrying", "dead")
 ERROR_TEXT_LIMIT = 500
-
-# One drainer's round trip: record the outcomes of the deliveries that finished, then claim
-# the next ones, within the destination's concurrency (the sum of what its drainers hold in
-# flight stays <= the limit). Either part may be empty: the confirm of a batch acknowledges its
-# lane entries and gives back their slots, all of it or nothing; the claim reads the lane and
-# takes each delivery with a lease (a second claimant is told busy or done).
-# KEYS: lane stream, in-flight hash, drainers zset, stats hash, recent delivered / retrying /
-#       dead zsets, dead letters hash, dead letters index, scheduled zset
-# ARGV: group, consumer, holder, destination, now, lease until, retention s, log cap,
-#       recent cap, want, limit, reclaim idle ms (0: new entries only), outcomes: a JSON array
-#       of [entry, event id, state json, attempt json, outcome, time, error, listed status,
-#       dead letter json ('' if none), retry due time ('' if none)]
-# Answers {confirmed, in flight before the claim, {claimed: entry, event id, attempts,
-#          crashes, event json}..., done count, busy count, gone count}
-_STEP = """
-local group, consumer, holder, dest = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now, lease_until, retention = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local log_cap, recent_cap = tonumber(ARGV[8]), tonumber(ARGV[9])
-local statuses = {'delivered', 'retrying', 'dead'}
-
--- the outcomes
-local confirmed = 0
-for _, item in ipairs(cjson.decode(ARGV[13])) do
-  local entry, id, state, attempt, outcome, at, err, listed, letter, retry_at = unpack(item)
-  local delivery, log = 'relay:delivery:' .. id, 'relay:log:' .. id
-  local raw = redis.call('HGET', delivery, dest)
-  if not (raw and cjson.decode(raw).status == 'delivered') then
-    redis.call('HSET', delivery, dest, state)   -- never downgrade a confirmed delivery
-    redis.call('EXPIRE', delivery, retention)
-  end
-  redis.call('RPUSH', log, attempt)
-  redis.call('LTRIM', log, -log_cap, -1)
-  redis.call('EXPIRE', log, retention)
-  if outcome == 'delivered' or outcome == 'skipped' then
-    redis.call('HINCRBY', KEYS[4], 'delivered', 1)
-    redis.call('HSET', KEYS[4], 'consecutive_failures', 0, 'last_success_at', at)
-  else
-    redis.call('HINCRBY', KEYS[4], 'failed', 1)
-    redis.call('HINCRBY', KEYS[4], 'consecutive_failures', 1)
-    redis.call('HSET', KEYS[4], 'last_error', err, 'last_error_at', at)
-  end
-  if retry_at ~= '' then
-    redis.call('ZADD', KEYS[10], retry_at, id .. '|' .. dest)
-  end
-  if outcome == 'dead' then
-    redis.call('HINCRBY', KEYS[4], 'dead', 1)
-    redis.call('HSET', KEYS[8], id .. '|' .. dest, letter)
-    redis.call('ZADD', KEYS[9], at, id .. '|' .. dest)
-  end
-  for s = 1, 3 do
-    local recent = KEYS[4 + s]
-    if statuses[s] == listed then
-      redis.call('ZADD', recent, at, id)
-      redis.call('ZREMRANGEBYRANK', recent, 0, -recent_cap - 1)
-      redis.call('EXPIRE', recent, retention)
-    else
-      redis.call('ZREM', recent, id)
-    end
-  end
-  if entry ~= '' then
-    redis.call('XACK', KEYS[1], group, entry)
-    redis.call('XDEL', KEYS[1], entry)
-    confirmed = confirmed + 1
-  end
-end
-if confirmed > 0 and redis.call('HINCRBY', KEYS[2], holder, -confirmed) < 0 then
-  redis.call('HSET', KEYS[2], holder, 0)
-end
-
--- the claim
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-if #expired > 0 then  -- drainers whose worker died: their slots are free again
-  redis.call('ZREM', KEYS[3], unpack(expired))
-  redis.call('HDEL', KEYS[2], unpack(expired))
-end
-if tonumber(ARGV[10]) > 0 then
-  redis.call('ZADD', KEYS[3], lease_until, holder)
-else  -- recording only: extend a drainer's lease, never bring back one that has left
-  redis.call('ZADD', KEYS[3], 'XX', lease_until, holder)
-end
-redis.call('EXPIRE', KEYS[3], 3600)
-redis.call('EXPIRE', KEYS[2], 3600)
-local used = 0
-for _, n in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(n) end
-local want = math.min(tonumber(ARGV[10]), tonumber(ARGV[11]) - used)
-local claimed, done, busy, gone = {}, 0, 0, 0
-if want <= 0 then return {confirmed, used, claimed, done, busy, gone} end
-local entries = {}
-local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
-                         'STREAMS', KEYS[1], '>')
-if reply then
-  -- {{stream, entries}} from Redis; fakeredis (the unit layer) answers {stream, entries}
-  if type(reply[1]) == 'table' then entries = reply[1][2] else entries = reply[2] end
-  entries = entries or {}
-end
-if #entries < want and tonumber(ARGV[12]) > 0 then
-  local stale = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[12], '0-0',
-                           'COUNT', want - #entries)
-  for _, item in ipairs(stale[2] or {}) do table.insert(entries, item) end
-end
-local function finish(entry)
-  redis.call('XACK', KEYS[1], group, entry)
-  redis.call('XDEL', KEYS[1], entry)
-end
-for _, item in ipairs(entries) do
-  local entry, fields = item[1], item[2]
-  local id = fields and fields[2]
-  local event = id and redis.call('HGET', 'relay:event:' .. id, 'event')
-  if not event then
-    finish(entry)  -- erased, expired, or an entry deleted while pending
-    gone = gone + 1
-  else
-    local key = 'relay:delivery:' .. id
-    local raw = redis.call('HGET', key, dest)
-    local st = {status = 'pending', attempts = 0}
-    if raw then st = cjson.decode(raw) end
-    if st.status == 'delivered' or st.status == 'dead' then
-      finish(entry)
-      done = done + 1
-    elseif st.status == 'inflight' and tonumber(st.lease_until) > now then
-      -- another drainer is sending it (or died doing so): look again after its lease
-      redis.call('ZADD', KEYS[10], tonumber(st.lease_until) + 1, id .. '|' .. dest)
-      finish(entry)
-      busy = busy + 1
-    else
-      -- An expired lease on an inflight delivery: the attempt that took it never confirmed
-      -- (its worker died, or gave up at the time limit). Counted, so that a delivery that
-      -- kills its worker every time becomes a dead letter.
-      if st.status == 'inflight' then st.crashes = (st.crashes or 0) + 1 end
-      st.attempts = st.attempts + 1
-      st.status = 'inflight'
-      st.lease_until = lease_until
-      st.updated_at = now
-      redis.call('HSET', key, dest, cjson.encode(st))
-      redis.call('EXPIRE', key, retention)
-      table.insert(claimed, {entry, id, st.attempts, st.crashes or 0, event})
-    end
-  end
-end
-if #claimed > 0 then redis.call('HINCRBY', KEYS[2], holder, #claimed) end
-return {confirmed, used, claimed, done, busy, gone}
-"""
 
 Outcome = Literal["delivered", "retrying", "dead", "skipped"]
 
@@ -286,7 +148,8 @@ class DeliveryStore:
     def __init__(self, client: redis.Redis, retention: float = 7 * 86400) -> None:
         self.redis = client
         self.retention = int(retention)
-        self._step = client.register_script(_STEP)
+        self._step = register(client, "step")
+        self._replay = register(client, "replay")
         self.parsed = ParsedEvents()
 
     # -- events ---------------------------------------------------------------------------
@@ -323,11 +186,12 @@ class DeliveryStore:
         now = time.time()
         outcomes = json.dumps([_confirm_args(c) for c in confirmations])
         _confirmed, _used, claimed, done, busy, gone = self._step(
-            keys=[lane_key(lane), INFLIGHT_PREFIX + lane, DRAINERS_PREFIX + lane,
+            keys=[lane_key(lane), inflight_key(lane), drainers_key(lane),
                   stats_key(lane), *(recent_key(lane, s) for s in RECENT_STATUSES),
                   DEAD_KEY, DEAD_INDEX, SCHEDULED],
             args=[GROUP, consumer, holder, lane, now, now + lease, self.retention, LOG_CAP,
-                  RECENT_CAP, want, limit, int(reclaim_idle * 1000), outcomes])
+                  RECENT_CAP, want, limit, int(reclaim_idle * 1000), outcomes,
+                  EVENT_PREFIX, DELIVERY_PREFIX, LOG_PREFIX])
         claims = [Claim(entry.decode(), self.parsed.get(event), int(attempts), int(crashes))
                   for entry, _id, attempts, crashes, event in claimed]
         return Taken(claims, int(done), int(busy), int(gone))
@@ -371,37 +235,26 @@ class DeliveryStore:
         return [json.loads(r) for r in records if r]
 
     def replay(self, event_id: str, destination: str) -> LeadEvent | None:
-        """Take a dead letter out and put a fresh delivery into its lane, atomically (two
-        replays of one dead letter queue it once): the delivery becomes pending again and
-        the event record is restored (it may have expired). None when there is no such dead
-        letter."""
+        """Take a dead letter out and put a fresh delivery into its lane, in one script
+        (``lua/replay.lua``): two replays of one dead letter queue it once, and a crash leaves
+        it either dead or queued, never neither. The delivery becomes pending again, the event
+        record is restored (it may have expired) and the destination's dead count goes down by
+        one. None when there is no such dead letter (or another replay took it)."""
         key = dead_id(event_id, destination)
-        raw = self.redis.hget(DEAD_KEY, key)
-        if raw is None:
-            return None
-        record = json.loads(raw)
-        event = LeadEvent.from_json(record["event"])
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(DEAD_KEY, key)
-        pipe.zrem(DEAD_INDEX, key)
-        pipe.hset(event_key(event_id), "event", json.dumps(record["event"]))
-        pipe.expire(event_key(event_id), self.retention)
-        pipe.hset(
-            delivery_key(event_id),
-            destination,
-            json.dumps({"status": "pending", "attempts": 0, "replayed_at": time.time()}),
-        )
-        pipe.expire(delivery_key(event_id), self.retention)
-        pipe.hincrby(stats_key(destination), "dead", -1)
-        pipe.zrem(recent_key(destination, "dead"), event_id)
-        results = pipe.execute()
-        if not results[0]:
-            return None  # another replay took it between our read and the transaction
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(lane_key(destination), {"e": event_id})
-        pipe.sadd(LANES, destination)
-        pipe.execute()
-        return event
+        keys = [DEAD_KEY, DEAD_INDEX, event_key(event_id), delivery_key(event_id),
+                stats_key(destination), recent_key(destination, "dead"), lane_key(destination),
+                LANES]
+        # Read first: the event and the state are encoded here, as they always were (Lua's
+        # cjson would write other bytes), and the script writes only if the letter is still
+        # the one read. One that changed in between (replayed, dead again) is read again.
+        while (raw := self.redis.hget(DEAD_KEY, key)) is not None:
+            record = json.loads(raw)
+            state = {"status": "pending", "attempts": 0, "replayed_at": time.time()}
+            if self._replay(keys=keys, args=[key, raw, json.dumps(record["event"]),
+                                             json.dumps(state), self.retention, event_id,
+                                             destination]):
+                return LeadEvent.from_json(record["event"])
+        return None
 
 
 def _confirm_args(c: Confirmation) -> list[Any]:

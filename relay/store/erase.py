@@ -31,14 +31,16 @@ from relay.store.keys import (
     DEAD_INDEX,
     DEAD_KEY,
     DEV_INBOX,
+    EVENT_PREFIX,
     INTAKE,
-    PREFIX,
+    RECENT_PREFIX,
     SCHEDULED,
     delivery_key,
     event_key,
     lane_key,
     log_key,
     parked_member,
+    seen_key,
 )
 from relay.store.lanes import Lanes, intake_events, parked
 from relay.store.lead_index import forget_events
@@ -78,7 +80,7 @@ def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
 
 
 def _stored_events(client: redis.Redis, email: str, report: ErasureReport) -> None:
-    for keys in _batches(client.scan_iter(match=f"{PREFIX}event:*", count=BATCH)):
+    for keys in _batches(client.scan_iter(match=EVENT_PREFIX + "*", count=BATCH)):
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.hget(key, "event")
@@ -87,7 +89,7 @@ def _stored_events(client: redis.Redis, email: str, report: ErasureReport) -> No
                 continue
             event = json.loads(raw)
             if _is_lead(event.get("payload"), email):
-                report.event_ids.add(key.decode()[len(PREFIX) + len("event:"):])
+                report.event_ids.add(key.decode()[len(EVENT_PREFIX):])
 
 
 def _dead_letters(client: redis.Redis, email: str, report: ErasureReport) -> None:
@@ -103,14 +105,14 @@ def _dead_letters(client: redis.Redis, email: str, report: ErasureReport) -> Non
 
 
 def _event_keys(client: redis.Redis, report: ErasureReport) -> None:
-    recent = list(client.scan_iter(match=f"{PREFIX}recent:*", count=BATCH))
+    recent = list(client.scan_iter(match=RECENT_PREFIX + "*", count=BATCH))
     for ids in _batches(sorted(report.event_ids)):
         pipe = client.pipeline(transaction=False)
         for event_id in ids:
             pipe.delete(event_key(event_id))
             pipe.delete(delivery_key(event_id))
             pipe.delete(log_key(event_id))
-            pipe.delete(f"{PREFIX}seen:{event_id}")
+            pipe.delete(seen_key(event_id))
         for key in recent:
             pipe.zrem(key, *ids)
         answers = pipe.execute()

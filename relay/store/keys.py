@@ -1,4 +1,8 @@
-"""The Redis keys of the delivery side, in one leaf module (everything may import it).
+"""Every Redis key the relay writes, in one leaf module (everything may import it). The Lua
+scripts (``lua/*.lua``) name no key themselves: they get theirs as ``KEYS``, or, where the set
+depends on the data (an event id, a lane), as the prefixes below in ``ARGV``.
+
+The intake, the lanes and the deliveries (:mod:`.lanes`, :mod:`.deliveries`):
 
 =============================  =================================================  ============
 ``relay:intake``               stream: accepted events, field ``e`` = event JSON   until admitted
@@ -17,14 +21,60 @@
 ``relay:log:<id>``             list: one JSON record per attempt (capped)          retention
 ``relay:dead``                 hash: ``<id>|<destination>`` -> dead letter JSON     until replayed
 ``relay:dead:index``           zset: dead letter ids by time of death              until replayed
-``relay:stats:<destination>``  hash: delivered / failed / dead, last error         kept
+``relay:stats:<destination>``  hash: delivered / failed / dead, consecutive        kept
+                               failures, last success, last error
 ``relay:recent:<dest>:<s>``    zset: event ids by time, per delivery status        retention, capped
 =============================  =================================================  ============
 
+The gates (:mod:`relay.delivery.gates`):
+
+===============================  =================================================  ============
+``relay:paused``                 hash: destination -> JSON {paused_at, reason}       until resumed
+``relay:circuit:<destination>``  hash: state (closed | open), reopen_at, reason,     kept
+                                 the totals seen at the last probe, the failure-rate
+                                 window's start and totals
+``relay:circuit:<dest>:probe``   the half-open probe lease (``SET NX PX``)           the lease
+``relay:rate:<dest>:<n>``        deliveries in fixed rate-limit window ``n``         two windows
+===============================  =================================================  ============
+
+The console's lead index (:mod:`.lead_index`):
+
+===============================  =================================================  ============
+``relay:lead:email:<address>``   zset: event ids by time received (lower-cased)      retention
+``relay:lead:social:<id>``       the same by the lead's ``social_id``                retention
+``relay:lead:phone:<digits>``    the same by phone number (digits, leading +)        retention
+``relay:lead:all``               zset: the latest events of every lead (capped)      retention
+``relay:lead:of:<event id>``     JSON: the index keys the event was added to         retention
+===============================  =================================================  ============
+
+API subscriptions (:mod:`.subscriptions`):
+
+=================================  ===============================================  ============
+``relay:sub:seq``                  INCR counter: the next ``referenceId``            kept
+``relay:sub:<id>``                 JSON record of one subscription                   kept; removed
+                                                                                     by a 410:
+                                                                                     retention
+``relay:sub:campaign:<c>``         hash: url -> id of the campaign's active ones     kept
+``relay:sub:campaign:<c>:gone``    zset: ids removed by a 410, by removal time       retention
+``relay:sub:version``              INCR counter bumped by every change               kept
+=================================  ===============================================  ============
+
+Operators' views (:mod:`relay.observability`, the dev inbox):
+
+===============================  =================================================  ============
+``relay:metrics``                hash: Prometheus counters and histogram buckets     kept
+``relay:minute:<epoch minute>``  hash: series -> count (the console's chart)         two hours
+``relay:dev:inbox``              list: what the dev inbox received (``relay dev``)   capped
+===============================  =================================================  ============
+
 Every stream has one consumer group, :data:`GROUP`. Entries are acknowledged and deleted in
 the script that records their outcome, so a stream's length is its backlog plus what is in
-flight. The scripts build some key names from these prefixes: the relay needs one Redis
-(or one hash slot), not a cluster.
+flight. As the scripts build some key names from prefixes, the relay needs one Redis (or one
+hash slot), not a cluster.
+
+Beside these, Celery's broker (kombu's Redis transport) keeps its own keys in the same Redis:
+the queue list ``relay`` (:mod:`relay.delivery.kicks` pushes task messages onto it),
+``unacked``, ``unacked_index``, ``unacked_mutex`` and ``_kombu.binding.relay``.
 """
 
 from __future__ import annotations
@@ -32,21 +82,26 @@ from __future__ import annotations
 PREFIX = "relay:"
 GROUP = "relay"
 
+# -- the intake, the lanes and the deliveries ------------------------------------------------
+
 INTAKE = PREFIX + "intake"
 INTAKE_KICK = PREFIX + "intake:kick"
 LANES = PREFIX + "lanes"
 SCHEDULED = PREFIX + "scheduled"
 DEAD_KEY = PREFIX + "dead"
 DEAD_INDEX = PREFIX + "dead:index"
-PAUSED_KEY = PREFIX + "paused"
 
 LANE_PREFIX = PREFIX + "lane:"
 KICK_PREFIX = PREFIX + "kick:"
 DRAINERS_PREFIX = PREFIX + "drainers:"
 INFLIGHT_PREFIX = PREFIX + "inflight:"
 HOLD_PREFIX = PREFIX + "hold:"
+SEEN_PREFIX = PREFIX + "seen:"
+EVENT_PREFIX = PREFIX + "event:"
+DELIVERY_PREFIX = PREFIX + "delivery:"
+LOG_PREFIX = PREFIX + "log:"
 STATS_PREFIX = PREFIX + "stats:"
-DEV_INBOX = PREFIX + "dev:inbox"  # what the dev inbox received (relay dev only)
+RECENT_PREFIX = PREFIX + "recent:"
 
 
 def lane_key(destination: str) -> str:
@@ -57,24 +112,32 @@ def kick_key(destination: str) -> str:
     return KICK_PREFIX + destination
 
 
+def drainers_key(destination: str) -> str:
+    return DRAINERS_PREFIX + destination
+
+
+def inflight_key(destination: str) -> str:
+    return INFLIGHT_PREFIX + destination
+
+
 def hold_key(destination: str) -> str:
     return HOLD_PREFIX + destination
 
 
 def seen_key(event_id: str) -> str:
-    return f"{PREFIX}seen:{event_id}"
+    return SEEN_PREFIX + event_id
 
 
 def event_key(event_id: str) -> str:
-    return f"{PREFIX}event:{event_id}"
+    return EVENT_PREFIX + event_id
 
 
 def delivery_key(event_id: str) -> str:
-    return f"{PREFIX}delivery:{event_id}"
+    return DELIVERY_PREFIX + event_id
 
 
 def log_key(event_id: str) -> str:
-    return f"{PREFIX}log:{event_id}"
+    return LOG_PREFIX + event_id
 
 
 def stats_key(destination: str) -> str:
@@ -82,16 +145,77 @@ def stats_key(destination: str) -> str:
 
 
 def recent_key(destination: str, status: str) -> str:
-    return f"{PREFIX}recent:{destination}:{status}"
-
-
-def circuit_key(destination: str) -> str:
-    return f"{PREFIX}circuit:{destination}"
+    return f"{RECENT_PREFIX}{destination}:{status}"
 
 
 def dead_id(event_id: str, destination: str) -> str:
+    """A dead letter's field in :data:`DEAD_KEY` and member of :data:`DEAD_INDEX`."""
     return f"{event_id}|{destination}"
 
 
 def parked_member(event_id: str, destination: str) -> str:
+    """A parked delivery's member of :data:`SCHEDULED`."""
     return f"{event_id}|{destination}"
+
+
+# -- the gates ---------------------------------------------------------------------------------
+
+PAUSED_KEY = PREFIX + "paused"
+CIRCUIT_PREFIX = PREFIX + "circuit:"
+RATE_PREFIX = PREFIX + "rate:"
+
+
+def circuit_key(destination: str) -> str:
+    return CIRCUIT_PREFIX + destination
+
+
+def probe_key(destination: str) -> str:
+    return circuit_key(destination) + ":probe"
+
+
+def rate_key(destination: str, window: int) -> str:
+    """The counter of fixed window ``window`` (the time divided by the window's length)."""
+    return f"{RATE_PREFIX}{destination}:{window}"
+
+
+# -- the lead index (callers normalise the identity: lower-cased email, phone digits) ---------
+
+LEAD_ALL = PREFIX + "lead:all"
+LEAD_EMAIL_PREFIX = PREFIX + "lead:email:"
+LEAD_SOCIAL_PREFIX = PREFIX + "lead:social:"
+LEAD_PHONE_PREFIX = PREFIX + "lead:phone:"
+LEAD_OF_PREFIX = PREFIX + "lead:of:"
+
+
+def lead_of_key(event_id: str) -> str:
+    return LEAD_OF_PREFIX + event_id
+
+
+# -- API subscriptions -------------------------------------------------------------------------
+
+SUB_PREFIX = PREFIX + "sub:"
+SUB_SEQ = SUB_PREFIX + "seq"
+SUB_VERSION = SUB_PREFIX + "version"
+
+
+def subscription_key(reference_id: int) -> str:
+    return f"{SUB_PREFIX}{reference_id}"
+
+
+def campaign_key(campaign: str) -> str:
+    return f"{SUB_PREFIX}campaign:{campaign}"
+
+
+def campaign_gone_key(campaign: str) -> str:
+    return campaign_key(campaign) + ":gone"
+
+
+# -- operators' views ----------------------------------------------------------------------
+
+METRICS_KEY = PREFIX + "metrics"
+MINUTE_PREFIX = PREFIX + "minute:"
+DEV_INBOX = PREFIX + "dev:inbox"  # what the dev inbox received (relay dev only)
+
+
+def minute_key(minute: int) -> str:
+    return f"{MINUTE_PREFIX}{minute}"

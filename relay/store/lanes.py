@@ -34,153 +34,32 @@ from typing import Any
 import redis
 
 from relay.store.keys import (
+    DELIVERY_PREFIX,
     DRAINERS_PREFIX,
+    EVENT_PREFIX,
     GROUP,
-    INFLIGHT_PREFIX,
+    HOLD_PREFIX,
     INTAKE,
     INTAKE_KICK,
+    KICK_PREFIX,
+    LANE_PREFIX,
     LANES,
     SCHEDULED,
+    SEEN_PREFIX,
+    drainers_key,
     hold_key,
+    inflight_key,
     kick_key,
     lane_key,
     parked_member,
+    seen_key,
 )
+from relay.store.scripts import register
 
 #: How long a queued kick keeps others from queueing another (a lost one is replaced after it).
 KICK_TTL_MS = 10_000
 #: Intake entries a dead worker had read are taken over after this long (admission is fast).
 INTAKE_RECLAIM_IDLE_MS = 5_000
-
-# KEYS: intake, seen marker, intake kick; ARGV: event json, window ms, kick ttl ms. The first
-# event received under an id marks it (NX): when two events share a sender's Idempotency-Key,
-# the one received first is the one admitted. Answers {entry id, 1 when the caller is to queue
-# an admit task (none was queued)}: the task message is built only then, off the hot path.
-_PUBLISH = """
-local entry = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
-redis.call('SET', KEYS[2], entry, 'NX', 'PX', ARGV[2])
-local kick = 0
-if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then kick = 1 end
-return {entry, kick}
-"""
-
-# Admits a batch of intake entries: dedupe, store, and fan out into the lanes, in one script.
-# KEYS: intake, subscriptions' version key, lanes set; ARGV: group, expected version, now,
-# retention s,
-# then per entry: entry id, event id, dedupe window ms, event json, lane count, lanes...
-# Answers {'stale', version} without writing anything when the subscriptions moved (the caller
-# routes again), else {'ok', outcome per entry}: new, duplicate, or done (another worker
-# admitted it: its XACK came first).
-_ADMIT = """
-local version = redis.call('GET', KEYS[2]) or ''
-if version ~= ARGV[2] then return {'stale', version} end
-local now, retention = ARGV[3], ARGV[4]
-local outcomes = {}
-local i = 5
-while i <= #ARGV do
-  local entry, id, window, event = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local lanes = tonumber(ARGV[i + 4])
-  local first = i + 5
-  i = first + lanes
-  if redis.call('XACK', KEYS[1], ARGV[1], entry) == 0 then
-    table.insert(outcomes, 'done')
-  else
-    redis.call('XDEL', KEYS[1], entry)
-    local seen = 'relay:seen:' .. id
-    local record = 'relay:event:' .. id
-    local prev = redis.call('GET', seen)
-    if prev and prev ~= entry then
-      -- Counted on the record even when the first one received is admitted later.
-      redis.call('HINCRBY', record, 'duplicates', 1)
-      if redis.call('TTL', record) < 0 then redis.call('EXPIRE', record, retention) end
-      table.insert(outcomes, 'duplicate')
-    else
-      if not prev then redis.call('SET', seen, entry, 'PX', window) end
-      local counted = 0
-      if redis.call('HEXISTS', record, 'event') == 0 then
-        counted = redis.call('HGET', record, 'duplicates') or 0
-      end
-      redis.call('DEL', record, 'relay:delivery:' .. id)
-      redis.call('HSET', record, 'event', event, 'entry', entry, 'admitted_at', now,
-                 'duplicates', counted)
-      redis.call('EXPIRE', record, retention)
-      for j = first, first + lanes - 1 do
-        redis.call('XADD', 'relay:lane:' .. ARGV[j], '*', 'e', id)
-        redis.call('SADD', KEYS[3], ARGV[j])
-      end
-      table.insert(outcomes, 'new')
-    end
-  end
-end
-return {'ok', outcomes}
-"""
-
-# Who may drain a lane: KEYS: drainers zset, in-flight hash; ARGV: holder, now, lease until,
-# max drainers. Expired drainers (their worker died) are forgotten with their in-flight counts.
-_JOIN = """
-local now = tonumber(ARGV[2])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-if #expired > 0 then
-  redis.call('ZREM', KEYS[1], unpack(expired))
-  redis.call('HDEL', KEYS[2], unpack(expired))
-end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
-"""
-
-# The sweep: which lanes need a kick. KEYS: lanes set, intake; ARGV: now, kick ttl ms,
-# max drainers. A lane needs one when it has entries nobody has read (or a dead drainer's
-# entries to take over), no queued kick, no hold, and room for another drainer.
-_SWEEP = """
-local now = tonumber(ARGV[1])
-local kicks = {}
-local function needs(stream, kick, drainers)
-  local length = redis.call('XLEN', stream)
-  if length == 0 then return false end
-  if redis.call('EXISTS', kick) == 1 then return false end
-  local active = 0
-  if drainers then
-    active = redis.call('ZCOUNT', drainers, '(' .. ARGV[1], '+inf')  -- live ones only
-    if active >= tonumber(ARGV[3]) then return false end
-  end
-  if active > 0 then
-    local pending = redis.call('XPENDING', stream, 'relay')[1]
-    if length <= pending then return false end
-  end
-  redis.call('SET', kick, '1', 'PX', ARGV[2])
-  return true
-end
-if needs(KEYS[2], 'relay:intake:kick', nil) then table.insert(kicks, '') end
-for _, lane in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local stream = 'relay:lane:' .. lane
-  if redis.call('EXISTS', stream) == 0 then
-    redis.call('SREM', KEYS[1], lane)
-  elseif redis.call('EXISTS', 'relay:hold:' .. lane) == 0
-      and needs(stream, 'relay:kick:' .. lane, 'relay:drainers:' .. lane) then
-    table.insert(kicks, lane)
-  end
-end
-return kicks
-"""
-
-# Parked deliveries (retries, a claim another worker holds) back into their lanes when due.
-# KEYS: scheduled zset, lanes set; ARGV: now, limit. Answers the lanes that got entries.
-_RELEASE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local touched = {}
-for _, member in ipairs(due) do
-  local cut = string.find(member, '|', 1, true)
-  local id, lane = string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
-  redis.call('XADD', 'relay:lane:' .. lane, '*', 'e', id)
-  redis.call('SADD', KEYS[2], lane)
-  touched[lane] = true
-end
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
-local lanes = {}
-for lane in pairs(touched) do table.insert(lanes, lane) end
-return {#due, lanes}
-"""
 
 
 @dataclass(frozen=True)
@@ -196,11 +75,12 @@ class Lanes:
     def __init__(self, client: redis.Redis, consumer: str = "relay") -> None:
         self.redis = client
         self.consumer = consumer
-        self._publish = client.register_script(_PUBLISH)
-        self._admit = client.register_script(_ADMIT)
-        self._join = client.register_script(_JOIN)
-        self._sweep = client.register_script(_SWEEP)
-        self._release = client.register_script(_RELEASE)
+        # lua/<name>.lua: each file says what it is given (KEYS, ARGV) and what it answers
+        self._publish = register(client, "publish")
+        self._admit = register(client, "admit")
+        self._join = register(client, "join")
+        self._sweep = register(client, "sweep")
+        self._release = register(client, "release")
         self._groups: set[str] = set()
 
     # -- the ingress ---------------------------------------------------------------------
@@ -210,7 +90,7 @@ class Lanes:
         one round trip: the entry id, and whether the caller is to queue an admit task (none
         is queued; the kick key is now set for it)."""
         entry, kick = self._publish(
-            keys=[INTAKE, f"relay:seen:{event_id}", INTAKE_KICK],
+            keys=[INTAKE, seen_key(event_id), INTAKE_KICK],
             args=[event, max(1, int(dedupe_window * 1000)), KICK_TTL_MS])
         return (entry.decode() if isinstance(entry, bytes) else str(entry)), bool(kick)
 
@@ -246,7 +126,8 @@ class Lanes:
               ) -> list[str] | bytes:
         """Admit ``(entry id, event id, dedupe window s, event json, lanes)`` items: the
         outcome of each, or the subscriptions' current version when ``version`` is stale."""
-        args: list[Any] = [GROUP, version, now, int(retention)]
+        args: list[Any] = [GROUP, version, now, int(retention),
+                           SEEN_PREFIX, EVENT_PREFIX, DELIVERY_PREFIX, LANE_PREFIX]
         for entry_id, event_id, window, event, lanes in batch:
             args += [entry_id, event_id, max(1, int(window * 1000)), event, len(lanes), *lanes]
         for lanes in {lane for *_, item_lanes in batch for lane in item_lanes}:
@@ -271,13 +152,13 @@ class Lanes:
         """Become one of the lane's drainers (at most ``max_drainers`` at once)."""
         self.ensure_group(lane_key(lane))
         now = time.time()
-        return bool(self._join(keys=[DRAINERS_PREFIX + lane, INFLIGHT_PREFIX + lane],
+        return bool(self._join(keys=[drainers_key(lane), inflight_key(lane)],
                                args=[holder, now, now + lease, max_drainers]))
 
     def leave(self, lane: str, holder: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(DRAINERS_PREFIX + lane, holder)
-        pipe.hdel(INFLIGHT_PREFIX + lane, holder)
+        pipe.zrem(drainers_key(lane), holder)
+        pipe.hdel(inflight_key(lane), holder)
         pipe.execute()
 
     def hold(self, lane: str, until: float) -> None:
@@ -290,7 +171,9 @@ class Lanes:
 
     def sweep(self, max_drainers: int) -> list[str]:
         """Lanes (and ``""`` for the intake) that need a kick now; their kick keys are set."""
-        kicks = self._sweep(keys=[LANES, INTAKE], args=[time.time(), KICK_TTL_MS, max_drainers])
+        kicks = self._sweep(keys=[LANES, INTAKE, INTAKE_KICK],
+                            args=[time.time(), KICK_TTL_MS, max_drainers, GROUP, LANE_PREFIX,
+                                  HOLD_PREFIX, KICK_PREFIX, DRAINERS_PREFIX])
         return [k.decode() for k in kicks]
 
     def claim_kicks(self, lanes: Iterable[str]) -> list[str]:
@@ -323,7 +206,8 @@ class Lanes:
     def release_due(self, now: float | None = None, limit: int = 500) -> tuple[int, list[str]]:
         """Move due parked deliveries into their lanes: (how many, the lanes touched)."""
         moved, lanes = self._release(keys=[SCHEDULED, LANES],
-                                     args=[now if now is not None else time.time(), limit])
+                                     args=[now if now is not None else time.time(), limit,
+                                           LANE_PREFIX])
         return int(moved), [lane.decode() for lane in lanes]
 
     # -- reading -----------------------------------------------------------------------

@@ -1,16 +1,10 @@
 """The lead index: which events a lead had, newest first, for the console's lead search.
 
 The workers keep it: each batch they admit is indexed with one script
-(:class:`LeadIndexer`), before the admit script, so every admitted event is indexed. Keys
-(under ``relay:``), bounded like the events they point to:
-
-=============================  ====================================================  ==========
-``lead:email:<address>``       zset: event ids by time received (address lower-cased) retention
-``lead:social:<social_id>``    the same by the lead's ``social_id``                   retention
-``lead:phone:<digits>``        the same by phone number (digits and a leading +)      retention
-``lead:all``                   zset: the latest events of every lead                  capped
-``lead:of:<event id>``         the index keys the event was added to (for erasure)    retention
-=============================  ====================================================  ==========
+(:class:`LeadIndexer`, ``lua/lead_index.lua``), before the admit script, so every admitted
+event is indexed. Its keys (``relay:lead:...``, listed in :mod:`relay.store.keys`) are bounded
+like the events they point to: a lead's zset by email, ``social_id`` or phone number, the
+latest events of every lead, and per event the index keys it was added to (for erasure).
 
 Each lead zset expires ``retention`` after its last event, and entries older than that are
 trimmed when the next one is added; a lead keeps at most :data:`PER_LEAD_CAP` entries, the whole
@@ -29,9 +23,17 @@ from typing import Any
 import redis
 
 from relay.core.models import LeadEvent
-from relay.store.keys import PREFIX
+from relay.store.keys import (
+    LEAD_ALL,
+    LEAD_EMAIL_PREFIX,
+    LEAD_OF_PREFIX,
+    LEAD_PHONE_PREFIX,
+    LEAD_SOCIAL_PREFIX,
+    event_key,
+    lead_of_key,
+)
+from relay.store.scripts import register
 
-ALL_KEY = PREFIX + "lead:all"
 PER_LEAD_CAP = 1000
 ALL_CAP = 10_000
 _PHONE_JUNK = re.compile(r"[^0-9+]")
@@ -39,19 +41,15 @@ _EVENT_ID = re.compile(r"^evt_[0-9a-zA-Z_-]{1,200}$")
 
 
 def email_key(email: str) -> str:
-    return f"{PREFIX}lead:email:{email.strip().lower()}"
+    return LEAD_EMAIL_PREFIX + email.strip().lower()
 
 
 def social_key(social_id: str) -> str:
-    return f"{PREFIX}lead:social:{social_id.strip()}"
+    return LEAD_SOCIAL_PREFIX + social_id.strip()
 
 
 def phone_key(phone: str) -> str:
-    return f"{PREFIX}lead:phone:{normalise_phone(phone)}"
-
-
-def _of_key(event_id: str) -> str:
-    return f"{PREFIX}lead:of:{event_id}"
+    return LEAD_PHONE_PREFIX + normalise_phone(phone)
 
 
 def normalise_phone(phone: str) -> str:
@@ -73,54 +71,23 @@ def lead_keys(payload: Mapping[str, Any]) -> list[str]:
     return keys
 
 
-# Adds a batch of events to their leads' zsets and the latest events, trims both and sets
-# their expiry: one round trip for an admitted batch. The scores stay the strings Python sent
-# (a Lua number would be rounded to 14 digits).
-# KEYS: the latest-events zset
-# ARGV: ttl s, per-lead cap, all cap, lead:of key prefix, then per event: event id, time,
-#       trim-before time, the lead:of JSON ('' when the event names no lead), key count, keys
-_INDEX = """
-local ttl, per_lead, all, of_prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local i = 5
-while i <= #ARGV do
-  local id, at, before, of, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-                                tonumber(ARGV[i + 4])
-  for k = i + 5, i + 4 + n do
-    local key = ARGV[k]
-    redis.call('ZADD', key, at, id)
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. before)
-    redis.call('ZREMRANGEBYRANK', key, 0, -per_lead - 1)
-    redis.call('EXPIRE', key, ttl)
-  end
-  redis.call('ZADD', KEYS[1], at, id)
-  if of ~= '' then
-    redis.call('SET', of_prefix .. id, of, 'EX', ttl)
-  end
-  i = i + 5 + n
-end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -all - 1)
-redis.call('EXPIRE', KEYS[1], ttl)
-return 1
-"""
-
-
 class LeadIndexer:
     """Adds admitted events to the index, a batch per round trip (the workers hold one)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._script = client.register_script(_INDEX)
+        self._script = register(client, "lead_index")
 
     def add(self, events: Iterable[LeadEvent], retention: float) -> None:
         """Add ``events`` to their leads' entries (and the latest events). Idempotent:
         indexing an event twice leaves one entry."""
-        args: list[Any] = [max(1, int(retention)), PER_LEAD_CAP, ALL_CAP, _of_key("")]
+        args: list[Any] = [max(1, int(retention)), PER_LEAD_CAP, ALL_CAP, LEAD_OF_PREFIX]
         for event in events:
             at = event.received_at or time.time()
             keys = lead_keys(event.payload)
             args += [event.event_id, repr(at), repr(at - retention),
                      json.dumps(keys) if keys else "", len(keys), *keys]
         if len(args) > 4:
-            self._script(keys=[ALL_KEY], args=args)
+            self._script(keys=[LEAD_ALL], args=args)
 
 
 def index_event(client: redis.Redis, event: LeadEvent, retention: float) -> None:
@@ -140,8 +107,8 @@ def search(client: redis.Redis, query: str, offset: int = 0, limit: int = 25) ->
     whose id it is; the latest events of every lead when ``query`` is empty. Newest first."""
     query = query.strip()
     if not query:
-        total = int(client.zcard(ALL_KEY))
-        found = client.zrevrange(ALL_KEY, offset, offset + limit - 1, withscores=True)
+        total = int(client.zcard(LEAD_ALL))
+        found = client.zrevrange(LEAD_ALL, offset, offset + limit - 1, withscores=True)
         return SearchPage([m.decode() for m, _ in found], total,
                           {m.decode(): float(s) for m, s in found})
     keys = [email_key(query), social_key(query)]
@@ -154,8 +121,8 @@ def search(client: redis.Redis, query: str, offset: int = 0, limit: int = 25) ->
     for entries in pipe.execute():
         at.update({m.decode(): float(s) for m, s in entries})
     if _EVENT_ID.match(query) and query not in at:
-        score = client.zscore(ALL_KEY, query)
-        if score is not None or client.exists(f"{PREFIX}event:{query}"):
+        score = client.zscore(LEAD_ALL, query)
+        if score is not None or client.exists(event_key(query)):
             at[query] = float(score or 0.0)
     ordered = sorted(at, key=lambda e: (at[e], e), reverse=True)
     return SearchPage(ordered[offset:offset + limit], len(ordered), at)
@@ -167,7 +134,7 @@ def forget_events(client: redis.Redis, email: str, event_ids: Iterable[str]) -> 
     event_ids = sorted(set(event_ids))
     pipe = client.pipeline(transaction=False)
     for event_id in event_ids:
-        pipe.get(_of_key(event_id))
+        pipe.get(lead_of_key(event_id))
     indexed = pipe.execute()
     pipe = client.pipeline(transaction=False)
     pipe.zcard(email_key(email))
@@ -179,7 +146,7 @@ def forget_events(client: redis.Redis, email: str, event_ids: Iterable[str]) -> 
                 pipe.zrem(key, event_id)
                 counted += 1
     for event_id in event_ids:
-        pipe.zrem(ALL_KEY, event_id)
-        pipe.delete(_of_key(event_id))
+        pipe.zrem(LEAD_ALL, event_id)
+        pipe.delete(lead_of_key(event_id))
     answers = pipe.execute()
     return int(answers[0]) + sum(int(a) for a in answers[2:counted + 1])

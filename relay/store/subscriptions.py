@@ -6,19 +6,10 @@ through the SSRF-guarded HTTP client). :class:`SubscriptionStore` is the
 :class:`relay.delivery.engine.SubscriptionSource` the workers route with, and the storage of the web
 API.
 
-Keys (under ``relay:``), persistent like the rest of Redis' AOF-backed data:
-
-===============================  ===================================================  =========
-``sub:seq``                      INCR counter: the next ``referenceId``               kept
-``sub:<id>``                     JSON record (campaign, url, events, source, state,   active:
-                                 created_at, updated_at; removal reason when removed)  kept;
-                                                                                       removed:
-                                                                                       retention
-``sub:campaign:<campaign>``      hash: url -> id of the campaign's active ones        kept
-``sub:campaign:<campaign>:gone`` zset: ids removed by a 410, by removal time          retention
-``sub:version``                  INCR counter bumped by every change, in the change's  kept
-                                 transaction
-===============================  ===================================================  =========
+Keys (``relay:sub:...``, listed in :mod:`relay.store.keys`), persistent like the rest of
+Redis' AOF-backed data: the counter of ``referenceId`` values, one JSON record per
+subscription, per campaign a hash of its active ones (url -> id) and a zset of those a 410
+removed, and a version counter bumped by every change, in the change's transaction.
 
 One active subscription per (campaign, url): the campaign hash is the uniqueness index, updated
 in WATCH/MULTI transactions so two concurrent registrations of a URL cannot make twins.
@@ -48,12 +39,16 @@ import redis
 
 from relay.core.errors import Conflict
 from relay.core.models import Destination, LeadEvent
+from relay.store.keys import (
+    SUB_SEQ,
+    SUB_VERSION,
+    campaign_gone_key,
+    campaign_key,
+    subscription_key,
+)
 
 log = logging.getLogger("relay.subscriptions")
 
-PREFIX = "relay:sub:"
-SEQ_KEY = PREFIX + "seq"
-VERSION_KEY = PREFIX + "version"
 #: A worker forgets what it read after this long even if the version did not move (a version
 #: can repeat if Redis loses its last second of writes).
 ROUTES_TTL = 60.0
@@ -66,18 +61,6 @@ _NAME = re.compile(r"^sub-([0-9]+)$")
 
 class TooManySubscriptions(Conflict):
     """The campaign already has ``max_per_campaign`` subscriptions."""
-
-
-def record_key(reference_id: int) -> str:
-    return f"{PREFIX}{reference_id}"
-
-
-def campaign_key(campaign: str) -> str:
-    return f"{PREFIX}campaign:{campaign}"
-
-
-def gone_key(campaign: str) -> str:
-    return f"{PREFIX}campaign:{campaign}:gone"
 
 
 def normalise_campaign(campaign: object) -> str:
@@ -155,7 +138,7 @@ class SubscriptionStore:
         self.redis = client
         self.retention = int(retention)
         self.max_per_campaign = max_per_campaign
-        self.version_key = VERSION_KEY
+        self.version_key = SUB_VERSION
         # campaign -> (version, read at (monotonic), its active subscriptions as destinations)
         self._routes: dict[str, tuple[bytes, float, list[Destination]]] = {}
 
@@ -184,8 +167,8 @@ class SubscriptionStore:
                     current.created_at, now,
                 )
                 pipe.multi()
-                pipe.set(record_key(updated.reference_id), _dumps(updated))
-                pipe.incr(VERSION_KEY)
+                pipe.set(subscription_key(updated.reference_id), _dumps(updated))
+                pipe.incr(SUB_VERSION)
                 result.append((updated, False))
                 return
             if pipe.hlen(index) >= self.max_per_campaign:
@@ -193,12 +176,12 @@ class SubscriptionStore:
                     f"campaign {campaign} already has {self.max_per_campaign} webhooks"
                 )
             # INCR runs outside the transaction: a retried attempt only leaves a gap in ids.
-            reference_id = int(self.redis.incr(SEQ_KEY))
+            reference_id = int(self.redis.incr(SUB_SEQ))
             created = Subscription(reference_id, campaign, url, wanted, source, now, now)
             pipe.multi()
-            pipe.set(record_key(reference_id), _dumps(created))
+            pipe.set(subscription_key(reference_id), _dumps(created))
             pipe.hset(index, url, reference_id)
-            pipe.incr(VERSION_KEY)
+            pipe.incr(SUB_VERSION)
             result.append((created, True))
 
         self.redis.transaction(attempt, index)
@@ -228,8 +211,8 @@ class SubscriptionStore:
             subscription = self._load(pipe, int(found))
             pipe.multi()
             pipe.hdel(index, url)
-            pipe.delete(record_key(int(found)))
-            pipe.incr(VERSION_KEY)
+            pipe.delete(subscription_key(int(found)))
+            pipe.incr(SUB_VERSION)
             if subscription is not None:
                 deleted.append(subscription)
 
@@ -244,9 +227,9 @@ class SubscriptionStore:
         by referenceId."""
         campaign = normalise_campaign(campaign)
         now = time.time()
-        self.redis.zremrangebyscore(gone_key(campaign), "-inf", now - self.retention)
+        self.redis.zremrangebyscore(campaign_gone_key(campaign), "-inf", now - self.retention)
         ids = {int(i) for i in self.redis.hvals(campaign_key(campaign))}
-        ids.update(int(i) for i in self.redis.zrange(gone_key(campaign), 0, -1))
+        ids.update(int(i) for i in self.redis.zrange(campaign_gone_key(campaign), 0, -1))
         return sorted(self._load_many(ids), key=lambda s: s.reference_id)
 
     def active_names(self) -> list[str]:
@@ -300,7 +283,7 @@ class SubscriptionStore:
         if match is None:
             return
         reference_id = int(match.group(1))
-        key = record_key(reference_id)
+        key = subscription_key(reference_id)
         removed: list[Subscription] = []
 
         def attempt(pipe: redis.client.Pipeline) -> None:
@@ -320,9 +303,9 @@ class SubscriptionStore:
             if still_indexed is not None and int(still_indexed) == reference_id:
                 pipe.hdel(index, current.url)
             pipe.set(key, _dumps(gone), ex=self.retention)
-            pipe.zadd(gone_key(current.campaign), {str(reference_id): now})
-            pipe.expire(gone_key(current.campaign), self.retention)
-            pipe.incr(VERSION_KEY)
+            pipe.zadd(campaign_gone_key(current.campaign), {str(reference_id): now})
+            pipe.expire(campaign_gone_key(current.campaign), self.retention)
+            pipe.incr(SUB_VERSION)
             removed.append(gone)
 
         self.redis.transaction(attempt, key)
@@ -334,11 +317,11 @@ class SubscriptionStore:
     # -- records --------------------------------------------------------------------------
 
     def _load(self, client: Any, reference_id: int) -> Subscription | None:
-        raw = client.get(record_key(reference_id))
+        raw = client.get(subscription_key(reference_id))
         return None if raw is None else Subscription.from_json(json.loads(raw))
 
     def _load_many(self, ids: Iterable[int]) -> list[Subscription]:
-        keys = [record_key(i) for i in ids]
+        keys = [subscription_key(i) for i in ids]
         if not keys:
             return []
         return [Subscription.from_json(json.loads(raw))
