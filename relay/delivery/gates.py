@@ -75,13 +75,15 @@ def _held(client: redis.Redis, gate: str, destination: str, refused: int) -> Non
 class PauseGate:
     """Holds a paused destination's lane until it is resumed.
 
-    The hold lasts ``recheck`` seconds (one hour): :meth:`resume` lifts it at once; a lane held
-    in the instant between a resume and its own check comes back after at most ``recheck``
-    instead of never."""
+    The hold lasts ``recheck`` seconds (ten): :meth:`resume` lifts it at once, and a drainer
+    that saw the pause just before the resume (its hold is written as it leaves) holds the lane
+    ten seconds at most, not until somebody looks. A paused lane costs a drain task that finds
+    it paused every ``recheck`` seconds. The snapshot of paused names is only trusted to say
+    "not paused": a pause it shows is read again before the lane is held."""
 
     name = "pause"
 
-    def __init__(self, client: redis.Redis, recheck: float = 3600.0,
+    def __init__(self, client: redis.Redis, recheck: float = 10.0,
                  clock: Clock = time.time, snapshot_ttl: float = 0.0) -> None:
         self.redis = client
         self.recheck = recheck
@@ -110,6 +112,9 @@ class PauseGate:
 
     def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
         if not self._paused_now(destination.name):
+            return want, None
+        if self.snapshot_ttl > 0 and not self.redis.hexists(PAUSED_KEY, destination.name):
+            self._snapshot = (float("-inf"), frozenset())  # resumed since the snapshot
             return want, None
         _held(self.redis, self.name, destination.name, want)
         return 0, self.clock() + self.recheck
