@@ -8,7 +8,8 @@ process per core, each with Celery's threads pool, ``--concurrency`` 8 tasks and
 ``RELAY_MAX_IN_FLIGHT`` 100 send threads; a destination's ``concurrency:`` defaults to 50)
 and watches the drain: ``relay:stats:<dest>``
 and the in-flight hashes every 10 ms, the worker's CPU (user + system of its process tree), and
-afterwards each delivery's own time from ``relay:recent:<dest>:delivered``. Redis is emptied
+afterwards, once the worker's history writer has written them, each delivery's own time from
+the history database (an SQLite file, or ``--database-url``). Redis and the history are emptied
 between runs.
 
 Scenarios (``--scenario``, default all, in this order):
@@ -58,6 +59,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from sqlalchemy import func, select
+
 from bench.common import (
     ROOT,
     CpuWatch,
@@ -78,7 +81,10 @@ from bench.common import (
     write_config,
 )
 from relay.cli import usable_cores
-from relay.store.keys import INFLIGHT_PREFIX, event_key, recent_key, stats_key
+from relay.core.models import SUCCESSES
+from relay.history import schema
+from relay.history.database import open_database, upgrade
+from relay.store.keys import HISTORY, INFLIGHT_PREFIX, stats_key
 
 SCENARIOS = ("isolation", "slow", "fast", "memory")
 BARE_LIST = "bench:deliveries"
@@ -158,6 +164,9 @@ class Bench:
         self.redis_server, self.client = start_redis(workdir / "redis")
         assert self.redis_server.process is not None
         self.redis_pid = self.redis_server.process.pid
+        self.database_url = args.database_url or f"sqlite:///{workdir / 'history.sqlite3'}"
+        upgrade(self.database_url)
+        self.database = open_database(self.database_url)
         self.sinks: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
         self.runs = 0
 
@@ -181,7 +190,7 @@ class Bench:
         config = write_config(self.workdir / f"relay-{self.runs}.yaml", None,
                               [(d.name, self.url(d), d.keys) for d in dests])
         return {"RELAY_REDIS_URL": self.redis_server.url, "RELAY_CONFIG": str(config),
-                "PYTHONPATH": str(ROOT)}
+                "RELAY_DATABASE_URL": self.database_url, "PYTHONPATH": str(ROOT)}
 
     def close(self) -> None:
         for process, _, _ in self.sinks.values():
@@ -200,6 +209,9 @@ class Bench:
         ``warmup`` events and wait until ``wait_for`` has them and ``warm_wait`` seconds have
         passed, then post the measured ``events``. ``spans`` cover the measured events only."""
         reset_redis(self.client)
+        with self.database.begin() as connection:
+            for table in reversed(schema.metadata.sorted_tables):
+                connection.execute(table.delete())
         names = [d.name for d in dests]
         waited = list(wait_for or names)
         env = self.env(dests)
@@ -264,6 +276,9 @@ class Bench:
                       f"{self.args.timeout:g}s", flush=True)
             total = sum(counts.values())
             start, count0, cpu0, redis0 = first or (now, base, cpu, redis_cpu)
+            written = time.monotonic() + 60  # the delivery times are read from the history
+            while self.client.xlen(HISTORY) and time.monotonic() < written:
+                time.sleep(POLL)
             run = Run(total - count0, now - start, cpu - cpu0, failed, redis_cpu - redis0,
                       watch.foreign_cores, watch.note(), load,
                       statistics.fmean(samples) if samples else 0.0, max(samples, default=0),
@@ -306,14 +321,24 @@ class Bench:
             in_flight += sum(int(n) for n in held)
         return counts, failed, in_flight
 
+    def _delivered_at(self, name: str, ids: Sequence[str]) -> dict[str, float]:
+        """event id -> when its delivery to ``name`` succeeded, from the history."""
+        found: dict[str, float] = {}
+        table = schema.deliveries
+        with self.database.connect() as connection:
+            for batch in _chunks(ids, 1000):
+                rows = connection.execute(select(table.c.event_id, table.c.updated_at).where(
+                    table.c.destination == name, table.c.status.in_(SUCCESSES),
+                    table.c.event_id.in_(list(batch))))
+                found.update({event_id: at for event_id, at in rows})
+        return found
+
     def spans(self, names: Sequence[str], ids: Sequence[str]
               ) -> dict[str, tuple[float, float, int]]:
         """destination -> (first, last, count) of the delivery times of these events."""
         spans = {}
         for name in names:
-            times = [at for batch in _chunks(ids, 1000)
-                     for at in self.client.zmscore(recent_key(name, "delivered"), batch)
-                     if at is not None]
+            times = list(self._delivered_at(name, ids).values())
             if times:
                 spans[name] = (min(times), max(times), len(times))
         return spans
@@ -323,27 +348,24 @@ class Bench:
         """destination -> (p50, p99, max) of each event's delivery time minus its 202's."""
         lags = {}
         for name in names:
-            times = [at - posted for batch, posted_batch in zip(_chunks(ids, 1000),
-                                                                _chunks(accepted, 1000),
-                                                                strict=True)
-                     for at, posted in zip(self.client.zmscore(recent_key(name, "delivered"),
-                                                               batch), posted_batch, strict=True)
-                     if at is not None]
+            delivered = self._delivered_at(name, ids)
+            times = sorted(delivered[event_id] - posted
+                           for event_id, posted in zip(ids, accepted, strict=True)
+                           if event_id in delivered)
             if times:
-                times.sort()
                 lags[name] = (percentile(times, 50), percentile(times, 99), times[-1])
         return lags
 
     def admitted_at(self, ids: Sequence[str]) -> float:
+        table = schema.events
         first = float("inf")
-        for batch in _chunks(ids, 1000):
-            pipe = self.client.pipeline(transaction=False)
-            for event_id in batch:
-                pipe.hget(event_key(event_id), "admitted_at")
-            first = min([first, *(float(v) for v in pipe.execute() if v)])
+        with self.database.connect() as connection:
+            for batch in _chunks(ids, 1000):
+                at = connection.scalar(select(func.min(table.c.admitted_at)).where(
+                    table.c.event_id.in_(list(batch))))
+                if at is not None:
+                    first = min(first, at)
         return first if first != float("inf") else float("nan")
-
-    # -- the bare consumer -------------------------------------------------------------------
 
     def bare(self, dests: Sequence[Dest], events: int, threads: int, pool: bool = False,
              processes: int = 1) -> Run:
@@ -665,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="py-spy the worker (GIL holder, collapsed stacks) in every relay "
                         "run into DIR")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--database-url", default=None,
+                        help="the history database (default: an SQLite file in the workdir)")
     args = parser.parse_args(argv)
     chosen = [s for s in SCENARIOS if s in (args.scenario or SCENARIOS)]
 

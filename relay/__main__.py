@@ -1,3 +1,6 @@
+"""``python -m relay``: the ``relay`` command (how ``relay dev`` starts its children)."""
+
 from relay.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -11,11 +11,14 @@ from typing import Any
 
 import redis
 from flask import Flask, Response, jsonify, request
+from sqlalchemy import Engine as Database
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from relay.config.relay_yaml import RelayConfig, load_config
 from relay.config.settings import Settings, apply_process_settings
 from relay.core.errors import IngressError, QueueUnavailable
+from relay.history.database import shared_database
 from relay.ingress.intake import Intake
 from relay.store.connection import connect
 
@@ -31,11 +34,13 @@ class WebContext:
     config: RelayConfig
     redis: redis.Redis
     intake: Intake
+    database: Database
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the web app. ``test_config`` may carry ``RELAY_SETTINGS`` (a Settings),
-    ``RELAY_CONFIG_OBJECT`` (a RelayConfig) and ``RELAY_REDIS`` (a client, e.g. fakeredis)."""
+    ``RELAY_CONFIG_OBJECT`` (a RelayConfig), ``RELAY_REDIS`` (a client, e.g. fakeredis) and
+    ``RELAY_DATABASE`` (an SQLAlchemy engine of the history database)."""
     app = Flask(__name__)
     test_config = test_config or {}
     settings: Settings = test_config.get("RELAY_SETTINGS") or Settings.from_env()
@@ -51,8 +56,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.config.update({k: v for k, v in test_config.items() if not k.startswith("RELAY_")})
+    database = test_config.get("RELAY_DATABASE") or shared_database(settings.database_url)
     app.extensions["relay"] = WebContext(
-        settings, config, client, Intake(client)
+        settings, config, client, Intake(client, high_water=settings.redis_high_water), database
     )
 
     from relay.api import health as ops
@@ -109,6 +115,13 @@ def _register_error_handlers(app: Flask) -> None:
         log.error("queue unavailable: %s", exc)
         return error_response(503, "the relay cannot store events right now; retry later",
                               None, {"Retry-After": str(exc.retry_after)})
+
+    @app.errorhandler(SQLAlchemyError)
+    def _database_down(exc: SQLAlchemyError) -> Response:
+        # Only what reads the history needs the database: the ingress never does.
+        log.error("history database unavailable: %s", exc)
+        return error_response(503, "the history database is unavailable; retry later", None,
+                              {"Retry-After": "5"})
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

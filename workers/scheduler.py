@@ -7,6 +7,8 @@ over. Both are Lua scripts, so any number of workers can run them at once."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from typing import Any
 
@@ -15,7 +17,9 @@ from celery import bootsteps
 
 from relay.config.settings import Settings
 from relay.delivery.engine import MAX_DRAINERS
+from relay.delivery.history_writer import HistoryWriter
 from relay.delivery.kicks import Kicks
+from relay.history.database import shared_database
 from relay.store.connection import connect
 from relay.store.lanes import Lanes
 
@@ -70,18 +74,27 @@ class Scheduler:
 
 
 class SchedulerStep(bootsteps.StartStopStep):
-    """Celery worker bootstep: the scheduler lives and dies with the worker's main process."""
+    """Celery worker bootstep: the scheduler and the history writer live and die with the
+    worker's main process (a lease in Redis lets one worker's writer write at a time)."""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.scheduler: Scheduler | None = None
+        self.history: HistoryWriter | None = None
 
     def start(self, worker: Any) -> None:
         settings = Settings.from_env()
         client = connect(settings.redis_url, timeout=5)
         self.scheduler = Scheduler(Lanes(client), Kicks(client), settings.scheduler_interval)
         self.scheduler.start()
+        self.history = HistoryWriter(
+            client, shared_database(settings.database_url),
+            holder=f"{socket.gethostname()}:{os.getpid()}",
+            retention_seconds=settings.retention)
+        self.history.start()
 
     def stop(self, worker: Any) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.history is not None:
+            self.history.stop()

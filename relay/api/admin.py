@@ -18,8 +18,9 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from relay.api.auth import require_api_key
 from relay.core.errors import BadRequest, NotFound, ValidationFailed
 from relay.operations import dead_letters, destinations, events, leads
+from relay.operations.context import OperatorContext
 from relay.operations.dead_letters import ReplayRequest, destination_name
-from relay.store.deliveries import RECENT_STATUSES, DeliveryStore
+from relay.store.deliveries import RECENT_STATUSES
 
 bp = Blueprint("admin", __name__, url_prefix="/api")
 MAX_PAGE = 500
@@ -155,9 +156,9 @@ def _ctx() -> Any:
     return current_app.extensions["relay"]
 
 
-def _store() -> DeliveryStore:
+def _ops() -> OperatorContext:
     ctx = _ctx()
-    return DeliveryStore(ctx.redis, ctx.settings.retention)
+    return OperatorContext(ctx.redis, ctx.database, ctx.settings.retention)
 
 
 def _require_destination(name: str) -> None:
@@ -168,7 +169,7 @@ def _require_destination(name: str) -> None:
 
 @bp.get("/events/<event_id>")
 def get_event(event_id: str) -> Response:
-    detail = events.event_detail(_store(), event_id)
+    detail = events.event_detail(_ops(), event_id)
     if detail is None:
         raise NotFound(f"no event {event_id!r} (never received, expired or erased)")
     return jsonify(detail)
@@ -177,24 +178,24 @@ def get_event(event_id: str) -> Response:
 @bp.get("/deliveries")
 def get_deliveries() -> Response:
     query = _query(DeliveriesQuery())
-    return jsonify(events.list_deliveries(_ctx().redis, query["destination"], query.get("status"),
-                                   query["limit"], query.get("cursor")))
+    return jsonify(events.list_deliveries(_ops(), query["destination"], query.get("status"),
+                                          query["limit"], query.get("cursor")))
 
 
 @bp.get("/dead-letters")
 def get_dead_letters() -> Response:
     query = _query(DeadLettersQuery())
     return jsonify({"dead_letters": dead_letters.list_dead_letters(
-        _store(), query.get("destination"), query["limit"], query["offset"])})
+        _ops(), query.get("destination"), query["limit"], query["offset"])})
 
 
 @bp.post("/dead-letters/replay")
 def post_replay() -> Response:
     body = _body(ReplayRequest())
-    store = _store()
-    targets = dead_letters.replay_targets(store, body.get("ids") or (), body.get("destination"),
+    ops = _ops()
+    targets = dead_letters.replay_targets(ops, body.get("ids") or (), body.get("destination"),
                                           bool(body.get("all")))
-    return jsonify({"queued": dead_letters.replay_dead_letters(store, targets)})
+    return jsonify({"queued": dead_letters.replay_dead_letters(ops, targets)})
 
 
 @bp.get("/destinations")
@@ -202,7 +203,7 @@ def get_destinations() -> Response:
     ctx = _ctx()
     types = {d.name: d.type for d in ctx.config.destinations}
     names = destinations.known_destinations(ctx.redis, types)
-    return jsonify({"destinations": destinations.destination_health(ctx.redis, names, types)})
+    return jsonify({"destinations": destinations.destination_health(_ops(), names, types)})
 
 
 @bp.post("/destinations/<name>/pause")
@@ -223,7 +224,7 @@ def resume(name: str) -> Response:
 @bp.post("/erase")
 def erase() -> Response:
     email = _body(EraseRequest())["email"]
-    return jsonify(leads.erase(_ctx().redis, email).to_json())
+    return jsonify(leads.erase(_ops(), email).to_json())
 
 
 class _NoFields(Schema):

@@ -7,8 +7,11 @@ import time
 
 import redis
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
+from sqlalchemy.exc import SQLAlchemyError
 
+from relay.history import reader
 from relay.observability.metrics import CONTENT_TYPE, metrics_for, render
+from relay.store.history import HistoryOutbox
 
 bp = Blueprint("ops", __name__)
 
@@ -20,11 +23,18 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
+    """Ready when Redis answers (the ingress needs nothing else). The history writer's lag is
+    shown, not judged: deliveries go on while the database is away, and the ingress's
+    high-water mark bounds how far behind it may fall."""
+    client = current_app.extensions["relay"].redis
     try:
-        current_app.extensions["relay"].redis.ping()
+        client.ping()
+        backlog, oldest = HistoryOutbox(client).lag()
     except redis.RedisError as exc:
         return jsonify({"status": "unavailable", "redis": str(exc)}), 503
-    return jsonify({"status": "ready"}), 200
+    lag = round(max(0.0, time.time() - oldest), 3) if oldest else 0.0
+    return jsonify({"status": "ready", "history": {"backlog": backlog,
+                                                   "lag_seconds": lag}}), 200
 
 
 _REJECT_REASONS = {400: "bad_request", 401: "unauthorized", 404: "unknown_source",
@@ -57,4 +67,12 @@ def init_metrics(app: Flask) -> None:
         def destinations() -> list[str]:
             return [d.name for d in ctx.config.destinations]
 
-        return Response(render(ctx.redis, destinations), content_type=CONTENT_TYPE)
+        def dead_letters() -> dict[str, int]:
+            try:
+                with ctx.database.connect() as connection:
+                    return dict(reader.dead_letter_counts(connection))
+            except SQLAlchemyError:
+                return {}  # the database away: relay_history_lag_seconds says so
+
+        return Response(render(ctx.redis, destinations, dead_letters),
+                        content_type=CONTENT_TYPE)

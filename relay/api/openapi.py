@@ -49,6 +49,21 @@ class HealthSchema(Schema):
     status = fields.String(required=True)
 
 
+class HistoryLagSchema(Schema):
+    backlog = fields.Integer(required=True, metadata={
+        "description": "History records waiting in Redis to be written to the database"})
+    lag_seconds = fields.Float(required=True, metadata={
+        "description": "Age of the oldest of them (0 when none waits)"})
+
+
+class ReadinessSchema(Schema):
+    status = fields.String(required=True)
+    redis = fields.String(metadata={"description": "Why Redis does not answer (503 only)"})
+    history = fields.Nested(HistoryLagSchema, metadata={
+        "description": "The history writer's lag (shown, not judged: the ingress needs only "
+                       "Redis)"})
+
+
 @bp.get(OPENAPI_PATH)
 def openapi_json() -> Response:
     document = current_app.extensions.get(_CACHE)
@@ -75,6 +90,7 @@ def build_spec() -> APISpec:
         "IngressAccepted": IngressAcceptedSchema,
         "Error": ErrorSchema,
         "Health": HealthSchema,
+        "Readiness": ReadinessSchema,
         "SubscribeRequest": subs.SubscribeRequest,
         "UnsubscribeRequest": subs.UnsubscribeRequest,
         "Message": subs.MessageSchema,
@@ -321,8 +337,8 @@ def _ops(spec: APISpec) -> None:
     }})
     spec.path(path="/readyz", operations={"get": {
         "operationId": "readyz", "summary": "Redis answers",
-        "responses": {"200": _reply("Ready", "Health"),
-                      "503": _reply("Redis unreachable", "Health")},
+        "responses": {"200": _reply("Ready", "Readiness"),
+                      "503": _reply("Redis unreachable", "Readiness")},
     }})
 
 

@@ -1,4 +1,8 @@
-"""The ``relay`` command (click, through Flask's CLI group)."""
+"""The ``relay`` command: a click group whose commands each import what they need when they
+run, so ``relay --help`` and ``relay worker`` (which only execs Celery) stay light, and none of
+them builds the web app: ``relay web`` hands that to gunicorn (:mod:`relay.wsgi`), and the
+operator commands (:mod:`relay.cli.operator`) talk to Redis, even with a broken YAML.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +10,46 @@ import json
 import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import click
-import urllib3
-import yaml
-from flask.cli import FlaskGroup
 
-from relay.config.relay_yaml import load_config, masked
+from relay.cli.operator import commands as operator_commands
 from relay.core.errors import ConfigError
 from relay.core.events import EVENTS, canonical_event_name
 
 
-def _create_app():  # type: ignore[no-untyped-def]
-    from relay.app import create_app
+class _Relay(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # The history database away: one line, not a traceback (sqlalchemy is imported
+            # only by the commands that use it, so it is recognised by its module).
+            if type(exc).__module__.startswith("sqlalchemy."):
+                raise click.ClickException(
+                    f"cannot use the history database (RELAY_DATABASE_URL): {exc}") from None
+            raise
 
-    return create_app()
 
-
-@click.group(
-    cls=FlaskGroup,
-    create_app=_create_app,
-    add_default_commands=False,
-    add_version_option=False,
-    load_dotenv=False,
-)
+@click.group(cls=_Relay)
 def main() -> None:
     """leadrelay: a queue-backed relay for KickoffLabs lead-event webhooks."""
 
 
-@main.command("check-config", with_appcontext=False)
+for _command in operator_commands.commands.values():  # status, events, dlq, pause, resume, erase
+    main.add_command(_command)
+
+
+@main.command("check-config")
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 def check_config(path: str | None) -> None:
     """Validate the YAML config (default: $RELAY_CONFIG); print it with secrets masked."""
+    import yaml
+
+    from relay.config.relay_yaml import load_config, masked
+
     path = path or os.environ.get("RELAY_CONFIG") or "config/relay.yaml"
     try:
         config = load_config(path)
@@ -54,7 +64,7 @@ def check_config(path: str | None) -> None:
     click.secho(f"{path}: OK ({len(config.destinations)} destinations)", fg="green", err=True)
 
 
-@main.command(with_appcontext=False)
+@main.command()
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="gunicorn processes [default: cores + 1]")
@@ -66,6 +76,7 @@ def web(host: str, port: int, workers: int | None, threads: int) -> None:
     threads beat x 1 and x 4; ``--reuse-port`` gives each process its own listening socket, so
     keep-alive connections spread evenly instead of piling onto one process.
     """
+    _single_machine_history()
     workers = workers or (os.cpu_count() or 1) + 1
     args = [
         sys.executable, "-m", "gunicorn", "relay.wsgi:app",
@@ -86,7 +97,7 @@ def web(host: str, port: int, workers: int | None, threads: int) -> None:
     os.execv(sys.executable, args)
 
 
-@main.command(with_appcontext=False)
+@main.command()
 @click.option(
     "--processes",
     "-p",
@@ -119,6 +130,7 @@ def worker(processes: int | None, concurrency: int, max_in_flight: int | None, l
     process per core by default, each sending on a pool of --max-in-flight threads. Python
     runs one thread at a time per process, so against fast receivers throughput comes from
     processes; a dead process is started again, and SIGTERM stops them all warmly."""
+    _single_machine_history()
     if max_in_flight is not None:
         os.environ["RELAY_MAX_IN_FLIGHT"] = str(max_in_flight)
     args = [
@@ -146,6 +158,46 @@ def worker(processes: int | None, concurrency: int, max_in_flight: int | None, l
     sys.exit(replicas.run())
 
 
+@main.group()
+def db() -> None:
+    """The history database (RELAY_DATABASE_URL: PostgreSQL, or an SQLite file by default)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Bring the history database's schema up to date (Alembic migrations; safe to repeat)."""
+    from relay.config.settings import Settings
+    from relay.history.database import current_revision, upgrade
+
+    url = _settings_or_exit(Settings).database_url
+    try:
+        upgrade(url, revision)
+    except Exception as exc:  # noqa: BLE001 - any driver's error: one line, not a traceback
+        raise click.ClickException(f"cannot upgrade the history database: {exc}") from None
+    click.echo(f"history database at revision {current_revision(url)}")
+
+
+def _settings_or_exit(settings_class: Any) -> Any:
+    try:
+        return settings_class.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _single_machine_history() -> None:
+    """``relay web`` and ``relay worker`` on the default SQLite history bring its schema up to
+    date themselves: one machine, no migration step to forget. PostgreSQL is migrated by
+    ``relay db upgrade`` (docker compose runs it before the relay starts)."""
+    from relay.config.settings import Settings
+
+    url = _settings_or_exit(Settings).database_url
+    if url.startswith("sqlite"):
+        from relay.history.database import upgrade
+
+        upgrade(url)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers set)."""
     try:
@@ -154,13 +206,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-@main.command("send-sample", with_appcontext=False)
+@main.command("send-sample")
 @click.argument("event", type=click.Choice(sorted([*EVENTS, "fraudulent"])))
 @click.option("--url", default="http://127.0.0.1:8000/hooks/kickofflabs", show_default=True)
 @click.option("--token", default=None, help="the source's token (sent as X-Relay-Token)")
 @click.option("--form", "as_form", is_flag=True, help="send form-encoded, as legacy senders do")
 def send_sample(event: str, url: str, token: str | None, as_form: bool) -> None:
     """POST a sample KickoffLabs payload for EVENT."""
+    import urllib3
+
     payload = sample_payload(canonical_event_name(event))
     payload["__event"] = event
     headers = {"User-Agent": "KickoffLabs"}
@@ -186,23 +240,27 @@ def send_sample(event: str, url: str, token: str | None, as_form: bool) -> None:
 
 
 def sample_payload(event: str) -> dict[str, object]:
+    from importlib import resources
+
     text = resources.files("relay").joinpath("samples", f"{event}.json").read_text()
     payload: dict[str, object] = json.loads(text)
     return payload
 
 
-@main.command(with_appcontext=False)
+@main.command()
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--concurrency", default=8, show_default=True, type=int)
 @click.option("--flower", is_flag=True, help="also run Flower on port 5555")
 @click.option(
-    "--data-dir", default=".relay", show_default=True, help="where the embedded Redis keeps its AOF"
+    "--data-dir", default=".relay", show_default=True,
+    help="where the embedded Redis keeps its AOF, and the SQLite history its file"
 )
 def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     """Everything in one process tree: embedded Redis (unless RELAY_REDIS_URL is set), web,
     worker, and the /dev/inbox destination the example config delivers to."""
     from relay.cli.embedded_redis import EmbeddedRedis
     from relay.cli.processes import ProcessTree
+    from relay.config.relay_yaml import load_config
 
     env = dict(os.environ)
     env.setdefault("RELAY_CONFIG", "config/relay.yaml")
@@ -213,6 +271,13 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
         load_config(env["RELAY_CONFIG"], env)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    from relay.history.database import upgrade
+
+    # The history beside the embedded Redis's data, unless RELAY_DATABASE_URL says otherwise.
+    history = env.setdefault("RELAY_DATABASE_URL",
+                             f"sqlite:///{(Path(data_dir) / 'history.sqlite3').resolve()}")
+    upgrade(history)  # the migrations, on every start (safe to repeat)
+    click.echo(f"history         {history}")
     embedded = None
     if not env.get("RELAY_REDIS_URL"):
         embedded = EmbeddedRedis(Path(data_dir) / "redis", port=_dev_redis_port()).start()
@@ -285,9 +350,3 @@ def _dev_redis_port() -> int:
     from relay.cli.embedded_redis import free_port
 
     return int(os.environ.get("RELAY_DEV_REDIS_PORT") or free_port())
-
-
-from relay.cli import operator as cli_ops  # noqa: E402  (status, events, dlq, pause, resume, erase)
-
-for _command in cli_ops.commands.commands.values():
-    main.add_command(_command)

@@ -1,6 +1,10 @@
 """Operator commands of ``relay``: ``status``, ``events show``, ``dlq list|replay``, ``pause``,
 ``resume``, ``erase``. They talk to Redis directly (``RELAY_REDIS_URL``), so they work with no web
-process running. :mod:`relay.cli` adds :data:`commands` to ``relay``.
+process running, and with a YAML that does not load (they fall back to what Redis knows).
+:mod:`relay.cli` adds :data:`commands` to ``relay``.
+
+Each command imports the operations it runs when it runs: ``relay --help`` and ``relay worker``
+load this module too, and need none of them.
 
 Tests point them at fakeredis by replacing :func:`redis_client` (and :func:`relay_config`).
 """
@@ -10,36 +14,37 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import redis
-from flask.cli import AppGroup
 
-from relay.config.relay_yaml import RelayConfig, load_config
 from relay.config.settings import Settings
 from relay.core.errors import ConfigError
-from relay.operations import dead_letters as letters_ops
-from relay.operations import destinations as destination_ops
-from relay.operations import events as event_ops
-from relay.operations import leads as lead_ops
-from relay.operations.status import relay_status
-from relay.store.connection import connect
-from relay.store.deliveries import DeliveryStore
+
+if TYPE_CHECKING:
+    import redis
+    from sqlalchemy import Engine as Database
+
+    from relay.config.relay_yaml import RelayConfig
+    from relay.operations.context import OperatorContext
 
 #: The operations commands; :mod:`relay.cli` adds each to ``relay`` (this module imports
 #: nothing of it, so the two do not import each other).
-commands = AppGroup("operations")
+commands = click.Group("operations")
 
 
 def redis_client() -> redis.Redis:
     """The Redis the relay uses (``RELAY_REDIS_URL``)."""
+    from relay.store.connection import connect
+
     return connect(Settings.from_env().redis_url, timeout=5)
 
 
 def relay_config() -> RelayConfig | None:
     """The YAML config (``RELAY_CONFIG``), or None when it cannot be read: the commands still
     work from what Redis knows."""
+    from relay.config.relay_yaml import load_config
+
     try:
         return load_config(Settings.from_env().config_path)
     except (ConfigError, OSError):
@@ -47,7 +52,12 @@ def relay_config() -> RelayConfig | None:
 
 
 def _client() -> redis.Redis:
-    client = redis_client()
+    import redis
+
+    try:
+        client = redis_client()
+    except ConfigError as exc:  # a bad RELAY_* setting
+        raise click.ClickException(str(exc)) from None
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -55,8 +65,18 @@ def _client() -> redis.Redis:
     return client
 
 
-def _store(client: redis.Redis) -> DeliveryStore:
-    return DeliveryStore(client, Settings.from_env().retention)
+def history_database() -> Database:
+    """The history database (``RELAY_DATABASE_URL``)."""
+    from relay.history.database import shared_database
+
+    return shared_database(Settings.from_env().database_url)
+
+
+def _ops(client: redis.Redis | None = None) -> OperatorContext:
+    from relay.operations.context import OperatorContext
+
+    return OperatorContext(client or _client(), history_database(),
+                           Settings.from_env().retention)
 
 
 def _when(epoch: float | None) -> str:
@@ -88,7 +108,9 @@ _STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow", 
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(as_json: bool) -> None:
     """Queue depth, parked tasks, dead letters and the health of each destination."""
-    overview = relay_status(_client(), relay_config())
+    from relay.operations.status import relay_status
+
+    overview = relay_status(_ops(), relay_config())
     if as_json:
         click.echo(json.dumps(overview, indent=2))
         return
@@ -129,7 +151,9 @@ def events() -> None:
 @click.option("--json", "as_json", is_flag=True, help="the full record as JSON")
 def events_show(event_id: str, as_json: bool) -> None:
     """Where EVENT_ID went: each destination's state and every attempt."""
-    detail = event_ops.event_detail(_store(_client()), event_id)
+    from relay.operations import events as event_ops
+
+    detail = event_ops.event_detail(_ops(), event_id)
     if detail is None:
         raise click.ClickException(f"no event {event_id} (never received, expired or erased)")
     if as_json:
@@ -170,7 +194,9 @@ def dlq() -> None:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 def dlq_list(destination: str | None, limit: int) -> None:
     """Dead letters, newest first."""
-    letters = letters_ops.dead_letters_page(_store(_client()), destination, limit)
+    from relay.operations import dead_letters as letters_ops
+
+    letters = letters_ops.dead_letters_page(_ops(), destination, limit)
     if not letters:
         click.echo("no dead letters")
         return
@@ -189,9 +215,10 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
     of its dead letters), --destination D, or --all."""
     if sum(bool(x) for x in (ids, destination, everything)) != 1:
         raise click.UsageError("give dead-letter IDS, --destination D or --all (one of them)")
-    client = _client()
-    store = _store(client)
-    targets = letters_ops.replay_targets(store, ids, destination, everything)
+    from relay.operations import dead_letters as letters_ops
+
+    ops = _ops()
+    targets = letters_ops.replay_targets(ops, ids, destination, everything)
     missing: list[str] = []
 
     def note(target: Any, queued: bool) -> None:
@@ -199,7 +226,7 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
             missing.append(f"{target.event_id}|{target.destination}")
 
     with click.progressbar(targets, label="replaying", show_pos=True, file=sys.stderr) as bar:
-        queued = letters_ops.replay_dead_letters(store, bar, note)
+        queued = letters_ops.replay_dead_letters(ops, bar, note)
     click.echo(f"queued {queued} dead letter(s) for delivery"
                + (f"; {len(missing)} no longer dead (replayed already?)" if missing else ""))
     if ids and not targets:
@@ -211,6 +238,8 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
 @click.option("--reason", default="", help="shown in relay status and the admin API")
 def pause(destination: str, reason: str) -> None:
     """Hold every delivery to DESTINATION until it is resumed."""
+    from relay.operations import destinations as destination_ops
+
     client = _client()
     config = relay_config()
     configured = [d.name for d in config.destinations] if config else []
@@ -225,6 +254,8 @@ def pause(destination: str, reason: str) -> None:
 @click.argument("destination")
 def resume(destination: str) -> None:
     """Deliver to DESTINATION again; its held deliveries go first, oldest first."""
+    from relay.operations import destinations as destination_ops
+
     client = _client()
     resumed = destination_ops.resume(client, destination)
     click.echo(f"{destination}: {resumed['state']}, "
@@ -238,6 +269,8 @@ def erase(email: str, yes: bool) -> None:
     """Erase every trace of a lead from the relay (GDPR); destinations keep theirs."""
     if not yes:
         click.confirm(f"Erase everything the relay holds about {email}?", abort=True)
-    report = lead_ops.erase(_client(), email)
+    from relay.operations import leads as lead_ops
+
+    report = lead_ops.erase(_ops(), email)
     removed = ", ".join(f"{k} {v}" for k, v in sorted(report.removed.items()) if v) or "nothing"
     click.echo(f"{len(report.event_ids)} event(s) of {report.email}; removed: {removed}")

@@ -14,11 +14,14 @@ from relay.core.errors import ConfigError
 from relay.core.models import LEASE_MARGIN
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+#: The history's default: an SQLite file under the working directory, fit for one machine.
+DEFAULT_DATABASE_URL = "sqlite:///.relay/history.sqlite3"
 
 
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = DEFAULT_DATABASE_URL
     config_path: str = "config/relay.yaml"
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1024 * 1024
@@ -38,6 +41,9 @@ class Settings:
     log_level: str = "INFO"
     redis_pool: int = 50  # connections per process (the web app's pool)
     metrics_flush_interval: float = 1.0  # seconds between a process's metrics flushes
+    # The ingress answers 503 once Redis uses this much memory: a fraction of its maxmemory
+    # (read from INFO), or bytes (a Redis without maxmemory needs bytes, else no limit).
+    redis_high_water: float = 0.8
     dev_inbox: bool = False
     # Signs the console's session cookie; the console is off without it. Never in a repr.
     secret_key: str = field(default="", repr=False)
@@ -49,6 +55,7 @@ class Settings:
         try:
             settings = cls(
                 redis_url=env.get("RELAY_REDIS_URL") or DEFAULT_REDIS_URL,
+                database_url=env.get("RELAY_DATABASE_URL") or DEFAULT_DATABASE_URL,
                 config_path=env.get("RELAY_CONFIG") or "config/relay.yaml",
                 api_keys=_split(env.get("RELAY_API_KEYS")),
                 max_body_bytes=int(env.get("RELAY_MAX_BODY_BYTES") or 1024 * 1024),
@@ -64,6 +71,7 @@ class Settings:
                 log_level=(env.get("RELAY_LOG_LEVEL") or "INFO").upper(),
                 redis_pool=int(env.get("RELAY_REDIS_POOL") or 50),
                 metrics_flush_interval=float(env.get("RELAY_METRICS_FLUSH_INTERVAL") or 1),
+                redis_high_water=_high_water(env.get("RELAY_REDIS_HIGH_WATER") or "0.8"),
                 dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
                 secret_key=env.get("RELAY_SECRET_KEY") or "",
             )
@@ -89,3 +97,15 @@ def apply_process_settings(settings: Settings) -> None:
 
     metrics.configure(flush_interval=settings.metrics_flush_interval)
     http.configure(pool_size=settings.max_in_flight)
+
+
+def _high_water(value: str) -> float:
+    """``0.8`` (a fraction of maxmemory), ``800mb``, ``2gb`` or bytes."""
+    text = value.strip().lower()
+    for suffix, factor in (("gb", 1 << 30), ("mb", 1 << 20), ("kb", 1 << 10)):
+        if text.endswith(suffix):
+            return float(text[:-len(suffix)]) * factor
+    number = float(text)
+    if number <= 0:
+        raise ValueError(f"RELAY_REDIS_HIGH_WATER must be positive, not {value!r}")
+    return number

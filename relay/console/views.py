@@ -22,6 +22,7 @@ from flask import (
     request,
     url_for,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, NotFound
 
 from relay.console import PREFIX, auth, bp, forms, present
@@ -31,9 +32,8 @@ from relay.observability.timeseries import last_minutes
 from relay.operations import dead_letters as letters_ops
 from relay.operations import destinations as destination_ops
 from relay.operations import events as event_ops
+from relay.operations.context import OperatorContext
 from relay.operations.status import relay_status
-from relay.store.deliveries import DeliveryStore
-from relay.store.lead_index import search
 from relay.store.subscriptions import SubscriptionStore
 
 PUBLIC = frozenset({"console.login", "console.logout", "console.static"})
@@ -47,9 +47,9 @@ def _ctx() -> Any:
     return current_app.extensions["relay"]
 
 
-def _store() -> DeliveryStore:
+def _ops() -> OperatorContext:
     ctx = _ctx()
-    return DeliveryStore(ctx.redis, ctx.settings.retention)
+    return OperatorContext(ctx.redis, ctx.database, ctx.settings.retention)
 
 
 def _htmx() -> bool:
@@ -83,7 +83,12 @@ def _guard() -> Response | None:
                             "The form did not carry this session's security token (it may be "
                             "from an old page, or from another site). Reload the page and try "
                             "again.")
-    if request.endpoint in PUBLIC or auth.signed_in():
+    if request.endpoint in PUBLIC:
+        return None
+    if auth.signed_in():
+        # Every page shows the work in flight: one that cannot read it says so (503) rather
+        # than show the history alone as if nothing were moving.
+        _ctx().redis.ping()
         return None
     if _htmx():  # a refresh after the session ended: send the whole page to sign-in
         response = make_response("", 401)
@@ -129,6 +134,15 @@ def _redis_down(exc: redis.RedisError) -> Response:
     response = _problem(503, "Redis is not answering",
                         "The relay cannot read its state right now. This page works again "
                         "as soon as Redis answers (see /readyz).")
+    response.headers["Retry-After"] = "5"
+    return response
+
+
+@bp.errorhandler(SQLAlchemyError)
+def _database_down(exc: SQLAlchemyError) -> Response:
+    response = _problem(503, "The history database is not answering",
+                        "The relay cannot read its history right now; deliveries go on, and "
+                        "what they record waits in Redis until the database is back.")
     response.headers["Retry-After"] = "5"
     return response
 
@@ -185,7 +199,7 @@ def logout() -> Response:
 def overview() -> Response:
     ctx = _ctx()
     metrics_for(ctx.redis).flush()  # this process's latest counts, as /metrics does
-    context = {"status": relay_status(ctx.redis, ctx.config),
+    context = {"status": relay_status(_ops(), ctx.config),
                "chart": present.chart(last_minutes(ctx.redis, 60)),
                "refresh": OVERVIEW_REFRESH, "now": time.time()}
     return _page("_overview_live.html" if _htmx() else "overview.html", **context)
@@ -194,7 +208,7 @@ def overview() -> Response:
 @bp.get("/destinations")
 def destinations() -> Response:
     ctx = _ctx()
-    return _page("destinations.html", status=relay_status(ctx.redis, ctx.config),
+    return _page("destinations.html", status=relay_status(_ops(), ctx.config),
                  now=time.time())
 
 
@@ -230,32 +244,14 @@ def resume(name: str) -> Response:
 def events() -> Response:
     query = forms.load_search(request.args)
     page = query["page"]
-    found = search(_ctx().redis, query["q"], (page - 1) * PAGE_SIZE, PAGE_SIZE)
-    store = _store()
-    rows = [_event_row(store, event_id, found.at.get(event_id)) for event_id in found.event_ids]
-    return _page("events.html", q=query["q"], rows=rows, page=page, total=found.total,
-                 pages=max(1, math.ceil(found.total / PAGE_SIZE)))
-
-
-def _event_row(store: DeliveryStore, event_id: str, at: float | None) -> dict[str, Any]:
-    record = store.event_record(event_id)
-    event = (record or {}).get("event") or {}
-    payload = event.get("payload") or {}
-    return {
-        "event_id": event_id,
-        "name": event.get("name"),
-        "campaign": payload.get("campaign_id", payload.get("list_id")),
-        "lead": payload.get("email") or payload.get("social_id") or payload.get("phone_number"),
-        "received_at": event.get("received_at") or at,
-        "states": {name: state.get("status", "unknown")
-                   for name, state in sorted(store.delivery_states(event_id).items())},
-        "gone": record is None,
-    }
+    rows, total = event_ops.search(_ops(), query["q"], (page - 1) * PAGE_SIZE, PAGE_SIZE)
+    return _page("events.html", q=query["q"], rows=rows, page=page, total=total,
+                 pages=max(1, math.ceil(total / PAGE_SIZE)))
 
 
 @bp.get("/events/<event_id>")
 def event(event_id: str) -> Response:
-    detail = event_ops.event_detail(_store(), event_id)
+    detail = event_ops.event_detail(_ops(), event_id)
     if detail is None:
         return _problem(404, "No such event",
                         f"The relay knows nothing of {event_id}: never received, expired "
@@ -276,9 +272,9 @@ def event(event_id: str) -> Response:
 def dead_letters() -> Response:
     query = forms.load_dead_letter_query(request.args)
     destination, page = query["destination"], query["page"]
-    counts = letters_ops.dead_letter_counts(_ctx().redis)
+    counts = letters_ops.dead_letter_counts(_ops())
     total = counts[destination] if destination else sum(counts.values())
-    letters = letters_ops.dead_letters_page(_store(), destination or None, PAGE_SIZE,
+    letters = letters_ops.dead_letters_page(_ops(), destination or None, PAGE_SIZE,
                                             (page - 1) * PAGE_SIZE)
     rows = []
     for letter in letters:
@@ -302,12 +298,12 @@ def replay() -> Response:
     except FormError as exc:
         flash(exc.message, "error")
         return redirect(back)
-    store = _store()
-    targets = letters_ops.replay_targets(store, form["ids"], form["destination"] or None,
+    ops = _ops()
+    targets = letters_ops.replay_targets(ops, form["ids"], form["destination"] or None,
                                          form["all"])
     if not form["confirmed"]:
         return _page("replay_confirm.html", form=form, targets=targets, back=back)
-    queued = letters_ops.replay_dead_letters(store, targets)
+    queued = letters_ops.replay_dead_letters(ops, targets)
     gone = len(targets) - queued
     flash(f"Replayed {queued} dead letter{'' if queued == 1 else 's'}: queued for delivery."
           + (f" {gone} {'was' if gone == 1 else 'were'} no longer dead (replayed already?)."

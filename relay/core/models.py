@@ -140,6 +140,12 @@ class Destination:
         return self.timeout + LEASE_MARGIN
 
 
+#: The outcomes that count as delivered: a skipped delivery (nothing to send, e.g. a lead
+#: without the email a CRM keys contacts by) is done, not failed. The one definition: the
+#: engine, the metrics, the history and the Lua scripts (``success`` in ``step.lua``) agree.
+SUCCESSES = frozenset({"delivered", "skipped"})
+
+
 @dataclass(frozen=True)
 class DeliveryResult:
     """What a successful send tells the delivery log."""

@@ -13,6 +13,7 @@ from relay.delivery.engine import Engine
 from relay.delivery.gates import default_gates
 from relay.delivery.kicks import Kicks
 from relay.drivers.http import HttpClient
+from relay.history.database import shared_database
 from relay.store.connection import connect
 from relay.store.subscriptions import SubscriptionStore
 
@@ -38,4 +39,5 @@ def build_engine(settings: Settings | None = None, consumer: str | None = None) 
                  gates=default_gates(client, snapshot_ttl=1.0),
                  kick=Kicks(client).send,
                  max_in_flight=settings.max_in_flight,
-                 consumer=consumer or f"{socket.gethostname()}:{os.getpid()}")
+                 consumer=consumer or f"{socket.gethostname()}:{os.getpid()}",
+                 database=shared_database(settings.database_url))

@@ -102,7 +102,8 @@ class Decider:
                                          "destination": destination.name,
                                          "attempt": claim.attempt, "status": answer.status_code,
                                          "outcome": outcome})
-            return Confirmation(claim.event, attempt, claim.entry_id, extra=_kept(claim))
+            return Confirmation(claim.event, attempt, claim.entry_id, extra=_kept(claim),
+                                attempt_id=claim.attempt_id)
         if isinstance(answer, PermanentDeliveryError):
             return self._dead(destination, claim, answer, sent.latency_ms)
         if not isinstance(answer, RetryableDeliveryError):
@@ -127,7 +128,7 @@ class Decider:
             "attempt": claim.attempt, "status": exc.status_code, "retry_in": round(delay, 1),
             "error": _cut(exc.message)})
         return Confirmation(claim.event, attempt, claim.entry_id, retry_at=due,
-                            extra=_kept(claim))
+                            extra=_kept(claim), attempt_id=claim.attempt_id)
 
     def _dead(self, destination: Destination, claim: Claim, exc: DeliveryError,
               latency_ms: float | None) -> Confirmation:
@@ -139,7 +140,7 @@ class Decider:
         if isinstance(exc, PermanentDeliveryError) and exc.gone and self.on_gone is not None:
             self.on_gone(destination)
         return Confirmation(claim.event, attempt, claim.entry_id, dead_reason=_cut(exc.message),
-                            extra=_kept(claim))
+                            extra=_kept(claim), attempt_id=claim.attempt_id)
 
     def bury(self, destination: Destination, claim: Claim, reason: str) -> Confirmation:
         """A dead letter without an attempt (the delivery kept killing its worker)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,18 +31,21 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
+from sqlalchemy import Engine as Database
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay.config.relay_yaml import RelayConfig, Source
 from relay.config.settings import Settings
-from relay.core.models import Destination, LeadEvent
+from relay.core.models import SUCCESSES, Destination, LeadEvent
 from relay.core.routing import route
 from relay.delivery.attempt import Decider, DriverCache, Sent, send
 from relay.delivery.gates import Gate
+from relay.history import reader
+from relay.history.leads import lead_keys
 from relay.observability.metrics import metrics_for
-from relay.store.deliveries import Claim, Confirmation, DeliveryStore, parse_event
-from relay.store.keys import INTAKE, lane_key
-from relay.store.lanes import IntakeEntry, Lanes
-from relay.store.lead_index import LeadIndexer
+from relay.store.deliveries import Attempt, Claim, Confirmation, DeliveryStore, parse_event
+from relay.store.keys import INTAKE, NOTHING, lane_key
+from relay.store.lanes import Admission, IntakeEntry, Lanes
 
 log = logging.getLogger("relay.engine")
 
@@ -59,7 +63,25 @@ LATENCY_HORIZON = 2.0
 #: How often a drainer also looks for deliveries a dead worker left pending.
 RECLAIM_EVERY = 2.0
 ADMIT_BATCH = 200
-SUCCESSES = frozenset({"delivered", "skipped"})
+#: A key nothing writes: the subscriptions' version when there are no API subscriptions.
+NO_VERSION = NOTHING
+#: How long a delivery whose payload could not be read from the database waits to be tried.
+DEFERRED_DELAY = 5.0
+
+
+FINAL = frozenset({*SUCCESSES, "dead"})
+
+
+@dataclass(frozen=True)
+class Payloads:
+    """What :meth:`Engine.payloads` read: claims ready to send, claims of deliveries the
+    database has as final, of events gone (erased, past the retention), and claims it could
+    not read for (the database away)."""
+
+    found: list[Claim]
+    done: list[Claim]
+    gone: list[Claim]
+    unreadable: list[Claim]
 
 
 class SubscriptionSource(Protocol):
@@ -126,6 +148,7 @@ class Engine:
         max_in_flight: int = 100,
         consumer: str = "relay",
         time_limit: float | None = None,
+        database: Database | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -133,7 +156,8 @@ class Engine:
         self.consumer = consumer
         self.store = DeliveryStore(client, settings.retention)
         self.lanes = Lanes(client, consumer)
-        self.lead_index = LeadIndexer(client)
+        #: The history database: the long dedupe window, and the payloads Redis let go.
+        self.database = database
         self.subscriptions = subscriptions
         self.drivers = drivers or DriverCache()
         self.gates = gates
@@ -222,18 +246,15 @@ class Engine:
             self.lanes.drop(INTAKE, bad)
         if not events:
             return
-        # The console's lead index first: a crash before the admit script leaves the entries
-        # to be admitted again, so every admitted event is indexed (duplicates share an id).
-        self.lead_index.add((event for _, event in events), self.settings.retention)
-        version_key = self.subscriptions.version_key if self.subscriptions else "relay:nothing"
+        version_key = self.subscriptions.version_key if self.subscriptions else NO_VERSION
         if self._version is None:
             self._version = self.redis.get(version_key) or b""
+        now = time.time()
+        known = self.received_before([event for _, event in events], now)
         for _ in range(10):  # a subscription change between routing and admitting: route again
-            items = [(entry.entry_id, event.event_id, self.source(event.source).dedupe_window,
-                      entry.raw.decode() or json.dumps(event.to_json()),
-                      [d.name for d in self.destinations_for(event, self._version)])
+            items = [self._admission(entry, event, event.event_id in known, now)
                      for entry, event in events]
-            outcomes = self.lanes.admit(version_key, self._version, time.time(),
+            outcomes = self.lanes.admit(version_key, self._version, now,
                                         self.settings.retention, items)
             if isinstance(outcomes, list):
                 break
@@ -246,14 +267,66 @@ class Engine:
             if outcome == "duplicate":
                 log.info("duplicate dropped", extra={"event_id": event.event_id})
             elif outcome == "new":
-                touched.update(item[4])
-                if not item[4]:
+                touched.update(item.lanes)
+                if not item.lanes:
                     log.info("no destination subscribed", extra={"event_id": event.event_id,
                                                                  "event": event.name})
         duplicates = outcomes.count("duplicate")
         if duplicates:
             self.metrics.inc("events_duplicate", amount=duplicates)
         self.kick(touched)
+
+    def _admission(self, entry: IntakeEntry, event: LeadEvent, known: bool,
+                   now: float) -> Admission:
+        stored = entry.raw.decode() or json.dumps(event.to_json())
+        lanes = [d.name for d in self.destinations_for(event, self._version)]
+        as_new = {"k": "event", "id": event.event_id, "name": event.name,
+                  "source": event.source, "campaign_id": event.campaign_id,
+                  "received_at": event.received_at, "admitted_at": now,
+                  "leads": lead_keys(event.payload), "destinations": lanes}
+        as_duplicate = {"k": "duplicate", "entry": entry.entry_id, "id": event.event_id,
+                        "at": now, "received_at": event.received_at}
+        return Admission(entry.entry_id, event.event_id,
+                         self.source(event.source).dedupe_window, stored, lanes,
+                         json.dumps(as_new), json.dumps(as_duplicate), known)
+
+    def received_before(self, events: Sequence[LeadEvent], now: float) -> set[str]:
+        """The events the database already holds inside their source's dedupe window (one
+        indexed lookup per batch). Without the database, the Redis markers alone dedupe (for
+        :data:`relay.store.lanes.SEEN_MARK_TTL`)."""
+        if self.database is None or not events:
+            return set()
+        longest = max(self.source(e.source).dedupe_window for e in events)
+        try:
+            with self.database.connect() as connection:
+                found = reader.received_at(connection, [e.event_id for e in events],
+                                           now - longest)
+        except SQLAlchemyError as exc:
+            log.warning("cannot look up earlier events (deduping by Redis markers only): %s",
+                        exc)
+            return set()
+        return {e.event_id for e in events if e.event_id in found
+                and found[e.event_id] >= now - self.source(e.source).dedupe_window}
+
+    def payloads(self, destination: str, claims: Sequence[Claim]) -> Payloads:
+        """Read from the database, in one transaction, what claims need that Redis no longer
+        had: their events, and whether the delivery is final there already (a stray lane
+        entry of a delivery Redis has let go)."""
+        ids = [c.event_id for c in claims]
+        try:
+            if self.database is None:
+                raise SQLAlchemyError("no history database")
+            with self.database.connect() as connection:
+                stored = reader.event_json(connection, ids)
+                status = reader.statuses(connection, ids, destination)
+        except SQLAlchemyError as exc:
+            log.warning("cannot read %d payloads from the database: %s", len(ids), exc)
+            return Payloads([], [], [], list(claims))
+        done = [c for c in claims if not c.state_known and status.get(c.event_id) in FINAL]
+        found = [dataclasses.replace(c, event=self.store.parsed.get(stored[c.event_id].encode()))
+                 for c in claims if c.event_id in stored and c not in done]
+        gone = [c for c in claims if c.event_id not in stored and c not in done]
+        return Payloads(found, done, gone, [])
 
     # -- draining --------------------------------------------------------------------------
 
@@ -471,7 +544,11 @@ class _Drain:
         claims: list[Claim] = []
         buried: list[Confirmation] = []
         max_crashes = engine.settings.max_task_runs
-        for claim in taken.claims:
+        ready = [c for c in taken.claims if not c.event_id]
+        unread = [c for c in taken.claims if c.event_id]
+        if unread:
+            ready += self._read_payloads(unread)
+        for claim in ready:
             if max_crashes and claim.crashes >= max_crashes:
                 buried.append(engine.decider.bury(
                     destination, claim,
@@ -492,6 +569,29 @@ class _Drain:
                 self.in_flight += len(group)
                 future.add_done_callback(self._finished_callback(group))
         return bool(taken.claims or taken.done or taken.busy or taken.gone)
+
+    def _read_payloads(self, unread: list[Claim]) -> list[Claim]:
+        """The claims whose payloads the database gave; the others are settled at once: a
+        delivery already final there, or of an event that is gone, is forgotten (its entry
+        acknowledged), and when the database cannot be read, the deliveries wait
+        :data:`DEFERRED_DELAY` without an attempt counted."""
+        engine, destination = self.engine, self.destination
+        read = engine.payloads(destination.name, unread)
+        now = time.time()
+        settled = [Confirmation(claim.event, Attempt(destination.name, claim.attempt, "gone",
+                                                     at=now), claim.entry_id)
+                   for claim in [*read.done, *read.gone]]
+        settled += [Confirmation(claim.event, Attempt(destination.name, claim.attempt - 1,
+                                                      "deferred", at=now),
+                                 claim.entry_id, retry_at=now + DEFERRED_DELAY)
+                    for claim in read.unreadable]
+        if settled:
+            engine.slots.give(len(settled))
+            engine.store.confirm(self.lane, self.holder, engine.lease(destination), settled)
+            self.report.add("already-done", len(read.done))
+            self.report.add("gone", len(read.gone))
+            self.report.add("deferred", len(read.unreadable))
+        return read.found
 
     def _window(self) -> int:
         latency = self.engine.latency(self.lane) or 0.0

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -19,17 +22,59 @@ log = logging.getLogger("relay.taskqueue")
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds one per call
 
 
+class MemoryGauge:
+    """Whether Redis is past the ingress's high-water mark, looked up at most once a second
+    (``INFO memory``: managed Redis often disables ``CONFIG``).
+
+    ``high_water`` is a fraction of Redis's ``maxmemory`` (``0.8``), or bytes (above 1). The
+    room above the mark is for what must go on when the ingress refuses: Celery's bookkeeping,
+    the history of deliveries in flight, and the admission of what was accepted. A Redis
+    without ``maxmemory`` is never full, unless the mark is given in bytes."""
+
+    def __init__(self, client: redis.Redis, high_water: float, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.redis = client
+        self.high_water = high_water
+        self.interval = interval
+        self.clock = clock
+        self._checked_at = -math.inf
+        self._full = False
+
+    def full(self) -> bool:
+        now = self.clock()
+        if now - self._checked_at >= self.interval:
+            self._checked_at = now
+            try:
+                memory = self.redis.info("memory")
+            except redis.ResponseError as exc:  # a Redis-like server without INFO
+                # (Documented: the mark needs INFO; fakeredis, for one, has none.)
+                log.debug("cannot read Redis's memory use, so no high-water mark: %s", exc)
+                self.interval = math.inf
+                return False
+            used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+            mark = self.high_water if self.high_water > 1 else self.high_water * limit
+            self._full = mark > 0 and used >= mark
+        return self._full
+
+
 class Intake:
     """The ingress's way in: store an accepted event, and make sure an admit task is queued."""
 
-    def __init__(self, client: redis.Redis, queue: str = QUEUE) -> None:
+    def __init__(self, client: redis.Redis, queue: str = QUEUE,
+                 high_water: float = 0.8) -> None:
         self.redis = client
         self.lanes = Lanes(client)
         self.kicks = Kicks(client, queue)
+        self.memory = MemoryGauge(client, high_water)
 
     def publish(self, event: dict[str, Any], dedupe_window: float) -> str:
-        """Store the event (``event_id`` among its keys); the intake entry id."""
+        """Store the event (``event_id`` among its keys); the intake entry id. Refused (503)
+        when Redis is past the high-water mark: every event already accepted keeps the room
+        it needs to be delivered, and the ingress accepts again once the backlog drains."""
         try:
+            if self.memory.full():
+                raise QueueUnavailable("Redis is near its memory limit: the relay accepts "
+                                       "events again once its backlog has drained")
             entry, kick = self.lanes.publish(_encode(event), event["event_id"], dedupe_window)
         except redis.RedisError as exc:  # down, timed out, or OOM under noeviction
             raise QueueUnavailable(f"the queue is unavailable: {exc}") from exc

@@ -20,7 +20,8 @@ Exposed (all prefixed ``relay_``): ``events_accepted_total``, ``events_rejected_
 ``deliveries_total{destination,outcome}`` (delivered / retrying / dead),
 ``deliveries_held_total{destination,gate}``, ``attempt_latency_seconds{destination}``
 (histogram), ``queue_depth``, ``scheduled_tasks`` (the retry set), ``dead_letters{destination}``,
-``circuit_state{destination}`` (0 closed, 1 half-open, 2 open), ``destination_paused{destination}``.
+``circuit_state{destination}`` (0 closed, 1 half-open, 2 open), ``destination_paused{destination}``,
+``history_backlog`` and ``history_lag_seconds`` (the history writer's lag).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from relay.observability import timeseries
-from relay.store.deliveries import dead_letter_counts
+from relay.store.history import HistoryOutbox
 from relay.store.keys import (
     INTAKE,
     LANES,
@@ -208,9 +209,12 @@ def metrics_for(client: redis.Redis) -> Metrics:
 class RedisCollector(Collector):
     """Renders the counters of ``relay:metrics`` and reads the gauges live."""
 
-    def __init__(self, client: redis.Redis, destinations: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, client: redis.Redis, destinations: Callable[[], Iterable[str]],
+                 dead_letters: Callable[[], Mapping[str, int]] | None = None) -> None:
         self.redis = client
         self.destinations = destinations
+        #: destination -> dead letters waiting for replay (the history database's count)
+        self.dead_letters = dead_letters or dict
 
     def collect(self) -> Iterator[Metric]:
         stored = self._stored()
@@ -277,7 +281,14 @@ class RedisCollector(Collector):
         for lane, n in zip(lanes, pipe.execute(), strict=True):
             lane_depth.add_metric([lane], n)
         yield lane_depth
-        dead_by_destination = dead_letter_counts(self.redis)
+        dead_by_destination = self.dead_letters()
+        length, oldest = HistoryOutbox(self.redis).lag()
+        yield GaugeMetricFamily("relay_history_backlog",
+                                "History records waiting to be written to the database",
+                                value=length)
+        yield GaugeMetricFamily("relay_history_lag_seconds",
+                                "Age of the oldest history record not yet in the database",
+                                value=max(0.0, time.time() - oldest) if oldest else 0.0)
         paused_names = {p.decode() for p in paused_raw}
         # Every destination in every gauge: YAML, API subscriptions (which the config does not
         # list), and any name that has dead letters or is paused.
@@ -307,7 +318,8 @@ class RedisCollector(Collector):
         return "open" if time.time() < float(reopen_at or 0) else "half-open"
 
 
-def render(client: redis.Redis, destinations: Callable[[], Iterable[str]]) -> bytes:
+def render(client: redis.Redis, destinations: Callable[[], Iterable[str]],
+           dead_letters: Callable[[], Mapping[str, int]] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(client, destinations))
+    registry.register(RedisCollector(client, destinations, dead_letters))
     return generate_latest(registry)

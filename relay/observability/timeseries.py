@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import redis
 
+from relay.core.models import SUCCESSES
 from relay.store.keys import minute_key
 
 SERIES = ("accepted", "delivered", "retrying", "dead")
 KEEP = 2 * 3600  # seconds a minute's counts are kept
 # Metric fields as relay.observability.metrics encodes them (JSON
 # ``[name, [[label, value], ...]]``) -> series.
-_OUTCOMES = {"delivered": "delivered", "skipped": "delivered", "retrying": "retrying",
-             "dead": "dead"}
+_OUTCOMES = {"retrying": "retrying", "dead": "dead",
+             **{success: "delivered" for success in SUCCESSES}}
 
 
 @functools.lru_cache(maxsize=4096)

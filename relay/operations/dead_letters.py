@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-from relay.store.deliveries import DeliveryStore, dead_letter_counts
-from relay.store.keys import DEAD_INDEX, DEAD_KEY, dead_id
+from relay.history import reader
+from relay.operations.context import OperatorContext
 
 
 def destination_name(**kwargs: Any) -> fields.String:
@@ -38,26 +38,31 @@ class ReplayRequest(Schema):
             raise ValidationError("give exactly one of ids, destination or all: true")
 
 
-def dead_letters_of(store: DeliveryStore, event_id: str) -> list[dict[str, Any]]:
+def dead_letters_of(ops: OperatorContext, event_id: str) -> list[dict[str, Any]]:
     """The dead letters of one event, one per destination that gave up on it."""
-    keys = [m.decode() for m, _ in store.redis.zscan_iter(DEAD_INDEX, match=dead_id(event_id, "*"))]
-    keys = [k for k in keys if k.rsplit("|", 1)[0] == event_id]
-    if not keys:
-        return []
-    return [json.loads(raw) for raw in store.redis.hmget(DEAD_KEY, keys) if raw]
+    with ops.database.connect() as connection:
+        return reader.dead_letters(connection, event_id=event_id, limit=1000)
 
 
-def dead_letters_page(store: DeliveryStore, destination: str | None = None, limit: int = 100,
+def dead_letter_counts(ops: OperatorContext) -> Counter[str]:
+    """destination -> how many of its dead letters wait for replay: the one count, which the
+    console, the CLI and the API show."""
+    with ops.database.connect() as connection:
+        return reader.dead_letter_counts(connection)
+
+
+def dead_letters_page(ops: OperatorContext, destination: str | None = None, limit: int = 100,
                       offset: int = 0) -> list[dict[str, Any]]:
     """Newest first, each with its event (the console shows who the lead is)."""
-    return store.dead_letters(destination, limit, offset)
+    with ops.database.connect() as connection:
+        return reader.dead_letters(connection, destination, limit, offset)
 
 
-def list_dead_letters(store: DeliveryStore, destination: str | None = None, limit: int = 100,
+def list_dead_letters(ops: OperatorContext, destination: str | None = None, limit: int = 100,
                       offset: int = 0) -> list[dict[str, Any]]:
     """Newest first, each with its event's name instead of its payload (a list shows no lead
     data; the event's page does)."""
-    return [_without_payload(d) for d in store.dead_letters(destination, limit, offset)]
+    return [_without_payload(d) for d in dead_letters_page(ops, destination, limit, offset)]
 
 
 def _without_payload(letter: dict[str, Any]) -> dict[str, Any]:
@@ -72,38 +77,40 @@ class ReplayTarget:
     destination: str
 
 
-def replay_targets(store: DeliveryStore, ids: Iterable[str] = (), destination: str | None = None,
+def replay_targets(ops: OperatorContext, ids: Iterable[str] = (), destination: str | None = None,
                    everything: bool = False) -> list[ReplayTarget]:
     """What to replay: ``<event_id>|<destination>`` ids (a bare event id means all of that
     event's dead letters), every dead letter of a destination, or all of them."""
     if everything or destination:
-        keys = [m.decode() for m, _ in store.redis.zscan_iter(DEAD_INDEX, count=1000)]
-    else:
-        keys = []
-        for given in ids:
-            if "|" in given:
-                keys.append(given)
-            else:
-                keys.extend(dead_id(given, d["destination"]) for d in dead_letters_of(store, given))
-    targets = [ReplayTarget(*key.rsplit("|", 1)) for key in dict.fromkeys(keys)]
-    if destination and not everything:
-        targets = [t for t in targets if t.destination == destination]
-    return targets
+        with ops.database.connect() as connection:
+            keys = reader.dead_letter_keys(connection, None if everything else destination)
+        return [ReplayTarget(event_id, name) for event_id, name in keys]
+    found: list[tuple[str, str]] = []
+    for given in ids:
+        if "|" in given:
+            event_id, name = given.rsplit("|", 1)
+            found.append((event_id, name))
+        else:
+            found.extend((given, d["destination"]) for d in dead_letters_of(ops, given))
+    return [ReplayTarget(event_id, name) for event_id, name in dict.fromkeys(found)]
 
 
-def replay_dead_letters(store: DeliveryStore, targets: Iterable[ReplayTarget],
+def replay_dead_letters(ops: OperatorContext, targets: Iterable[ReplayTarget],
                         on_each: Callable[[ReplayTarget, bool], None] | None = None) -> int:
-    """Take each dead letter out and put a fresh delivery into its destination's lane (one
-    script each: two replays of one dead letter queue it once, and a crash leaves it dead or
-    queued; the workers' sweep picks the lane up within a second). Returns how many were
-    queued."""
+    """Put a fresh delivery of each dead letter into its destination's lane (one script each:
+    two replays of one dead letter queue it once, and a crash leaves it dead or queued; the
+    workers' sweep picks the lane up within a second). Returns how many were queued; a target
+    that is not a dead letter (any more) is not."""
     queued = 0
     for target in targets:
-        event = store.replay(target.event_id, target.destination)
-        if event is not None:
-            queued += 1
+        with ops.database.connect() as connection:
+            letter = reader.dead_letter(connection, target.event_id, target.destination)
+        done = letter is not None and ops.store.replay(
+            target.event_id, target.destination,
+            float((letter.get("event") or {}).get("received_at") or 0.0))
+        queued += int(done)
         if on_each is not None:
-            on_each(target, event is not None)
+            on_each(target, done)
     return queued
 
 

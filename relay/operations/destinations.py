@@ -11,7 +11,8 @@ import redis
 
 from relay.config.relay_yaml import RelayConfig
 from relay.delivery.gates import PauseGate, destination_state
-from relay.store.deliveries import dead_letter_counts, recent_key
+from relay.history import reader
+from relay.operations.context import OperatorContext
 from relay.store.keys import PAUSED_KEY, STATS_PREFIX, stats_key
 from relay.store.lanes import Lanes, parked
 from relay.store.subscriptions import SubscriptionStore
@@ -36,24 +37,26 @@ def destination_known(client: redis.Redis, config: RelayConfig, name: str) -> bo
         client, ())
 
 
-def destination_health(client: redis.Redis, names: Iterable[str],
+def destination_health(ops: OperatorContext, names: Iterable[str],
                        types: dict[str, str] | None = None,
                        clock: Callable[[], float] = time.time) -> list[dict[str, Any]]:
     """State (active / paused / open / half-open), success rate, last error and the counts of
     queued (waiting in the lane or in flight), parked (retry delays), retrying and dead
     deliveries of each destination."""
     names = list(names)
+    client = ops.redis
     queued = Lanes(client).lane_depths()
     waiting = Counter(destination for _, destination, _ in parked(client))
-    dead = dead_letter_counts(client)
+    with ops.database.connect() as connection:
+        dead = reader.status_counts(connection, "dead")
+        retrying = reader.status_counts(connection, "retrying")
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(stats_key(name))
-        pipe.zcard(recent_key(name, "retrying"))
     answers = pipe.execute()
     health = []
     for i, name in enumerate(names):
-        stats = {k.decode(): v.decode() for k, v in answers[2 * i].items()}
+        stats = {k.decode(): v.decode() for k, v in answers[i].items()}
         delivered, failed = int(stats.get("delivered", 0)), int(stats.get("failed", 0))
         health.append({
             "name": name,
@@ -70,7 +73,7 @@ def destination_health(client: redis.Redis, names: Iterable[str],
             if "last_success_at" in stats else None,
             "queued": queued.get(name, 0),
             "parked": waiting[name],
-            "retrying": int(answers[2 * i + 1]),
+            "retrying": retrying[name],
             "dead": dead[name],
         })
     return health

@@ -21,24 +21,25 @@ import redis
 
 from relay.config.relay_yaml import RelayConfig
 from relay.observability.metrics import ATTEMPT_BUCKETS, METRICS_KEY
+from relay.operations.context import OperatorContext
 from relay.operations.destinations import destination_health, known_destinations
-from relay.store.keys import DEAD_INDEX
 from relay.store.lanes import Lanes
 from relay.store.subscriptions import NAME_PREFIX
 
 QUANTILES = (0.5, 0.95)
 
 
-def relay_status(client: redis.Redis, config: RelayConfig | None) -> dict[str, Any]:
+def relay_status(ops: OperatorContext, config: RelayConfig | None) -> dict[str, Any]:
     """``{"queue_depth", "scheduled", "dead_letters", "destinations": [row, ...]}``; a row has
     what :func:`~relay.operations.destinations.destination_health` gives, and ``latency_p50_ms`` /
     ``latency_p95_ms`` (None before the first timed attempt)."""
+    client = ops.redis
     types = {d.name: d.type for d in config.destinations} if config else {}
     names = known_destinations(client, types)
     for name in names:
         if name not in types and name.startswith(NAME_PREFIX):
             types[name] = "webhook"  # an API subscription
-    health = destination_health(client, names, types)
+    health = destination_health(ops, names, types)
     latency = attempt_latency(client, names)
     for row in health:
         p50, p95 = latency.get(row["name"], (None, None))
@@ -46,7 +47,7 @@ def relay_status(client: redis.Redis, config: RelayConfig | None) -> dict[str, A
     lanes = Lanes(client)
     return {"queue_depth": lanes.depth(),
             "scheduled": lanes.scheduled(),
-            "dead_letters": int(client.zcard(DEAD_INDEX)),
+            "dead_letters": sum(row["dead"] for row in health),
             "destinations": health}
 
 

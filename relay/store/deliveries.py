@@ -1,11 +1,17 @@
-"""Everything the relay keeps in Redis about events and deliveries (keys: :mod:`.keys`).
+"""The deliveries in flight, in Redis (keys: :mod:`.keys`).
 
-Delivery state moves ``pending → inflight → delivered | retrying | dead`` with
+Delivery state moves ``pending → inflight → delivered | skipped | retrying | dead`` with
 claim-then-confirm, per (event, destination), whatever the batch it travels in. A drainer's
 round trip is one script (:meth:`DeliveryStore.step`): it records the outcomes of the
-deliveries that finished (never turning a ``delivered`` back into anything else, and
-acknowledging their lane entries only then), then reads the next batch of the lane's entries
-and claims each delivery with a lease (a second claimant is told ``busy`` or ``done``).
+deliveries that finished (never turning a success back into anything else, and acknowledging
+their lane entries only then) and adds their history (the attempts, the states they left) to
+the history stream; then it reads the next batch of the lane's entries and claims each delivery
+with a lease (a second claimant is told ``busy`` or ``done``).
+
+Redis holds an event's payload until the history writer has committed the event to the
+database; a claim after that answers without it, and the engine reads it from the database
+(one query per batch). The history of a delivery (attempts, dead letters) is read from the
+database only (:mod:`relay.history.reader`).
 """
 
 from __future__ import annotations
@@ -22,33 +28,26 @@ import redis
 
 from relay.core.models import LazyPayload, LeadEvent
 from relay.store.keys import (
-    DEAD_INDEX,
-    DEAD_KEY,
     DELIVERY_PREFIX,
     EVENT_PREFIX,
     GROUP,
+    HISTORY,
     LANES,
-    LOG_PREFIX,
-    PREFIX,
     SCHEDULED,
-    dead_id,
     delivery_key,
     drainers_key,
     event_key,
     inflight_key,
     lane_key,
-    log_key,
-    recent_key,
     stats_key,
 )
 from relay.store.scripts import register
 
-LOG_CAP = 100
-RECENT_CAP = 10_000  # per destination and status: what the admin API lists
+#: The statuses a destination's deliveries are listed by (a skipped one counts as delivered).
 RECENT_STATUSES = ("delivered", "retrying", "dead")
 ERROR_TEXT_LIMIT = 500
 
-Outcome = Literal["delivered", "retrying", "dead", "skipped"]
+Outcome = Literal["delivered", "retrying", "dead", "skipped", "gone", "deferred"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,15 @@ class Claim:
     event: LeadEvent
     attempt: int
     crashes: int = 0  # earlier attempts that never confirmed (their worker died)
+    #: The attempt's id, minted at the claim (lane, entry, attempt number: unique, as a
+    #: replay or a retry gets a new lane entry): the history's key for the attempt.
+    attempt_id: str = ""
+    #: The event's id, when the claim came without the payload (Redis let it go: ``event``
+    #: is then a placeholder until the engine has read it from the database).
+    event_id: str = ""
+    #: Whether Redis knew the delivery's state: when not, it may be one that is final in the
+    #: database (its state let go once written), and the database is asked before it is sent.
+    state_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class Confirmation:
     dead_reason: str | None = None
     retry_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    attempt_id: str = ""  # the claim's (history key of the attempt)
 
 
 _PAYLOAD_KEY = b',"payload":{'
@@ -185,15 +194,19 @@ class DeliveryStore:
         ``limit``. One script, one round trip."""
         now = time.time()
         outcomes = json.dumps([_confirm_args(c) for c in confirmations])
+        records = [_history_record(c) for c in confirmations if c.attempt.outcome in _RECORDED]
         _confirmed, _used, claimed, done, busy, gone = self._step(
-            keys=[lane_key(lane), inflight_key(lane), drainers_key(lane),
-                  stats_key(lane), *(recent_key(lane, s) for s in RECENT_STATUSES),
-                  DEAD_KEY, DEAD_INDEX, SCHEDULED],
-            args=[GROUP, consumer, holder, lane, now, now + lease, self.retention, LOG_CAP,
-                  RECENT_CAP, want, limit, int(reclaim_idle * 1000), outcomes,
-                  EVENT_PREFIX, DELIVERY_PREFIX, LOG_PREFIX])
-        claims = [Claim(entry.decode(), self.parsed.get(event), int(attempts), int(crashes))
-                  for entry, _id, attempts, crashes, event in claimed]
+            keys=[lane_key(lane), inflight_key(lane), drainers_key(lane), stats_key(lane),
+                  SCHEDULED, HISTORY],
+            args=[GROUP, consumer, holder, lane, now, now + lease, self.retention, want, limit,
+                  int(reclaim_idle * 1000), outcomes, json.dumps(records) if records else "",
+                  EVENT_PREFIX, DELIVERY_PREFIX])
+        claims = []
+        for entry, event_id, attempts, crashes, event, known in claimed:
+            entry_id, event_id = entry.decode(), event_id.decode()
+            claims.append(Claim(entry_id, self.parsed.get(event) if event else _unread(event_id),
+                                int(attempts), int(crashes), f"{lane}/{entry_id}/{int(attempts)}",
+                                "" if event else event_id, bool(int(known))))
         return Taken(claims, int(done), int(busy), int(gone))
 
     def take(self, lane: str, consumer: str, holder: str, want: int, limit: int,
@@ -211,87 +224,65 @@ class DeliveryStore:
         raw = self.redis.hgetall(delivery_key(event_id))
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
-    def attempts(self, event_id: str) -> list[dict[str, Any]]:
-        return [json.loads(item) for item in self.redis.lrange(log_key(event_id), 0, -1)]
-
     def stats(self, destination: str) -> dict[str, str]:
         raw = self.redis.hgetall(stats_key(destination))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    # -- dead letters ---------------------------------------------------------------------
+    # -- replay ---------------------------------------------------------------------------
 
-    def dead_letters(
-        self, destination: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[dict[str, Any]]:
-        """Newest first."""
-        ids = self.redis.zrevrange(DEAD_INDEX, 0, -1)
-        keys = [k.decode() for k in ids]
-        if destination:
-            keys = [k for k in keys if k.rsplit("|", 1)[1] == destination]
-        keys = keys[offset : offset + limit]
-        if not keys:
-            return []
-        records = self.redis.hmget(DEAD_KEY, keys)
-        return [json.loads(r) for r in records if r]
+    def replay(self, event_id: str, destination: str, received_at: float) -> bool:
+        """Queue a dead letter (the database holds it) again, in one script
+        (``lua/replay.lua``): the delivery becomes pending with a fresh lane entry, and the
+        replay goes to the history. False, with nothing written, when Redis knows the delivery
+        as queued, in flight or delivered (a second replay of the same dead letter)."""
+        now = time.time()
+        state = {"status": "pending", "attempts": 0, "replayed_at": now}
+        record = {"k": "replay", "id": event_id, "destination": destination, "at": now,
+                  "received_at": received_at}
+        return bool(self._replay(
+            keys=[delivery_key(event_id), lane_key(destination), LANES, HISTORY],
+            args=[destination, event_id, json.dumps(state), json.dumps(record),
+                  self.retention]))
 
-    def replay(self, event_id: str, destination: str) -> LeadEvent | None:
-        """Take a dead letter out and put a fresh delivery into its lane, in one script
-        (``lua/replay.lua``): two replays of one dead letter queue it once, and a crash leaves
-        it either dead or queued, never neither. The delivery becomes pending again, the event
-        record is restored (it may have expired) and the destination's dead count goes down by
-        one. None when there is no such dead letter (or another replay took it)."""
-        key = dead_id(event_id, destination)
-        keys = [DEAD_KEY, DEAD_INDEX, event_key(event_id), delivery_key(event_id),
-                stats_key(destination), recent_key(destination, "dead"), lane_key(destination),
-                LANES]
-        # Read first: the event and the state are encoded here, as they always were (Lua's
-        # cjson would write other bytes), and the script writes only if the letter is still
-        # the one read. One that changed in between (replayed, dead again) is read again.
-        while (raw := self.redis.hget(DEAD_KEY, key)) is not None:
-            record = json.loads(raw)
-            state = {"status": "pending", "attempts": 0, "replayed_at": time.time()}
-            if self._replay(keys=keys, args=[key, raw, json.dumps(record["event"]),
-                                             json.dumps(state), self.retention, event_id,
-                                             destination]):
-                return LeadEvent.from_json(record["event"])
-        return None
+
+_RECORDED = frozenset({"delivered", "skipped", "retrying", "dead"})
+
+
+def _unread(event_id: str) -> LeadEvent:
+    """A claim's event while its payload is still to be read from the database."""
+    return LeadEvent(event_id=event_id, source="", name="", payload={})
 
 
 def _confirm_args(c: Confirmation) -> list[Any]:
     attempt = c.attempt
     state: dict[str, Any] = {"status": attempt.outcome, "attempts": attempt.attempt,
                              "updated_at": attempt.at, **c.extra}
+    if attempt.outcome == "deferred":
+        state["status"] = "pending"
     if attempt.status_code is not None:
         state["last_status"] = attempt.status_code
     if attempt.error:
         state["last_error"] = attempt.error
     if attempt.next_attempt_at:
         state["next_attempt_at"] = attempt.next_attempt_at
-    event_id = c.event.event_id
-    letter = ""
-    if attempt.outcome == "dead":
-        letter = json.dumps({
-            "event_id": event_id, "destination": attempt.destination,
-            "reason": c.dead_reason or "", "attempts": attempt.attempt,
-            "status_code": attempt.status_code, "dead_at": attempt.at,
-            "event": c.event.to_json(),
-        })
-    # Each delivery is listed under its current status only (skipped counts as delivered).
-    listed = "delivered" if attempt.outcome == "skipped" else attempt.outcome
-    return [c.entry_id, event_id, json.dumps(state), json.dumps(attempt.to_json()),
-            attempt.outcome, repr(attempt.at), attempt.error or "", listed, letter,
-            "" if c.retry_at is None else repr(c.retry_at)]
+    return [c.entry_id, c.event.event_id, json.dumps(state), attempt.outcome, repr(attempt.at),
+            attempt.error or "", "" if c.retry_at is None else repr(c.retry_at)]
 
 
-def dead_letter_counts(client: redis.Redis) -> collections.Counter[str]:
-    """destination -> how many of its dead letters wait for replay (ZSCAN: never blocks).
-    The one count of dead letters: the metrics, the console, the CLI and the API read it."""
-    counts: collections.Counter[str] = collections.Counter()
-    for member, _ in client.zscan_iter(DEAD_INDEX, count=1000):
-        counts[member.decode().rsplit("|", 1)[-1]] += 1
-    return counts
+def _history_record(c: Confirmation) -> dict[str, Any]:
+    """What the history keeps of an attempt: the attempt, and the state it left (a dead
+    letter's reason is the attempt's error)."""
+    attempt = c.attempt
+    return {"k": "attempt", "attempt_id": c.attempt_id or f"{attempt.destination}/"
+            f"{c.event.event_id}/{attempt.attempt}/{attempt.at!r}",
+            "id": c.event.event_id, "destination": attempt.destination,
+            "attempt": attempt.attempt, "outcome": attempt.outcome, "at": attempt.at,
+            "received_at": c.event.received_at, "status_code": attempt.status_code,
+            "latency_ms": attempt.latency_ms,
+            "error": c.dead_reason if attempt.outcome == "dead" else attempt.error,
+            "next_attempt_at": attempt.next_attempt_at, "status": attempt.outcome,
+            "crashes": c.extra.get("crashes")}
 
 
-__all__ = ["DEAD_INDEX", "DEAD_KEY", "PREFIX", "Attempt", "Claim", "Confirmation",
-           "DeliveryStore", "Outcome", "Taken", "dead_id", "delivery_key", "event_key",
-           "log_key", "recent_key", "stats_key"]
+__all__ = ["RECENT_STATUSES", "Attempt", "Claim", "Confirmation", "DeliveryStore",
+           "Outcome", "Taken", "delivery_key", "event_key", "stats_key"]

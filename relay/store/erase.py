@@ -1,14 +1,15 @@
-"""GDPR erasure: remove every trace of one lead (by email) that the relay keeps in Redis.
+"""GDPR erasure, the Redis half: remove every trace of one lead (by email) that Redis holds.
+The history database has its own half (:func:`relay.history.retention.erase_lead`);
+:func:`relay.operations.leads.erase` runs both.
 
 What a lead leaves here, and what goes:
 
-- stored events (``relay:event:<id>``) whose payload's ``email`` is the address, and with them
-  each such event's delivery states, attempts log, dedupe marker and recent-delivery entries;
-- dead letters (they carry a copy of the event, which may outlive the event record);
+- stored events (``relay:event:<id>``: admitted, not yet written to the database) whose
+  payload's ``email`` is the address, and the events the database named (``event_ids``), with
+  each one's delivery states and dedupe marker;
 - events accepted and not yet admitted (intake entries carrying the lead), and its events'
   deliveries waiting in a lane or parked for a retry;
-- the dev inbox's copies;
-- the lead's entries in the console's lead index (:mod:`relay.store.lead_index`).
+- the dev inbox's copies.
 
 Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
 records whose own lead is the address are touched: other leads' events stay as they are, even
@@ -28,22 +29,17 @@ from urllib.parse import parse_qs
 import redis
 
 from relay.store.keys import (
-    DEAD_INDEX,
-    DEAD_KEY,
     DEV_INBOX,
     EVENT_PREFIX,
     INTAKE,
-    RECENT_PREFIX,
     SCHEDULED,
     delivery_key,
     event_key,
     lane_key,
-    log_key,
     parked_member,
     seen_key,
 )
 from relay.store.lanes import Lanes, intake_events, parked
-from relay.store.lead_index import forget_events
 
 BATCH = 500
 
@@ -66,14 +62,13 @@ def _is_lead(payload: Any, email: str) -> bool:
     return isinstance(value, str) and value.strip().lower() == email
 
 
-def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
+def erase_lead(client: redis.Redis, email: str, event_ids: Iterable[str] = ()) -> ErasureReport:
+    """Erase the lead from Redis; ``event_ids``: its events the database knows of."""
     target = email.strip().lower()
-    report = ErasureReport(target)
+    report = ErasureReport(target, set(event_ids))
     _queued_events(client, target, report)
     _stored_events(client, target, report)
-    _dead_letters(client, target, report)
     _event_keys(client, report)
-    report.removed["lead_index_entries"] += forget_events(client, target, report.event_ids)
     _parked(client, report)
     _dev_inbox(client, target, report)
     return report
@@ -92,34 +87,16 @@ def _stored_events(client: redis.Redis, email: str, report: ErasureReport) -> No
                 report.event_ids.add(key.decode()[len(EVENT_PREFIX):])
 
 
-def _dead_letters(client: redis.Redis, email: str, report: ErasureReport) -> None:
-    doomed = []
-    for key, raw in client.hscan_iter(DEAD_KEY, count=BATCH):
-        letter = json.loads(raw)
-        event_id = letter.get("event_id")
-        if event_id in report.event_ids or _is_lead((letter.get("event") or {}).get("payload"),
-                                                    email):
-            doomed.append(key)
-            report.event_ids.add(event_id)
-    report.removed["dead_letters"] += _remove_indexed(client, DEAD_KEY, DEAD_INDEX, doomed)
-
-
 def _event_keys(client: redis.Redis, report: ErasureReport) -> None:
-    recent = list(client.scan_iter(match=RECENT_PREFIX + "*", count=BATCH))
     for ids in _batches(sorted(report.event_ids)):
         pipe = client.pipeline(transaction=False)
         for event_id in ids:
             pipe.delete(event_key(event_id))
             pipe.delete(delivery_key(event_id))
-            pipe.delete(log_key(event_id))
             pipe.delete(seen_key(event_id))
-        for key in recent:
-            pipe.zrem(key, *ids)
         answers = pipe.execute()
-        for i, kind in enumerate(("events", "delivery_states", "delivery_logs",
-                                  "dedupe_markers")):
-            report.removed[kind] += sum(int(a) for a in answers[i:4 * len(ids):4])
-        report.removed["recent_entries"] += sum(int(a) for a in answers[4 * len(ids):])
+        for i, kind in enumerate(("events", "delivery_states", "dedupe_markers")):
+            report.removed[kind] += sum(int(a) for a in answers[i::3])
 
 
 def _queued_events(client: redis.Redis, email: str, report: ErasureReport) -> None:
@@ -146,18 +123,6 @@ def _parked(client: redis.Redis, report: ErasureReport) -> None:
                    if event_id in report.event_ids]
         for batch in _batches(entries):
             report.removed["lane_entries"] += int(client.xdel(lane_key(lane), *batch))
-
-
-def _remove_indexed(client: redis.Redis, records: str, index: str, ids: list[Any]) -> int:
-    """Remove ``ids`` from a hash of records and the sorted set indexing it; how many went."""
-    removed = 0
-    for batch in _batches(ids):
-        pipe = client.pipeline(transaction=True)
-        pipe.hdel(records, *batch)
-        pipe.zrem(index, *batch)
-        gone, _ = pipe.execute()
-        removed += int(gone)
-    return removed
 
 
 def _dev_inbox(client: redis.Redis, email: str, report: ErasureReport) -> None:

@@ -15,15 +15,17 @@ The intake, the lanes and the deliveries (:mod:`.lanes`, :mod:`.deliveries`):
 ``relay:inflight:<dest>``      hash: drainer id -> deliveries it has in flight     lease
 ``relay:hold:<destination>``   the lane is held (paused, circuit open, rate)       until due
 ``relay:scheduled``            zset: ``<event id>|<destination>`` -> due time      until due
-``relay:seen:<event id>``      dedupe marker: the intake entry received first      dedupe_window
-``relay:event:<id>``           hash: event JSON, admitting entry, duplicates       retention
-``relay:delivery:<id>``        hash: destination -> delivery state JSON            retention
-``relay:log:<id>``             list: one JSON record per attempt (capped)          retention
-``relay:dead``                 hash: ``<id>|<destination>`` -> dead letter JSON     until replayed
-``relay:dead:index``           zset: dead letter ids by time of death              until replayed
+``relay:seen:<event id>``      dedupe marker: the intake entry received first      10 min, at most
+                               (the database holds the long dedupe window)         dedupe_window
+``relay:event:<id>``           hash: event JSON (payload), admitting entry, time   until written
+                                                                                   to the database
+``relay:delivery:<id>``        hash: destination -> delivery state JSON            until final
+                                                                                   and written
 ``relay:stats:<destination>``  hash: delivered / failed / dead, consecutive        kept
                                failures, last success, last error
-``relay:recent:<dest>:<s>``    zset: event ids by time, per delivery status        retention, capped
+``relay:history``              stream: history records (field ``r``, JSON) and     until written
+                               their version (``v``): the outbox to the database   to the database
+``relay:history:writer``       the history writer's lease (``SET PX``)              30 s
 =============================  =================================================  ============
 
 The gates (:mod:`relay.delivery.gates`):
@@ -35,16 +37,6 @@ The gates (:mod:`relay.delivery.gates`):
                                  window's start and totals
 ``relay:circuit:<dest>:probe``   the half-open probe lease (``SET NX PX``)           the lease
 ``relay:rate:<dest>:<n>``        deliveries in fixed rate-limit window ``n``         two windows
-===============================  =================================================  ============
-
-The console's lead index (:mod:`.lead_index`):
-
-===============================  =================================================  ============
-``relay:lead:email:<address>``   zset: event ids by time received (lower-cased)      retention
-``relay:lead:social:<id>``       the same by the lead's ``social_id``                retention
-``relay:lead:phone:<digits>``    the same by phone number (digits, leading +)        retention
-``relay:lead:all``               zset: the latest events of every lead (capped)      retention
-``relay:lead:of:<event id>``     JSON: the index keys the event was added to         retention
 ===============================  =================================================  ============
 
 API subscriptions (:mod:`.subscriptions`):
@@ -88,8 +80,6 @@ INTAKE = PREFIX + "intake"
 INTAKE_KICK = PREFIX + "intake:kick"
 LANES = PREFIX + "lanes"
 SCHEDULED = PREFIX + "scheduled"
-DEAD_KEY = PREFIX + "dead"
-DEAD_INDEX = PREFIX + "dead:index"
 
 LANE_PREFIX = PREFIX + "lane:"
 KICK_PREFIX = PREFIX + "kick:"
@@ -99,9 +89,7 @@ HOLD_PREFIX = PREFIX + "hold:"
 SEEN_PREFIX = PREFIX + "seen:"
 EVENT_PREFIX = PREFIX + "event:"
 DELIVERY_PREFIX = PREFIX + "delivery:"
-LOG_PREFIX = PREFIX + "log:"
 STATS_PREFIX = PREFIX + "stats:"
-RECENT_PREFIX = PREFIX + "recent:"
 
 
 def lane_key(destination: str) -> str:
@@ -136,21 +124,8 @@ def delivery_key(event_id: str) -> str:
     return DELIVERY_PREFIX + event_id
 
 
-def log_key(event_id: str) -> str:
-    return LOG_PREFIX + event_id
-
-
 def stats_key(destination: str) -> str:
     return STATS_PREFIX + destination
-
-
-def recent_key(destination: str, status: str) -> str:
-    return f"{RECENT_PREFIX}{destination}:{status}"
-
-
-def dead_id(event_id: str, destination: str) -> str:
-    """A dead letter's field in :data:`DEAD_KEY` and member of :data:`DEAD_INDEX`."""
-    return f"{event_id}|{destination}"
 
 
 def parked_member(event_id: str, destination: str) -> str:
@@ -178,19 +153,6 @@ def rate_key(destination: str, window: int) -> str:
     return f"{RATE_PREFIX}{destination}:{window}"
 
 
-# -- the lead index (callers normalise the identity: lower-cased email, phone digits) ---------
-
-LEAD_ALL = PREFIX + "lead:all"
-LEAD_EMAIL_PREFIX = PREFIX + "lead:email:"
-LEAD_SOCIAL_PREFIX = PREFIX + "lead:social:"
-LEAD_PHONE_PREFIX = PREFIX + "lead:phone:"
-LEAD_OF_PREFIX = PREFIX + "lead:of:"
-
-
-def lead_of_key(event_id: str) -> str:
-    return LEAD_OF_PREFIX + event_id
-
-
 # -- API subscriptions -------------------------------------------------------------------------
 
 SUB_PREFIX = PREFIX + "sub:"
@@ -214,6 +176,9 @@ def campaign_gone_key(campaign: str) -> str:
 
 METRICS_KEY = PREFIX + "metrics"
 MINUTE_PREFIX = PREFIX + "minute:"
+HISTORY = PREFIX + "history"
+NOTHING = PREFIX + "nothing"  # never written: a version key for no subscriptions
+HISTORY_WRITER = PREFIX + "history:writer"
 DEV_INBOX = PREFIX + "dev:inbox"  # what the dev inbox received (relay dev only)
 
 

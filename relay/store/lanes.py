@@ -38,6 +38,7 @@ from relay.store.keys import (
     DRAINERS_PREFIX,
     EVENT_PREFIX,
     GROUP,
+    HISTORY,
     HOLD_PREFIX,
     INTAKE,
     INTAKE_KICK,
@@ -55,6 +56,30 @@ from relay.store.keys import (
     seen_key,
 )
 from relay.store.scripts import register
+
+#: How long a dedupe marker stays in Redis, at most: long enough for the event's row to reach
+#: the database (where admission looks for the rest of the source's ``dedupe_window``), short
+#: enough that the markers cost memory by the rate of events, not by the window's length.
+SEEN_MARK_TTL = 600.0
+
+
+def seen_mark_ms(dedupe_window: float) -> int:
+    return max(1, int(min(dedupe_window, SEEN_MARK_TTL) * 1000))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One intake entry as admission hands it to the admit script."""
+
+    entry_id: str
+    event_id: str
+    dedupe_window: float
+    event_json: str
+    lanes: Sequence[str]
+    as_new: str  # its history record (JSON) if it is admitted
+    as_duplicate: str  # ... if it is a duplicate
+    known: bool = False  # the database has it inside the dedupe window
+
 
 #: How long a queued kick keeps others from queueing another (a lost one is replaced after it).
 KICK_TTL_MS = 10_000
@@ -88,10 +113,11 @@ class Lanes:
     def publish(self, event: str, event_id: str, dedupe_window: float) -> tuple[str, bool]:
         """Store an accepted event (its JSON) in the intake and mark its id as received, in
         one round trip: the entry id, and whether the caller is to queue an admit task (none
-        is queued; the kick key is now set for it)."""
+        is queued; the kick key is now set for it). The mark lives :data:`SEEN_MARK_TTL` at
+        most: the database holds the rest of the dedupe window."""
         entry, kick = self._publish(
             keys=[INTAKE, seen_key(event_id), INTAKE_KICK],
-            args=[event, max(1, int(dedupe_window * 1000)), KICK_TTL_MS])
+            args=[event, seen_mark_ms(dedupe_window), KICK_TTL_MS])
         return (entry.decode() if isinstance(entry, bytes) else str(entry)), bool(kick)
 
     # -- admission -----------------------------------------------------------------------
@@ -122,17 +148,18 @@ class Lanes:
         return [_intake_entry(entry_id, fields) for entry_id, fields in entries]
 
     def admit(self, version_key: str, version: bytes, now: float, retention: float,
-              batch: Sequence[tuple[str, str, float, str, Sequence[str]]],
-              ) -> list[str] | bytes:
-        """Admit ``(entry id, event id, dedupe window s, event json, lanes)`` items: the
-        outcome of each, or the subscriptions' current version when ``version`` is stale."""
+              batch: Sequence[Admission]) -> list[str] | bytes:
+        """Admit a batch: the outcome of each item (new, duplicate or done), or the
+        subscriptions' current version when ``version`` is stale."""
         args: list[Any] = [GROUP, version, now, int(retention),
                            SEEN_PREFIX, EVENT_PREFIX, DELIVERY_PREFIX, LANE_PREFIX]
-        for entry_id, event_id, window, event, lanes in batch:
-            args += [entry_id, event_id, max(1, int(window * 1000)), event, len(lanes), *lanes]
-        for lanes in {lane for *_, item_lanes in batch for lane in item_lanes}:
-            self.ensure_group(lane_key(lanes))
-        status, value = self._admit(keys=[INTAKE, version_key, LANES], args=args)
+        for item in batch:
+            args += [item.entry_id, item.event_id, seen_mark_ms(item.dedupe_window),
+                     1 if item.known else 0, item.event_json, item.as_new, item.as_duplicate,
+                     len(item.lanes), *item.lanes]
+        for lane in {lane for item in batch for lane in item.lanes}:
+            self.ensure_group(lane_key(lane))
+        status, value = self._admit(keys=[INTAKE, version_key, LANES, HISTORY], args=args)
         if status == b"stale":
             return bytes(value)
         return [v.decode() for v in value]

@@ -13,7 +13,9 @@ import pytest
 import redis
 
 from relay.cli.embedded_redis import EmbeddedRedis
+from relay.history.database import upgrade
 from tests.support.deployment import RelayDeployment
+from tests.support.history import HistoryView, history_of
 from tests.support.loopback import Sink, start_sink
 from tests.support.postgres_server import EmbeddedPostgres
 from tests.support.vendor_server import VendorServer
@@ -71,15 +73,23 @@ def deployment(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[RelayDep
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env.update({
         "RELAY_REDIS_URL": redis_server.url,
+        "RELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'history.sqlite3'}",
         "RELAY_SCHEDULER_INTERVAL": "0.2",
         "RELAY_VISIBILITY_TIMEOUT": "10",
         "RELAY_TASK_TIME_LIMIT": "8",
         "PYTHONUNBUFFERED": "1",
     })
+    upgrade(env["RELAY_DATABASE_URL"])
     deployment = RelayDeployment(tmp_path, redis_server.url, env)
     yield deployment
     for worker in deployment.workers:
         worker.kill()  # the test is over: no need for a warm shutdown
+
+
+@pytest.fixture
+def history(deployment: RelayDeployment) -> HistoryView:
+    """What the deployment's history says (events, attempts, dead letters)."""
+    return history_of(deployment.redis_url, deployment.env["RELAY_DATABASE_URL"])
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

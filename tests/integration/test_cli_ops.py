@@ -15,6 +15,7 @@ from relay.cli import operator as cli_ops
 from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from tests.support.helpers import config, make_app, run_queue
+from tests.support.history import HistoryView, history_for
 from tests.support.loopback import Sink
 from tests.support.samples import sample
 
@@ -29,8 +30,10 @@ class World:
         ], sources={"kickofflabs": {}})
         self.client = make_app(self.config, self.redis).test_client()
         self.relay = Engine(Settings(), self.config, self.redis)
+        self.store = HistoryView(self.redis)  # what the relay knows: Redis and the history
         self.sink = sink
         monkeypatch.setattr(cli_ops, "redis_client", lambda: self.redis)
+        monkeypatch.setattr(cli_ops, "history_database", lambda: history_for(self.redis))
         monkeypatch.setattr(cli_ops, "relay_config", lambda: self.config)
 
     def post(self, n: int) -> str:
@@ -123,9 +126,9 @@ def test_erase_asks_first(world: World) -> None:
     world.run_queue()
     aborted = world.relay_cli("erase", "--email", "lead1@example.com", input="n\n", code=1)
     assert "Aborted" in aborted.output
-    assert world.relay.store.load_event(event_id) is not None
+    assert world.store.load_event(event_id) is not None
     done = world.relay_cli("erase", "--email", "lead1@example.com", "--yes").output
     assert done.startswith("1 event(s) of lead1@example.com")
-    assert world.relay.store.load_event(event_id) is None
+    assert world.store.load_event(event_id) is None
 
 

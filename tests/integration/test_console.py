@@ -19,10 +19,10 @@ from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from relay.delivery.gates import PauseGate
 from relay.observability.metrics import metrics_for
-from relay.store.deliveries import DeliveryStore
 from relay.store.lanes import Lanes
 from relay.store.subscriptions import SubscriptionStore
 from tests.support.helpers import config, make_app, run_queue
+from tests.support.history import HistoryView
 from tests.support.loopback import Sink
 from tests.support.samples import sample
 
@@ -52,7 +52,7 @@ class World:
         self.app = make_app(self.config, self.redis, self.settings)
         self.client = self.app.test_client()
         self.relay = Engine(self.settings, self.config, self.redis)
-        self.store = DeliveryStore(self.redis, self.settings.retention)
+        self.store = HistoryView(self.redis, retention=self.settings.retention)
         self.sink = sink
         self.posted: list[str] = []
 

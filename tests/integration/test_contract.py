@@ -32,6 +32,7 @@ from relay.config.settings import Settings
 from relay.drivers.ssrf_guard import AddressGuard
 from tests.support import ROOT
 from tests.support.helpers import wait_for
+from tests.support.history import memory_database
 
 KEY = "contract-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -69,6 +70,7 @@ def make_app() -> Any:
         "RELAY_SETTINGS": Settings(api_keys=(KEY,), allowed_networks=("127.0.0.0/8",)),
         "RELAY_CONFIG_OBJECT": relay_config(),
         "RELAY_REDIS": fakeredis.FakeRedis(),
+        "RELAY_DATABASE": memory_database(),
     })
     # No DNS from the test: every host is public.
     app.extensions[GUARD_EXTENSION] = AddressGuard(
@@ -101,6 +103,7 @@ def live_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                       "  - {name: crm, type: webhook, url: 'http://127.0.0.1:9/crm'}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env.update({"RELAY_REDIS_URL": redis_server.url, "RELAY_CONFIG": str(config),
+                "RELAY_DATABASE_URL": f"sqlite:///{tmp / 'history.sqlite3'}",
                 "RELAY_API_KEYS": KEY, "RELAY_ALLOWED_NETWORKS": "127.0.0.0/8"})
     port = free_port()
     log = (tmp / "web.log").open("ab")

@@ -1,4 +1,5 @@
-"""GDPR erasure removes every trace of one lead from Redis and nothing of another."""
+"""GDPR erasure removes every trace of one lead from Redis and the history database, and
+nothing of another."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ from typing import Any
 
 import fakeredis
 import redis
+from sqlalchemy import select
 
 from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from relay.delivery.gates import PauseGate
-from relay.store.erase import erase_lead
+from relay.history import schema
+from relay.operations import leads
+from relay.operations.context import OperatorContext
+from relay.store.erase import ErasureReport
 from tests.support.helpers import config, make_app, run_queue
+from tests.support.history import history_for
 from tests.support.loopback import Sink
 from tests.support.samples import sample
 
@@ -41,15 +47,33 @@ def dump(client: redis.Redis) -> dict[str, Any]:
     return found
 
 
+def dump_history(client: redis.Redis) -> dict[str, Any]:
+    """Every row of every history table, as text, keyed ``table:<row key>``."""
+    found: dict[str, Any] = {}
+    with history_for(client).connect() as connection:
+        for table in schema.metadata.sorted_tables:
+            for row in connection.execute(select(table)):
+                key = ":".join(str(getattr(row, c.name)) for c in table.primary_key.columns)
+                found[f"{table.name}:{key}"] = str(tuple(row))
+    return found
+
+
 def traces(client: redis.Redis, text: str) -> list[str]:
-    return [key for key, value in dump(client).items() if text.lower() in value.lower()]
+    everything = {**dump(client), **dump_history(client)}
+    return [key for key, value in everything.items() if text.lower() in value.lower()]
 
 
 def grace_traces(client: redis.Redis) -> dict[str, Any]:
-    """Everything about the other lead: whole keys, and her entries in the shared inbox."""
-    found = {k: v for k, v in dump(client).items() if GRACE in v and k != "relay:dev:inbox"}
+    """Everything about the other lead: whole keys and rows, and her entries in the shared
+    inbox."""
+    everything = {**dump(client), **dump_history(client)}
+    found = {k: v for k, v in everything.items() if GRACE in v and k != "relay:dev:inbox"}
     found["inbox"] = [e for e in client.lrange("relay:dev:inbox", 0, -1) if GRACE.encode() in e]
     return found
+
+
+def erase_lead(client: redis.Redis, email: str) -> ErasureReport:
+    return leads.erase(OperatorContext(client, history_for(client)), email)
 
 
 class World:
@@ -93,7 +117,7 @@ def test_erasure_removes_every_trace_of_one_lead_and_nothing_else(sink: Sink) ->
     world.client.post("/dev/inbox", data={"email": ADA, "__event": "tagged"})
     assert traces(world.redis, ADA)
     grace_before = grace_traces(world.redis)
-    assert sum(k.startswith("relay:event:") for k in grace_before) == 2 and grace_before["inbox"]
+    assert sum(k.startswith("relay_events:") for k in grace_before) == 2 and grace_before["inbox"]
 
     report = erase_lead(world.redis, f"  {ADA.title()} ")
 

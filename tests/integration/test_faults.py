@@ -7,7 +7,6 @@ counted and printed."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import socket
@@ -23,9 +22,11 @@ import pytest
 import redis
 
 from relay.cli.embedded_redis import EmbeddedRedis
+from relay.delivery.gates import PauseGate
 from relay.delivery.kicks import QUEUE
 from tests.support.deployment import RelayDeployment
 from tests.support.helpers import wait_for
+from tests.support.history import HistoryView
 from tests.support.loopback import LoopbackHTTPServer, Sink, start_sink
 from tests.support.samples import sample
 
@@ -261,6 +262,61 @@ def test_full_redis_answers_503_never_202_and_recovers(
     wait_for(lambda: delivered(sink) >= after | {before}, message="events after recovery")
 
 
+@pytest.mark.timeout(240)
+def test_a_full_redis_never_stops_deliveries(
+    deployment: RelayDeployment, sink: Sink, redis_client: redis.Redis
+) -> None:
+    """Issue 19: with a destination paused, events are posted until the ingress refuses at its
+    high-water mark; once the destination is resumed every acknowledged event is delivered, no
+    worker met an OOM refusal, and the ingress accepts again without help. (Before, Redis
+    filled up with history and the workers failed to record outcomes, so acknowledged events
+    stayed undelivered.)"""
+    deployment.configure({"destinations": [webhook("a", f"{sink.url}/a")]})
+    used = int(redis_client.info("memory")["used_memory"])
+    # A small backlog keeps the test short: the mark 1.5 MB above what an idle relay uses,
+    # maxmemory well above it, as a 1 GB Redis with the shipped 80 % mark has in bytes.
+    deployment.env["RELAY_REDIS_HIGH_WATER"] = str(used + 1536 * 1024)
+    redis_client.config_set("maxmemory", used + 32 * 1024 * 1024)
+    worker = deployment.start_worker()
+    client = deployment.web_client()
+    first = accepted(client, lead(0))
+    wait_for(lambda: first in delivered(sink), message="the first event")
+    PauseGate(redis_client).pause("a")
+
+    acknowledged: set[str] = set()
+    refused = 0
+    deadline = time.monotonic() + 60
+    n = 1
+    while refused < 20 and time.monotonic() < deadline:
+        response = post_with_deadline(client, lead(n))
+        n += 1
+        if response.status_code == 202:
+            acknowledged.add(response.get_json()["event_id"])
+        else:
+            assert response.status_code == 503, response.get_json()
+            refused += 1
+    assert refused == 20, f"never refused after {len(acknowledged)} events"
+
+    PauseGate(redis_client).resume("a")
+    try:
+        wait_for(lambda: delivered(sink, "/a") >= acknowledged, timeout=90, interval=0.5,
+                 message=f"all {len(acknowledged)} acknowledged events delivered")
+    except AssertionError as exc:
+        memory = redis_client.info("memory")
+        raise AssertionError(
+            f"{exc}: {len(acknowledged - delivered(sink, '/a'))} missing; used "
+            f"{memory['used_memory']} of {memory['maxmemory']}; intake "
+            f"{redis_client.xlen('relay:intake')}, lane {redis_client.xlen('relay:lane:a')}, "
+            f"history {redis_client.xlen('relay:history')}, hold "
+            f"{redis_client.get('relay:hold:a')}, queue {redis_client.llen(QUEUE)}, "
+            f"kick {redis_client.get('relay:kick:a')}, drainers "
+            f"{redis_client.zrange('relay:drainers:a', 0, -1, withscores=True)}; "
+            f"worker log: {worker.log()[-2000:]}") from None
+    wait_for(lambda: post_with_deadline(client, lead(n)).status_code == 202, timeout=30,
+             message="the ingress to accept again by itself")
+    assert "OOM" not in worker.log()
+
+
 # -- 4. Redis unreachable ------------------------------------------------------------------
 
 
@@ -303,7 +359,7 @@ def test_unreachable_redis_gives_fast_503_and_workers_reconnect(
 
 @pytest.mark.timeout(60)
 def test_slow_destination_times_out_and_retries_never_overlap(
-    deployment: RelayDeployment, holding_sink: HoldingSink, redis_client: redis.Redis
+    deployment: RelayDeployment, holding_sink: HoldingSink, history: HistoryView
 ) -> None:
     deployment.configure({"destinations": [{
         "name": "slow", "type": "webhook", "url": f"{holding_sink.url}/slow", "timeout": "1s",
@@ -329,7 +385,7 @@ def test_slow_destination_times_out_and_retries_never_overlap(
             assert first.end - first.start < 5
             # Next attempt on schedule: 1 s ± 20 %, plus the scheduler's tick.
             assert second.start - first.end >= 0.8 - 0.1
-        log = [json.loads(r) for r in redis_client.lrange(f"relay:log:{event_id}", 0, -1)]
+        log = history.attempts(event_id)
         assert [entry["outcome"] for entry in log[:3]] == ["retrying"] * 3
         assert "time" in log[0]["error"].lower()
 
@@ -339,7 +395,7 @@ def test_slow_destination_times_out_and_retries_never_overlap(
 
 @pytest.mark.timeout(60)
 def test_50_concurrent_copies_of_one_event_deliver_once_per_destination(
-    deployment: RelayDeployment, sink: Sink, redis_client: redis.Redis
+    deployment: RelayDeployment, sink: Sink, history: HistoryView
 ) -> None:
     deployment.configure({"destinations": [webhook("a", f"{sink.url}/a"),
                                            webhook("b", f"{sink.url}/b")]})
@@ -362,7 +418,7 @@ def test_50_concurrent_copies_of_one_event_deliver_once_per_destination(
     assert {status for status, _ in answers} == {202}
     (event_id,) = {event_id for _, event_id in answers}
 
-    wait_for(lambda: int(redis_client.hget(f"relay:event:{event_id}", "duplicates") or 0) == 49,
+    wait_for(lambda: (history.event_record(event_id) or {}).get("duplicates") == 49,
              message="49 duplicates dropped")
     wait_for(lambda: delivered(sink, "/a") and delivered(sink, "/b"), message="deliveries")
     marker = accepted(clients[0], lead(1))  # queued after the 50 copies: a settled point
@@ -411,7 +467,7 @@ def test_sigterm_hands_back_unfinished_deliveries_at_once(
 @pytest.mark.timeout(60)
 def test_a_delivery_that_kills_its_worker_becomes_a_dead_letter(
     deployment: RelayDeployment, sink: Sink, holding_sink: HoldingSink,
-    redis_client: redis.Redis
+    history: HistoryView
 ) -> None:
     # A 1 s task time limit below the destination's 3 s timeout: the drain gives up on the
     # never-answered request at the limit, as a killed pool process did with prefork, and
@@ -428,6 +484,11 @@ def test_a_delivery_that_kills_its_worker_becomes_a_dead_letter(
     ]})
     worker = deployment.start_worker(concurrency=2)
     client = deployment.web_client()
+
+    def dead_letter(event_id: str) -> dict[str, Any] | None:
+        found = [d for d in history.dead_letters("killer") if d["event_id"] == event_id]
+        return found[0] if found else None
+
     poison = accepted(client, sample("tagged"))
     ids = set()
     for n in range(20):
@@ -436,16 +497,16 @@ def test_a_delivery_that_kills_its_worker_becomes_a_dead_letter(
 
     wait_for(lambda: delivered(sink, "/ok") == ids, timeout=30, message="the other events")
     try:
-        wait_for(lambda: redis_client.hget("relay:dead", f"{poison}|killer"), timeout=30,
+        wait_for(lambda: dead_letter(poison), timeout=30,
                  interval=0.2, message="the worker-killing delivery as a dead letter")
     except AssertionError as exc:
-        state = redis_client.hgetall(f"relay:delivery:{poison}")
-        attempts = redis_client.lrange(f"relay:log:{poison}", 0, -1)
-        dead = redis_client.hkeys("relay:dead")
-        stats = redis_client.hgetall("relay:stats:killer")
+        state = history.delivery_states(poison)
+        attempts = history.attempts(poison)
+        dead = history.dead_letters("killer")
+        stats = history.stats("killer")
         raise AssertionError(f"{exc}; delivery state {state}, attempts {attempts}, "
                              f"dead {dead}, stats {stats}") from None
-    letter = json.loads(redis_client.hget("relay:dead", f"{poison}|killer"))
+    letter = dead_letter(poison)
     assert "crashed its worker" in letter["reason"]
     assert worker.alive()  # only pool processes died
     kills = len(holding_sink.spans())

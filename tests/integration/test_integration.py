@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections import Counter
+from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
@@ -16,6 +16,7 @@ from relay.core.events import EVENTS
 from relay.core.formdata import decode
 from tests.support.deployment import RelayDeployment
 from tests.support.helpers import wait_for
+from tests.support.history import HistoryView
 from tests.support.loopback import Sink
 from tests.support.samples import sample
 
@@ -89,7 +90,7 @@ def test_exact_duplicate_is_dropped_but_different_tags_both_arrive(
 
 
 def test_failing_sink_gets_the_event_once_after_three_failures(
-    deployment: RelayDeployment, sink: Sink, redis_client
+    deployment: RelayDeployment, sink: Sink, history: HistoryView
 ) -> None:
     deployment.configure({"destinations": [webhook("flaky", f"{sink.url}/flaky")]})
     sink.script("/flaky", [500, 503, 502])
@@ -97,23 +98,27 @@ def test_failing_sink_gets_the_event_once_after_three_failures(
     event_id = post(deployment.web_client(), sample("new_signup"))
 
     wait_for(lambda: any(r for r in sink.requests() if r.path == "/flaky")
-             and _state(redis_client, event_id, "flaky") == "delivered",
+             and _state(history, event_id, "flaky") == "delivered",
              message="delivery after three failures")
     assert [r.headers["webhook-id"] for r in sink.requests("/flaky")] == [event_id] * 4
-    assert _attempts(redis_client, event_id) == ["retrying", "retrying", "retrying", "delivered"]
+    assert _attempts(history, event_id) == ["retrying", "retrying", "retrying", "delivered"]
 
 
 def test_permanent_error_makes_a_dead_letter_with_the_reason(
-    deployment: RelayDeployment, sink: Sink, redis_client
+    deployment: RelayDeployment, sink: Sink, history: HistoryView
 ) -> None:
     deployment.configure({"destinations": [webhook("strict", f"{sink.url}/strict")]})
     sink.script("/strict", [400])
     deployment.start_worker()
     event_id = post(deployment.web_client(), sample("referral"))
 
-    wait_for(lambda: redis_client.hget("relay:dead", f"{event_id}|strict"),
-             message="a dead letter")
-    letter = json.loads(redis_client.hget("relay:dead", f"{event_id}|strict"))
+    def dead_letter() -> dict[str, Any] | None:
+        found = [d for d in history.dead_letters("strict") if d["event_id"] == event_id]
+        return found[0] if found else None
+
+    wait_for(dead_letter, message="a dead letter")
+    letter = dead_letter()
+    assert letter is not None
     assert letter["attempts"] == 1
     assert letter["status_code"] == 400
     assert "HTTP 400" in letter["reason"]
@@ -121,13 +126,14 @@ def test_permanent_error_makes_a_dead_letter_with_the_reason(
     assert len(sink.requests("/strict")) == 1
 
 
-def test_retry_after_is_a_floor(deployment: RelayDeployment, sink: Sink, redis_client) -> None:
+def test_retry_after_is_a_floor(deployment: RelayDeployment, sink: Sink,
+                                history: HistoryView) -> None:
     deployment.configure({"destinations": [webhook("limited", f"{sink.url}/limited")]})
     sink.script("/limited", [(429, {"Retry-After": "2"})])
     deployment.start_worker()
     event_id = post(deployment.web_client(), sample("score_change"))
 
-    wait_for(lambda: _state(redis_client, event_id, "limited") == "delivered",
+    wait_for(lambda: _state(history, event_id, "limited") == "delivered",
              message="delivery after 429")
     first, second = sink.requests("/limited")
     # The schedule says 0.3 s; the destination said 2 s, and it wins.
@@ -187,17 +193,17 @@ def test_kill_9_of_the_worker_with_500_events_in_flight_loses_none(
     assert duplicates <= 10
 
 
-def _state(redis_client, event_id: str, destination: str) -> str | None:  # type: ignore[no-untyped-def]
-    raw = redis_client.hget(f"relay:delivery:{event_id}", destination)
-    return json.loads(raw)["status"] if raw else None
+def _state(history: HistoryView, event_id: str, destination: str) -> str | None:
+    state: str | None = history.delivery_states(event_id).get(destination, {}).get("status")
+    return state
 
 
-def _attempts(redis_client, event_id: str) -> list[str]:  # type: ignore[no-untyped-def]
-    return [json.loads(r)["outcome"] for r in redis_client.lrange(f"relay:log:{event_id}", 0, -1)]
+def _attempts(history: HistoryView, event_id: str) -> list[str]:
+    return [attempt["outcome"] for attempt in history.attempts(event_id)]
 
 
 def test_a_reused_idempotency_key_keeps_the_first_body_whichever_worker_admits(
-    deployment: RelayDeployment, sink: Sink, redis_client
+    deployment: RelayDeployment, sink: Sink, history: HistoryView
 ) -> None:
     # Issue 12: two events under one sender key, posted one after the other, while two worker
     # processes race to admit the intake: the first one received must be the one delivered.
@@ -218,7 +224,7 @@ def test_a_reused_idempotency_key_keeps_the_first_body_whichever_worker_admits(
     assert set(by_id.values()) == {"first@example.com"}
 
     def duplicates() -> list[int]:
-        return [int(redis_client.hget(f"relay:event:{event_id}", "duplicates") or 0)
+        return [(history.event_record(event_id) or {}).get("duplicates", 0)
                 for event_id in by_id]
 
     wait_for(lambda: duplicates() == [1] * len(keys), timeout=30,

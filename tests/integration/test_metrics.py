@@ -13,9 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from relay.delivery.gates import CircuitBreaker, PauseGate
+from relay.operations.context import OperatorContext
 from relay.operations.destinations import destination_health, known_destinations
 from relay.store.subscriptions import SubscriptionStore
 from tests.support.helpers import config, make_app, run_queue
+from tests.support.history import history_for
 from tests.support.loopback import Sink
 from tests.support.samples import sample
 
@@ -144,6 +146,7 @@ def test_every_destination_yaml_or_api_is_in_every_per_destination_gauge(sink: S
     assert samples[("relay_destination_paused", (("destination", first.name),))] == 0
     assert samples[("relay_circuit_state", (("destination", first.name),))] == 0
     # The admin API lists the same destinations.
-    names = {d["name"] for d in destination_health(world.redis,
+    ops = OperatorContext(world.redis, history_for(world.redis))
+    names = {d["name"] for d in destination_health(ops,
                                                    known_destinations(world.redis, ["crm"]))}
     assert names == {"crm", first.name, second.name}

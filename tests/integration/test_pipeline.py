@@ -7,6 +7,7 @@ side stored.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 from relay.config.settings import Settings
 from relay.delivery.engine import Engine, Report
 from relay.store.keys import lane_key
+from relay.store.lanes import Admission
 from tests.support.helpers import (
     accepted_events,
     config,
@@ -25,6 +27,7 @@ from tests.support.helpers import (
     parked_deliveries,
     release_parked,
 )
+from tests.support.history import HistoryView, history_for
 from tests.support.samples import sample
 from tests.support.vendor_server import VendorServer
 
@@ -57,10 +60,11 @@ class World:
         self.app = make_app(self.config, self.redis, self.settings)
         self.client = self.app.test_client()
         self.relay = self.engine()
-        self.store = self.relay.store
+        self.store = HistoryView(self.redis)
 
     def engine(self, consumer: str = "worker-1") -> Engine:
-        return Engine(self.settings, self.config, self.redis, consumer=consumer)
+        return Engine(self.settings, self.config, self.redis, consumer=consumer,
+                      database=history_for(self.redis))
 
     def accept(self, payload: dict[str, Any]) -> dict[str, Any]:
         """POST to the ingress; the event as the intake holds it."""
@@ -141,8 +145,9 @@ def test_an_intake_entry_is_admitted_once(sink: VendorServer) -> None:
     world = World([hook(sink)])
     world.accept(sample("new_signup"))
     [entry] = world.relay.lanes.read_intake(10)
-    items = [(entry.entry_id, entry.event["event_id"], 86400, entry.raw.decode(),  # type: ignore[index]
-              ["backend"])]
+    event_id = entry.event["event_id"]  # type: ignore[index]
+    items = [Admission(entry.entry_id, event_id, 86400, entry.raw.decode(), ["backend"],
+                       json.dumps({"k": "event"}), json.dumps({"k": "duplicate"}))]
     assert world.relay.lanes.admit("relay:nothing", b"", time.time(), 3600, items) == ["new"]
     # The same entry again (a second worker took it over before the first acknowledged it).
     assert world.relay.lanes.admit("relay:nothing", b"", time.time(), 3600, items) == ["done"]

@@ -10,9 +10,10 @@ import pytest
 import redis
 
 from relay.cli.embedded_redis import EmbeddedRedis
-from relay.store.deliveries import DeliveryStore
+from relay.history.database import shared_database
 from tests.support.deployment import RelayDeployment
 from tests.support.helpers import wait_for
+from tests.support.history import HistoryView
 from tests.support.loopback import Sink
 from tests.support.samples import sample
 
@@ -126,7 +127,8 @@ def test_a_410_removes_the_subscription(deployment: RelayDeployment, sink: Sink)
     assert ids_at(sink, "/kol") == [first]  # one attempt: a 410 is not retried
 
     # The delivery log has the 410 as a dead letter of that subscription.
-    store = DeliveryStore(redis.Redis.from_url(deployment.redis_url))
+    store = HistoryView(redis.Redis.from_url(deployment.redis_url),
+                        shared_database(deployment.env["RELAY_DATABASE_URL"]))
     state = store.delivery_states(first)[f"sub-{reference_id}"]
     assert state["status"] == "dead" and state["last_status"] == 410
     [dead] = [d for d in store.dead_letters() if d["destination"] == f"sub-{reference_id}"]

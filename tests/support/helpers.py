@@ -34,6 +34,7 @@ from relay.delivery.engine import Engine
 from relay.delivery.kicks import QUEUE
 from relay.store.keys import INTAKE, SCHEDULED
 from relay.store.lanes import Lanes
+from tests.support.history import flush_history, history_for
 
 
 def config(
@@ -53,12 +54,15 @@ def make_app(
     client: redis.Redis | None = None,
     settings: Settings | None = None,
 ) -> Flask:
-    """The real app on fakeredis (or the given client); no environment is read."""
+    """The real app on fakeredis (or the given client) and an in-memory history database; no
+    environment is read."""
+    client = client if client is not None else fakeredis.FakeRedis()
     app = create_app(
         {
             "RELAY_SETTINGS": settings or Settings(),
             "RELAY_CONFIG_OBJECT": relay_config or config(sources={"kickofflabs": {}}),
-            "RELAY_REDIS": client if client is not None else fakeredis.FakeRedis(),
+            "RELAY_REDIS": client,
+            "RELAY_DATABASE": history_for(client),
         }
     )
     app.config["TESTING"] = True
@@ -109,16 +113,19 @@ def release_parked(client: redis.Redis, now: float | None = None) -> int:
 
 
 def run_queue(relay: Engine, client: redis.Redis) -> None:
-    """Play the worker in this process: admit what the intake holds and drain every lane
-    until nothing moves any more (parked retries stay parked until released, held lanes
-    stay held)."""
+    """Play the worker in this process: admit what the intake holds, drain every lane and
+    write the history, until nothing moves any more (parked retries stay parked until
+    released, held lanes stay held)."""
     lanes = Lanes(client)
+    if relay.database is None:
+        relay.database = history_for(client)
     before = None
     for _ in range(1000):
         relay.admit()
         for lane, waiting in lanes.lane_depths().items():
             if waiting:
                 relay.drain(lane)
+        flush_history(client, relay.database)
         now = (lanes.depth(), lanes.lane_depths())
         if now == before or not (now[0] or any(now[1].values())):
             return

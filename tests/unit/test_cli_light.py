@@ -16,6 +16,7 @@ from relay.cli import operator as cli_ops
 from relay.config.settings import Settings
 from relay.delivery.engine import Engine
 from tests.support.helpers import config, make_app, run_queue
+from tests.support.history import history_for
 from tests.support.loopback import closed_port
 from tests.support.samples import sample
 
@@ -41,6 +42,7 @@ def redis(monkeypatch: pytest.MonkeyPatch) -> fakeredis.FakeRedis:
     assert posted.status_code == 202
     run_queue(Engine(Settings(), relay, client), client)
     monkeypatch.setattr(cli_ops, "redis_client", lambda: client)
+    monkeypatch.setattr(cli_ops, "history_database", lambda: history_for(client))
     return client
 
 

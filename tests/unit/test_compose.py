@@ -29,7 +29,31 @@ def _check_relay_command(args: list[str]) -> click.Command:
 
 
 def test_services_are_the_documented_ones(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"redis", "web", "worker", "flower"}
+    assert set(compose["services"]) == {"redis", "postgres", "migrate", "web", "worker",
+                                        "flower"}
+
+
+def test_the_history_is_postgresql_migrated_before_the_relay_starts(
+        compose: dict[str, Any]) -> None:
+    from sqlalchemy.engine import make_url
+
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    migrate = services["migrate"]
+    assert _check_relay_command(migrate["command"]).name == "db"
+    assert migrate["command"][1:] == ["db", "upgrade"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    env = postgres["environment"]
+    for service in ("migrate", "web", "worker", "flower"):
+        url = make_url(services[service]["environment"]["RELAY_DATABASE_URL"].replace(
+            "${POSTGRES_PASSWORD:-relay}", env["POSTGRES_PASSWORD"].split(":-")[-1].rstrip("}")))
+        assert url.get_backend_name() == "postgresql" and url.host == "postgres"
+        assert (url.username, url.database) == (env["POSTGRES_USER"], env["POSTGRES_DB"])
+    for service in ("web", "worker", "flower"):
+        condition = services[service]["depends_on"]["migrate"]["condition"]
+        assert condition == "service_completed_successfully"
 
 
 def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:

@@ -1,8 +1,11 @@
--- Admits a batch of intake entries: dedupe, store, and fan out into the lanes, in one script.
--- KEYS: intake stream, the subscriptions' version key, lanes set
+-- Admits a batch of intake entries: dedupe, store, and fan out into the lanes, in one script,
+-- with the batch's history (new events, duplicates) as one entry of the history stream.
+-- KEYS: intake stream, the subscriptions' version key, lanes set, history stream
 -- ARGV: group, expected version, now, retention s, then the key prefixes: seen marker,
 --       event record, delivery hash, lane stream; then per entry: entry id, event id,
---       dedupe window ms, event json, lane count, lanes...
+--       seen marker ttl ms, 1 when the database already has the event inside the dedupe
+--       window (else 0), event json, its history record if new, its history record if a
+--       duplicate, lane count, lanes...
 -- Answers {'stale', version} without writing anything when the subscriptions moved (the
 -- caller routes again), else {'ok', outcome per entry}: new, duplicate, or done (another
 -- worker admitted it: its XACK came first).
@@ -11,41 +14,43 @@ if version ~= ARGV[2] then return {'stale', version} end
 local now, retention = ARGV[3], ARGV[4]
 local seen_prefix, event_prefix, delivery_prefix, lane_prefix = ARGV[5], ARGV[6], ARGV[7],
                                                                  ARGV[8]
-local outcomes = {}
+local outcomes, history = {}, {}
 local i = 9
 while i <= #ARGV do
-  local entry, id, window, event = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local lanes = tonumber(ARGV[i + 4])
-  local first = i + 5
+  local entry, id, mark_ttl, known, event = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+                                            ARGV[i + 4]
+  local as_new, as_duplicate = ARGV[i + 5], ARGV[i + 6]
+  local lanes = tonumber(ARGV[i + 7])
+  local first = i + 8
   i = first + lanes
   if redis.call('XACK', KEYS[1], ARGV[1], entry) == 0 then
     table.insert(outcomes, 'done')
   else
     redis.call('XDEL', KEYS[1], entry)
     local seen = seen_prefix .. id
-    local record = event_prefix .. id
     local prev = redis.call('GET', seen)
-    if prev and prev ~= entry then
-      -- Counted on the record even when the first one received is admitted later.
-      redis.call('HINCRBY', record, 'duplicates', 1)
-      if redis.call('TTL', record) < 0 then redis.call('EXPIRE', record, retention) end
+    if known == '1' or (prev and prev ~= entry) then
+      table.insert(history, as_duplicate)
       table.insert(outcomes, 'duplicate')
     else
-      if not prev then redis.call('SET', seen, entry, 'PX', window) end
-      local counted = 0
-      if redis.call('HEXISTS', record, 'event') == 0 then
-        counted = redis.call('HGET', record, 'duplicates') or 0
-      end
+      if not prev then redis.call('SET', seen, entry, 'PX', mark_ttl) end
+      local record = event_prefix .. id
       redis.call('DEL', record, delivery_prefix .. id)
-      redis.call('HSET', record, 'event', event, 'entry', entry, 'admitted_at', now,
-                 'duplicates', counted)
+      -- The payload stays here until the history writer has committed the event's row.
+      redis.call('HSET', record, 'event', event, 'entry', entry, 'admitted_at', now)
       redis.call('EXPIRE', record, retention)
       for j = first, first + lanes - 1 do
         redis.call('XADD', lane_prefix .. ARGV[j], '*', 'e', id)
         redis.call('SADD', KEYS[3], ARGV[j])
       end
+      table.insert(history, as_new)
       table.insert(outcomes, 'new')
     end
   end
+end
+if #history > 0 then
+  local clock = redis.call('TIME')
+  redis.call('XADD', KEYS[4], '*', 'v', clock[1] .. string.format('%06d', clock[2]),
+             'r', '[' .. table.concat(history, ',') .. ']')
 end
 return {'ok', outcomes}

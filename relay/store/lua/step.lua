@@ -3,68 +3,62 @@
 -- flight stays <= the limit). Either part may be empty: the confirm of a batch acknowledges its
 -- lane entries and gives back their slots, all of it or nothing; the claim reads the lane and
 -- takes each delivery with a lease (a second claimant is told busy or done).
--- KEYS: lane stream, in-flight hash, drainers zset, stats hash, recent delivered / retrying /
---       dead zsets, dead letters hash, dead letters index, scheduled zset
--- ARGV: group, consumer, holder, destination, now, lease until, retention s, log cap,
---       recent cap, want, limit, reclaim idle ms (0: new entries only), outcomes: a JSON array
---       of [entry, event id, state json, attempt json, outcome, time, error, listed status,
---       dead letter json ('' if none), retry due time ('' if none)], then the key prefixes:
---       event record, delivery hash, attempts log
+-- The outcomes' history (attempts, delivery states) goes to the history stream as one entry,
+-- versioned by Redis's clock; the database has it once the history writer has run.
+-- KEYS: lane stream, in-flight hash, drainers zset, stats hash, scheduled zset, history stream
+-- ARGV: group, consumer, holder, destination, now, lease until, retention s, want, limit,
+--       reclaim idle ms (0: new entries only), outcomes: a JSON array of [entry, event id,
+--       state json, outcome, time, error, retry due time ('' if none)], the outcomes' history
+--       records (a JSON array, '' for none), then the key prefixes: event record, delivery hash
+-- An outcome is delivered, skipped, retrying or dead; or 'gone' (the event is erased or past
+-- the retention: the delivery is forgotten) or 'deferred' (its payload could not be read: it
+-- is parked until the retry time with the state given, no attempt counted).
 -- Answers {confirmed, in flight before the claim, {claimed: entry, event id, attempts,
---          crashes, event json}..., done count, busy count, gone count}
+--          crashes, event json or '' when Redis no longer holds it, 1 when Redis knew the
+--          delivery's state (else 0: new, or final and let go once written)}..., done count,
+--          busy count, gone count}
 local group, consumer, holder, dest = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now, lease_until, retention = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local log_cap, recent_cap = tonumber(ARGV[8]), tonumber(ARGV[9])
-local event_prefix, delivery_prefix, log_prefix = ARGV[14], ARGV[15], ARGV[16]
-local statuses = {'delivered', 'retrying', 'dead'}
+local event_prefix, delivery_prefix = ARGV[13], ARGV[14]
+local success = {delivered = true, skipped = true}
 
 -- the outcomes
 local confirmed = 0
-for _, item in ipairs(cjson.decode(ARGV[13])) do
-  local entry, id, state, attempt, outcome, at, err, listed, letter, retry_at = unpack(item)
-  local delivery, log = delivery_prefix .. id, log_prefix .. id
-  local raw = redis.call('HGET', delivery, dest)
-  if not (raw and cjson.decode(raw).status == 'delivered') then
-    redis.call('HSET', delivery, dest, state)   -- never downgrade a confirmed delivery
-    redis.call('EXPIRE', delivery, retention)
-  end
-  redis.call('RPUSH', log, attempt)
-  redis.call('LTRIM', log, -log_cap, -1)
-  redis.call('EXPIRE', log, retention)
-  if outcome == 'delivered' or outcome == 'skipped' then
-    redis.call('HINCRBY', KEYS[4], 'delivered', 1)
-    redis.call('HSET', KEYS[4], 'consecutive_failures', 0, 'last_success_at', at)
-  else
-    redis.call('HINCRBY', KEYS[4], 'failed', 1)
-    redis.call('HINCRBY', KEYS[4], 'consecutive_failures', 1)
-    redis.call('HSET', KEYS[4], 'last_error', err, 'last_error_at', at)
-  end
-  if retry_at ~= '' then
-    redis.call('ZADD', KEYS[10], retry_at, id .. '|' .. dest)
-  end
-  if outcome == 'dead' then
-    redis.call('HINCRBY', KEYS[4], 'dead', 1)
-    redis.call('HSET', KEYS[8], id .. '|' .. dest, letter)
-    redis.call('ZADD', KEYS[9], at, id .. '|' .. dest)
-  end
-  for s = 1, 3 do
-    local recent = KEYS[4 + s]
-    if statuses[s] == listed then
-      redis.call('ZADD', recent, at, id)
-      redis.call('ZREMRANGEBYRANK', recent, 0, -recent_cap - 1)
-      redis.call('EXPIRE', recent, retention)
-    else
-      redis.call('ZREM', recent, id)
-    end
-  end
-  if entry ~= '' then
+for _, item in ipairs(cjson.decode(ARGV[11])) do
+  local entry, id, state, outcome, at, err, retry_at = unpack(item)
+  if entry ~= '' then  -- first what frees memory: Redis runs it at its limit too
     redis.call('XACK', KEYS[1], group, entry)
     redis.call('XDEL', KEYS[1], entry)
     confirmed = confirmed + 1
   end
+  local delivery = delivery_prefix .. id
+  if outcome == 'gone' then
+    redis.call('HDEL', delivery, dest)
+  else
+    local raw = redis.call('HGET', delivery, dest)
+    if not (raw and success[cjson.decode(raw).status]) then
+      redis.call('HSET', delivery, dest, state)   -- never downgrade a successful delivery
+      redis.call('EXPIRE', delivery, retention)
+    end
+    if success[outcome] then
+      redis.call('HINCRBY', KEYS[4], 'delivered', 1)
+      redis.call('HSET', KEYS[4], 'consecutive_failures', 0, 'last_success_at', at)
+    elseif outcome ~= 'deferred' then
+      redis.call('HINCRBY', KEYS[4], 'failed', 1)
+      redis.call('HINCRBY', KEYS[4], 'consecutive_failures', 1)
+      redis.call('HSET', KEYS[4], 'last_error', err, 'last_error_at', at)
+    end
+    if outcome == 'dead' then redis.call('HINCRBY', KEYS[4], 'dead', 1) end
+    if retry_at ~= '' then redis.call('ZADD', KEYS[5], retry_at, id .. '|' .. dest) end
+  end
 end
 if confirmed > 0 and redis.call('HINCRBY', KEYS[2], holder, -confirmed) < 0 then
   redis.call('HSET', KEYS[2], holder, 0)
+end
+if ARGV[12] ~= '' then
+  local clock = redis.call('TIME')
+  redis.call('XADD', KEYS[6], '*', 'v', clock[1] .. string.format('%06d', clock[2]),
+             'r', ARGV[12])
 end
 
 -- the claim
@@ -73,7 +67,7 @@ if #expired > 0 then  -- drainers whose worker died: their slots are free again
   redis.call('ZREM', KEYS[3], unpack(expired))
   redis.call('HDEL', KEYS[2], unpack(expired))
 end
-if tonumber(ARGV[10]) > 0 then
+if tonumber(ARGV[8]) > 0 then
   redis.call('ZADD', KEYS[3], lease_until, holder)
 else  -- recording only: extend a drainer's lease, never bring back one that has left
   redis.call('ZADD', KEYS[3], 'XX', lease_until, holder)
@@ -82,7 +76,7 @@ redis.call('EXPIRE', KEYS[3], 3600)
 redis.call('EXPIRE', KEYS[2], 3600)
 local used = 0
 for _, n in ipairs(redis.call('HVALS', KEYS[2])) do used = used + tonumber(n) end
-local want = math.min(tonumber(ARGV[10]), tonumber(ARGV[11]) - used)
+local want = math.min(tonumber(ARGV[8]), tonumber(ARGV[9]) - used)
 local claimed, done, busy, gone = {}, 0, 0, 0
 if want <= 0 then return {confirmed, used, claimed, done, busy, gone} end
 local entries = {}
@@ -93,8 +87,8 @@ if reply then
   if type(reply[1]) == 'table' then entries = reply[1][2] else entries = reply[2] end
   entries = entries or {}
 end
-if #entries < want and tonumber(ARGV[12]) > 0 then
-  local stale = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[12], '0-0',
+if #entries < want and tonumber(ARGV[10]) > 0 then
+  local stale = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[10], '0-0',
                            'COUNT', want - #entries)
   for _, item in ipairs(stale[2] or {}) do table.insert(entries, item) end
 end
@@ -105,21 +99,23 @@ end
 for _, item in ipairs(entries) do
   local entry, fields = item[1], item[2]
   local id = fields and fields[2]
-  local event = id and redis.call('HGET', event_prefix .. id, 'event')
-  if not event then
-    finish(entry)  -- erased, expired, or an entry deleted while pending
+  if not id then
+    finish(entry)  -- an entry deleted while pending
     gone = gone + 1
   else
+    -- The payload, while Redis holds it; once its event is in the database, the caller
+    -- reads it from there.
+    local event = redis.call('HGET', event_prefix .. id, 'event') or ''
     local key = delivery_prefix .. id
     local raw = redis.call('HGET', key, dest)
     local st = {status = 'pending', attempts = 0}
     if raw then st = cjson.decode(raw) end
-    if st.status == 'delivered' or st.status == 'dead' then
+    if success[st.status] or st.status == 'dead' then
       finish(entry)
       done = done + 1
     elseif st.status == 'inflight' and tonumber(st.lease_until) > now then
       -- another drainer is sending it (or died doing so): look again after its lease
-      redis.call('ZADD', KEYS[10], tonumber(st.lease_until) + 1, id .. '|' .. dest)
+      redis.call('ZADD', KEYS[5], tonumber(st.lease_until) + 1, id .. '|' .. dest)
       finish(entry)
       busy = busy + 1
     else
@@ -133,7 +129,9 @@ for _, item in ipairs(entries) do
       st.updated_at = now
       redis.call('HSET', key, dest, cjson.encode(st))
       redis.call('EXPIRE', key, retention)
-      table.insert(claimed, {entry, id, st.attempts, st.crashes or 0, event})
+      local known = 0
+      if raw then known = 1 end
+      table.insert(claimed, {entry, id, st.attempts, st.crashes or 0, event, known})
     end
   end
 end
