@@ -439,6 +439,7 @@ def test_a_dead_workers_pending_entries_are_reclaimed(sink: VendorServer) -> Non
     # acknowledged it: it is pending in the group under that worker's name.
     assert world.store.take("backend", "dead-worker", "h", 1, 50, lease=0).claims
     assert world.redis.xlen(lane_key("backend")) == 1
+    time.sleep(0.01)  # idle for longer than the 1 ms asked below, however fast the machine
     taken = world.store.take("backend", "worker-1", "h1", 5, 50, lease=60, reclaim_idle=0.001)
     assert len(taken.claims) == 1 and taken.claims[0].crashes == 1
 
