@@ -133,11 +133,15 @@ class Destination:
 
     @property
     def lease(self) -> float:
+        """:meth:`lease_with` the default ``RELAY_LEASE_MARGIN``."""
+        return self.lease_with(LEASE_MARGIN)
+
+    def lease_with(self, margin: float) -> float:
         """How long a claimed delivery is held: its timeout (which bounds a whole answer, see
-        :mod:`relay.drivers.http`) with room to spare for recording the outcome. A delivery whose
-        worker died is taken over once this has passed. (Workers add
-        ``RELAY_LEASE_MARGIN`` instead, see :meth:`relay.delivery.engine.Engine.lease`.)"""
-        return self.timeout + LEASE_MARGIN
+        :mod:`relay.drivers.http`) plus ``margin`` (``RELAY_LEASE_MARGIN``) to record the
+        outcome. A delivery whose worker died is taken over once this has passed; a circuit's
+        half-open probe is held as long. The one definition of a lease."""
+        return self.timeout + margin
 
 
 #: The outcomes that count as delivered: a skipped delivery (nothing to send, e.g. a lead

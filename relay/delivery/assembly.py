@@ -36,7 +36,8 @@ def build_engine(settings: Settings | None = None, consumer: str | None = None) 
                  drivers=DriverCache(guarded_http=guarded_http),
                  # No gate round trip per delivery to a healthy destination: a pause, or a
                  # circuit another worker opened, reaches every worker within a second.
-                 gates=default_gates(client, snapshot_ttl=1.0),
+                 gates=default_gates(client, snapshot_ttl=1.0,
+                                     lease_margin=settings.lease_margin),
                  kick=Kicks(client).send,
                  max_in_flight=settings.max_in_flight,
                  consumer=consumer or f"{socket.gethostname()}:{os.getpid()}",

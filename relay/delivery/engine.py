@@ -381,7 +381,7 @@ class Engine:
         """How long this worker holds a claimed delivery: the destination's timeout (which
         bounds a whole answer) plus ``RELAY_LEASE_MARGIN`` to record the outcome. A dead
         worker's deliveries are taken over once it has passed."""
-        return destination.timeout + self.settings.lease_margin
+        return destination.lease_with(self.settings.lease_margin)
 
     def count_outcomes(self, lane: str, outcomes: Sequence[Confirmation]) -> None:
         """The metrics of recorded outcomes: one per delivery, and its attempt's latency."""

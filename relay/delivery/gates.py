@@ -28,7 +28,7 @@ from typing import Protocol
 
 import redis
 
-from relay.core.models import Destination
+from relay.core.models import LEASE_MARGIN, Destination
 from relay.observability.metrics import metrics_for
 from relay.store.keys import (
     PAUSED_KEY,
@@ -161,9 +161,11 @@ class CircuitBreaker:
     name = "circuit"
 
     def __init__(self, client: redis.Redis, policy: CircuitPolicy | None = None,
-                 clock: Clock = time.time, snapshot_ttl: float = 0.0) -> None:
+                 clock: Clock = time.time, snapshot_ttl: float = 0.0,
+                 lease_margin: float = LEASE_MARGIN) -> None:
         self.redis = client
         self.policy = policy or CircuitPolicy()
+        self.lease_margin = lease_margin  # the probe is held as long as a delivery
         self.clock = clock
         self._script = register(client, "circuit")
         # Workers pass ``snapshot_ttl``: after the script said "go", this process lets a
@@ -194,7 +196,7 @@ class CircuitBreaker:
             return want, None
         action, until = self._script(
             keys=[circuit_key(name), probe_key(name), stats_key(name)],
-            args=[self.clock(), p.threshold, p.cooldown, destination.lease,
+            args=[self.clock(), p.threshold, p.cooldown, destination.lease_with(self.lease_margin),
                   p.probe_wait, p.window, p.failure_rate, p.min_volume],
         )
         action = action.decode()
@@ -255,12 +257,14 @@ class RateLimitGate:
         return granted, (window + 1) * per
 
 
-def default_gates(client: redis.Redis, snapshot_ttl: float = 0.0) -> tuple[Gate, ...]:
+def default_gates(client: redis.Redis, snapshot_ttl: float = 0.0,
+                  lease_margin: float = LEASE_MARGIN) -> tuple[Gate, ...]:
     """The gates every worker runs, in order: a paused destination is not even counted
     against its circuit or its rate. With ``snapshot_ttl``, the pause and circuit gates skip
     their round trip for a destination that was neither paused nor failing that recently."""
     return (PauseGate(client, snapshot_ttl=snapshot_ttl),
-            CircuitBreaker(client, snapshot_ttl=snapshot_ttl), RateLimitGate(client))
+            CircuitBreaker(client, snapshot_ttl=snapshot_ttl, lease_margin=lease_margin),
+            RateLimitGate(client))
 
 
 def destination_state(client: redis.Redis, destination: str, clock: Clock = time.time) -> str:
