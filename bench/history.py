@@ -121,7 +121,6 @@ def database_bytes(database: Engine) -> int:
     """What the history takes on disk: SQLite's pages, or PostgreSQL's tables and indexes."""
     with database.connect() as connection:
         if database.dialect.name == "sqlite":
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             pages = connection.exec_driver_sql("PRAGMA page_count").scalar() or 0
             size = connection.exec_driver_sql("PRAGMA page_size").scalar() or 0
             return int(pages) * int(size)
