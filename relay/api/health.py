@@ -10,6 +10,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.history import reader
+from relay.history.database import reading
 from relay.observability.metrics import CONTENT_TYPE, metrics_for, render
 from relay.store.history import HistoryOutbox
 
@@ -69,7 +70,7 @@ def init_metrics(app: Flask) -> None:
 
         def dead_letters() -> dict[str, int]:
             try:
-                with ctx.database.connect() as connection:
+                with reading(ctx.database) as connection:
                     return dict(reader.dead_letter_counts(connection))
             except SQLAlchemyError:
                 return {}  # the database away: relay_history_lag_seconds says so

@@ -41,6 +41,7 @@ from relay.core.routing import route
 from relay.delivery.attempt import Decider, DriverCache, Sent, send
 from relay.delivery.gates import Gate
 from relay.history import reader
+from relay.history.database import reading
 from relay.history.leads import lead_keys
 from relay.observability.metrics import metrics_for
 from relay.store.deliveries import Attempt, Claim, Confirmation, DeliveryStore, parse_event
@@ -298,7 +299,7 @@ class Engine:
             return set()
         longest = max(self.source(e.source).dedupe_window for e in events)
         try:
-            with self.database.connect() as connection:
+            with reading(self.database) as connection:
                 found = reader.received_at(connection, [e.event_id for e in events],
                                            now - longest)
         except SQLAlchemyError as exc:
@@ -309,23 +310,28 @@ class Engine:
                 and found[e.event_id] >= now - self.source(e.source).dedupe_window}
 
     def payloads(self, destination: str, claims: Sequence[Claim]) -> Payloads:
-        """Read from the database, in one transaction, what claims need that Redis no longer
-        had: their events, and whether the delivery is final there already (a stray lane
-        entry of a delivery Redis has let go)."""
+        """Read from the database, in one query, what claims need that Redis no longer had:
+        their events, and whether the delivery is final there already (a stray lane entry of a
+        delivery Redis has let go)."""
         ids = [c.event_id for c in claims]
         try:
             if self.database is None:
                 raise SQLAlchemyError("no history database")
-            with self.database.connect() as connection:
-                stored = reader.event_json(connection, ids)
-                status = reader.statuses(connection, ids, destination)
+            with reading(self.database) as connection:
+                rows = reader.claimed_events(connection, ids, destination)
         except SQLAlchemyError as exc:
             log.warning("cannot read %d payloads from the database: %s", len(ids), exc)
             return Payloads([], [], [], list(claims))
-        done = [c for c in claims if not c.state_known and status.get(c.event_id) in FINAL]
-        found = [dataclasses.replace(c, event=self.store.parsed.get(stored[c.event_id].encode()))
-                 for c in claims if c.event_id in stored and c not in done]
-        gone = [c for c in claims if c.event_id not in stored and c not in done]
+        done, found, gone = [], [], []
+        for claim in claims:
+            row = rows.get(claim.event_id)
+            if row is None:
+                gone.append(claim)
+            elif not claim.state_known and row[1] in FINAL:
+                done.append(claim)
+            else:
+                found.append(dataclasses.replace(claim,
+                                                 event=self.store.parsed.get(row[0].encode())))
         return Payloads(found, done, gone, [])
 
     # -- draining --------------------------------------------------------------------------

@@ -7,8 +7,9 @@ single host running web and workers). Several machines need PostgreSQL: SQLite h
 at a time and must live on a local disk.
 
 SQLite is opened in WAL mode (readers never wait for the writer) with a busy timeout, and every
-transaction that writes starts with ``BEGIN IMMEDIATE``, so two writers queue for the lock
-instead of failing half-way with "database is locked".
+transaction starts with ``BEGIN IMMEDIATE``, so two writers queue for the lock instead of
+failing half-way with "database is locked"; except those of :func:`reading`, which only read
+and take no lock (so a read never waits behind the history writer, nor holds it up).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 from importlib import resources
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -48,9 +49,18 @@ def open_database(url: str, **options: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        reads = connection.get_execution_options().get(_READS_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if reads else "BEGIN IMMEDIATE")
 
     return engine
+
+
+_READS_ONLY = "relay_reads_only"
+
+
+def reading(database: Engine) -> Connection:
+    """A connection that only reads (``with reading(database) as connection:``)."""
+    return database.connect().execution_options(**{_READS_ONLY: True})
 
 
 @functools.lru_cache(maxsize=8)

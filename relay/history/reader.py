@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, or_, select, tuple_
+from sqlalchemy import Connection, bindparam, func, or_, select, tuple_
 
 from relay.history import schema
 from relay.history.leads import normalise
@@ -29,6 +29,13 @@ def event_record(connection: Connection, event_id: str) -> dict[str, Any] | None
         schema.duplicates.c.event_id == event_id)) or 0
     return {"event": json.loads(row.event_json), "duplicates": int(duplicates),
             "admitted_at": row.admitted_at}
+
+
+# Built once: the drain asks it for every batch of claims whose payload Redis let go.
+_CLAIMED = select(E.c.event_id, E.c.event_json, D.c.status).select_from(
+    E.outerjoin(D, (D.c.event_id == E.c.event_id)
+                & (D.c.destination == bindparam("destination")))).where(
+    E.c.event_id.in_(bindparam("ids", expanding=True)))
 
 
 def event_json(connection: Connection, event_ids: Iterable[str]) -> dict[str, str]:
@@ -72,15 +79,15 @@ def delivery_statuses(connection: Connection, event_ids: Iterable[str]
     return found
 
 
-def statuses(connection: Connection, event_ids: Iterable[str], destination: str
-             ) -> dict[str, str]:
-    """event id -> the status of its delivery to ``destination``, for these events."""
+def claimed_events(connection: Connection, event_ids: Iterable[str], destination: str
+                   ) -> dict[str, tuple[str, str | None]]:
+    """event id -> (the event as stored, the status of its delivery to ``destination`` or
+    None): what the drain reads for claims whose payload Redis let go, one query a batch."""
     ids = sorted(set(event_ids))
     if not ids:
         return {}
-    rows = connection.execute(select(D.c.event_id, D.c.status).where(
-        D.c.destination == destination, D.c.event_id.in_(ids)))
-    return {event_id: status for event_id, status in rows}
+    rows = connection.execute(_CLAIMED, {"ids": ids, "destination": destination})
+    return {event_id: (text, status) for event_id, text, status in rows}
 
 
 def attempts(connection: Connection, event_id: str) -> list[dict[str, Any]]:

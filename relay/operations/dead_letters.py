@@ -10,6 +10,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from relay.history import reader
+from relay.history.database import reading
 from relay.operations.context import OperatorContext
 
 
@@ -40,21 +41,21 @@ class ReplayRequest(Schema):
 
 def dead_letters_of(ops: OperatorContext, event_id: str) -> list[dict[str, Any]]:
     """The dead letters of one event, one per destination that gave up on it."""
-    with ops.database.connect() as connection:
+    with reading(ops.database) as connection:
         return reader.dead_letters(connection, event_id=event_id, limit=1000)
 
 
 def dead_letter_counts(ops: OperatorContext) -> Counter[str]:
     """destination -> how many of its dead letters wait for replay: the one count, which the
     console, the CLI and the API show."""
-    with ops.database.connect() as connection:
+    with reading(ops.database) as connection:
         return reader.dead_letter_counts(connection)
 
 
 def dead_letters_page(ops: OperatorContext, destination: str | None = None, limit: int = 100,
                       offset: int = 0) -> list[dict[str, Any]]:
     """Newest first, each with its event (the console shows who the lead is)."""
-    with ops.database.connect() as connection:
+    with reading(ops.database) as connection:
         return reader.dead_letters(connection, destination, limit, offset)
 
 
@@ -82,7 +83,7 @@ def replay_targets(ops: OperatorContext, ids: Iterable[str] = (), destination: s
     """What to replay: ``<event_id>|<destination>`` ids (a bare event id means all of that
     event's dead letters), every dead letter of a destination, or all of them."""
     if everything or destination:
-        with ops.database.connect() as connection:
+        with reading(ops.database) as connection:
             keys = reader.dead_letter_keys(connection, None if everything else destination)
         return [ReplayTarget(event_id, name) for event_id, name in keys]
     found: list[tuple[str, str]] = []
@@ -103,7 +104,7 @@ def replay_dead_letters(ops: OperatorContext, targets: Iterable[ReplayTarget],
     that is not a dead letter (any more) is not."""
     queued = 0
     for target in targets:
-        with ops.database.connect() as connection:
+        with reading(ops.database) as connection:
             letter = reader.dead_letter(connection, target.event_id, target.destination)
         done = letter is not None and ops.store.replay(
             target.event_id, target.destination,

@@ -12,6 +12,7 @@ import redis
 from relay.config.relay_yaml import RelayConfig
 from relay.delivery.gates import PauseGate, destination_state
 from relay.history import reader
+from relay.history.database import reading
 from relay.operations.context import OperatorContext
 from relay.store.keys import PAUSED_KEY, STATS_PREFIX, stats_key
 from relay.store.lanes import Lanes, parked
@@ -47,7 +48,7 @@ def destination_health(ops: OperatorContext, names: Iterable[str],
     client = ops.redis
     queued = Lanes(client).lane_depths()
     waiting = Counter(destination for _, destination, _ in parked(client))
-    with ops.database.connect() as connection:
+    with reading(ops.database) as connection:
         dead = reader.status_counts(connection, "dead")
         retrying = reader.status_counts(connection, "retrying")
     pipe = client.pipeline(transaction=False)

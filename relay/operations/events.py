@@ -9,6 +9,7 @@ from typing import Any
 
 from relay.core.models import SUCCESSES
 from relay.history import reader
+from relay.history.database import reading
 from relay.operations.context import OperatorContext
 
 
@@ -16,7 +17,7 @@ def event_detail(ops: OperatorContext, event_id: str) -> dict[str, Any] | None:
     """The event, each destination's delivery state with its attempts, duplicates and dead
     letters; None when the relay knows nothing of it (never seen, past the retention, or
     erased)."""
-    with ops.database.connect() as connection:
+    with reading(ops.database) as connection:
         record = reader.event_record(connection, event_id)
         states = reader.delivery_states(connection, event_id)
         attempts = reader.attempts(connection, event_id)
@@ -65,7 +66,7 @@ def search(ops: OperatorContext, query: str, offset: int = 0, limit: int = 25
     """The console's lead search: one row per event of the lead (email, ``social_id``, phone
     number, lead id, or an event id; every event when the query is empty), newest first, and
     how many there are in all."""
-    with ops.database.connect() as connection:
+    with reading(ops.database) as connection:
         page = reader.search(connection, query, offset, limit)
         stored = reader.event_json(connection, page.event_ids)
         statuses = reader.delivery_statuses(connection, page.event_ids)
@@ -95,7 +96,7 @@ def list_deliveries(ops: OperatorContext, destination: str, status: str | None =
     listed as delivered), latest change first; ``next_cursor`` pages on."""
     listed = [status] if status else ["delivered", "retrying", "dead"]
     statuses = {s for name in listed for s in (SUCCESSES if name == "delivered" else {name})}
-    with ops.database.connect() as connection:
+    with reading(ops.database) as connection:
         rows = reader.deliveries_page(connection, destination, statuses, limit, cursor)
     items = [{"event_id": row["event_id"], "destination": destination,
               "status": "delivered" if row["status"] in SUCCESSES else row["status"],

@@ -132,18 +132,27 @@ def parse_event(raw: bytes, data: Mapping[str, Any] | None = None) -> LeadEvent:
 class ParsedEvents:
     """Events parsed from their stored JSON, kept by that JSON's bytes: an event routed to
     several lanes is claimed once per lane, and admission parsed it already. Keyed by content,
-    an entry can never be stale; bounded, so it holds only the last few hundred events."""
+    an entry can never be stale; bounded, so it holds only the last couple of thousand events.
 
-    def __init__(self, size: int = 512) -> None:
+    Also found by id (:meth:`recent`), for claims that come without the payload once Redis has
+    let it go: a stored event never changes, so only an erased one could be stale, and a claim
+    whose delivery state Redis still holds is not of an erased event (erasure drops the state
+    with the payload)."""
+
+    def __init__(self, size: int = 2048) -> None:
         self.size = size
         self._parsed: collections.OrderedDict[bytes, LeadEvent] = collections.OrderedDict()
+        self._by_id: collections.OrderedDict[str, LeadEvent] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, raw: bytes, event: LeadEvent) -> None:
         with self._lock:
             self._parsed[raw] = event
+            self._by_id[event.event_id] = event
             if len(self._parsed) > self.size:
                 self._parsed.popitem(last=False)
+            if len(self._by_id) > self.size:
+                self._by_id.popitem(last=False)
 
     def get(self, raw: bytes) -> LeadEvent:
         event = self._parsed.get(raw)
@@ -151,6 +160,10 @@ class ParsedEvents:
             event = parse_event(raw)
             self.add(raw, event)
         return event
+
+    def recent(self, event_id: str) -> LeadEvent | None:
+        """The event of this id, if it was parsed here lately."""
+        return self._by_id.get(event_id)
 
 
 class DeliveryStore:
@@ -203,10 +216,14 @@ class DeliveryStore:
                   EVENT_PREFIX, DELIVERY_PREFIX])
         claims = []
         for entry, event_id, attempts, crashes, event, known in claimed:
-            entry_id, event_id = entry.decode(), event_id.decode()
-            claims.append(Claim(entry_id, self.parsed.get(event) if event else _unread(event_id),
-                                int(attempts), int(crashes), f"{lane}/{entry_id}/{int(attempts)}",
-                                "" if event else event_id, bool(int(known))))
+            entry_id, event_id, known = entry.decode(), event_id.decode(), bool(int(known))
+            if event:
+                parsed: LeadEvent | None = self.parsed.get(event)
+            else:  # Redis let the payload go: parsed here lately, or read from the database
+                parsed = self.parsed.recent(event_id) if known else None
+            claims.append(Claim(entry_id, parsed or _unread(event_id), int(attempts),
+                                int(crashes), f"{lane}/{entry_id}/{int(attempts)}",
+                                "" if parsed else event_id, known))
         return Taken(claims, int(done), int(busy), int(gone))
 
     def take(self, lane: str, consumer: str, holder: str, want: int, limit: int,

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import OperationalError
 
-from relay.history import reader, retention, schema, writer
-from relay.history.database import current_revision, open_database, upgrade
+from relay.history import database, reader, retention, schema, writer
+from relay.history.database import current_revision, open_database, reading, upgrade
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -170,3 +171,23 @@ def test_dead_letters_are_read_by_destination_newest_first(history: Engine) -> N
         letters = reader.dead_letters(connection, "db")
         assert [(d["event_id"], d["reason"]) for d in letters] == [("evt_x", "boom")]
         assert letters[0]["event"]["payload"]["email"] == "ada@example.com"
+
+
+def test_sqlite_reads_never_queue_behind_the_writer(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim reading payloads, a console page: their transactions take no lock, so they
+    neither wait for the history writer's transaction nor hold it up."""
+    monkeypatch.setattr(database, "SQLITE_BUSY_TIMEOUT_MS", 200)  # a wait fails fast here
+    url = f"sqlite:///{tmp_path / 'history.sqlite3'}"
+    upgrade(url)
+    writing, other = open_database(url), open_database(url)
+    write(writing, (10, [event_record("evt_r")]))
+    with writing.begin() as connection:  # the writer, mid-transaction (BEGIN IMMEDIATE)
+        writer.apply(connection, writer.batch_of([(11, [event_record("evt_s")])]), 0.0)
+        with reading(other) as reader_connection:
+            assert reader.event_json(reader_connection, ["evt_r", "evt_s"]) == {
+                "evt_r": event_record("evt_r")["event"]}  # the committed row only
+        with pytest.raises(OperationalError, match="locked"), other.begin() as second:
+            second.execute(text("SELECT 1"))  # a second writer does wait (and here gives up)
+    writing.dispose()
+    other.dispose()

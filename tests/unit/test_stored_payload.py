@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from relay.core.models import LazyPayload, LeadEvent
 from relay.drivers.webhook import encode_body
 from relay.ingress.intake import _encode
-from relay.store.deliveries import parse_event
+from relay.store.deliveries import ParsedEvents, parse_event
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -65,3 +65,16 @@ def test_a_claimed_event_keeps_its_payload_as_json_until_read() -> None:
     assert event.payload == payload and dict(event.payload) == payload
     assert event.to_json()["payload"] == payload
     assert event == parse_event(stored(payload), json.loads(stored(payload)))
+
+
+def test_parsed_events_are_found_by_id_while_recent() -> None:
+    """A claim that comes without its payload (Redis let it go once written) is served from
+    the events parsed here lately, found by id, before the database is asked; bounded."""
+    parsed = ParsedEvents(size=2)
+    first = parsed.get(stored({"email": "ada@example.com"}))
+    assert parsed.recent("evt_1") is first
+    for n in (2, 3):
+        raw = stored({"email": f"lead{n}@example.com"}).replace(b"evt_1", f"evt_{n}".encode())
+        parsed.get(raw)
+    assert parsed.recent("evt_1") is None  # pushed out by two newer events
+    assert parsed.recent("evt_3") is not None
