@@ -65,8 +65,12 @@ class HubSpotOptions(Schema):
 
 class HubSpotDriver(Driver):
     type_name = "hubspot"
-    # HubSpot answers 429 past 100 requests / 10 s on the common tiers.
-    default_concurrency = 4
+    # HubSpot answers 429 past 100 requests per rolling 10 s (private apps, Free and Starter).
+    # The relay's windows are fixed and aligned: 9 a second puts at most 99 in any 10 s.
+    default_rate_limit = "9/s"
+    default_concurrency = 4  # requests in flight: 4 x ~100-300 ms is far above 9/s
+    max_batch = 100  # the batch endpoints' limit: inputs per request
+    default_batch_wait = 0.2
     options_schema = HubSpotOptions
     secret_fields = frozenset({"access_token"})
     default_base_url = "https://api.hubapi.com"
