@@ -282,7 +282,7 @@ def _batch_policy(cls: type[Driver], configured: Mapping[str, Any] | None,
             raise ConfigError(label, [f"{label}: batch: a {cls.type_name} destination sends "
                                       "one event per request and takes no batch"])
         return None
-    size = configured.get("max") or cls.max_batch
+    size = configured.get("max") or cls.default_batch_max or cls.max_batch
     if size > cls.max_batch:
         raise ConfigError(label, [f"{label}: batch.max: {cls.type_name} takes at most "
                                   f"{cls.max_batch} per request, not {size}"])

@@ -20,12 +20,13 @@ worker keeps many deliveries in flight at once, up to the destination's ``concur
 
 A driver for a bulk API sets ``max_batch`` (the most events its vendor takes in one request)
 and overrides ``send_batch``. A destination of it then gets ``batch: {max, wait}`` (default:
-``max_batch`` and ``default_batch_wait``; ``max`` above ``max_batch`` is a config error), and
-the engine hands the driver up to ``max`` claimed deliveries of the destination per call. The
-driver answers one result or error per event, in order (each delivery keeps its own outcome,
-retry and dead letter). A call may make more than one request (a batch split after the vendor
-refused it whole): the driver says how many by returning :class:`Answers`, so the extra
-requests are charged to the destination's ``rate_limit``.
+``default_batch_max`` or ``max_batch``, and ``default_batch_wait``; ``max`` above
+``max_batch`` is a config error), and the engine hands the driver up to ``max`` claimed
+deliveries of the destination per call. The driver answers one result or error per event,
+in order (each delivery keeps its own outcome, retry and dead letter). A call may make more
+than one request (a batch split after the vendor refused it whole): the driver says how many
+by returning :class:`Answers`, so the extra requests are charged to the destination's
+``rate_limit``.
 
 Which answers are worth retrying is decided once, in :func:`relay.drivers.http.raise_for_status`
 (timeouts, 408, 425, 429, 5xx); a vendor that documents more of them declares them in
@@ -68,6 +69,8 @@ class Driver:
     #: The most events one ``send_batch`` call may carry: the vendor's own maximum per request
     #: (1: the engine sends each event on its own, and the driver takes no ``batch:``).
     max_batch: ClassVar[int] = 1
+    #: ``batch.max`` unless the YAML says otherwise (None: ``max_batch``).
+    default_batch_max: ClassVar[int | None] = None
     #: How long a lone delivery waits for company by default (``batch.wait``).
     default_batch_wait: ClassVar[float] = 0.2
     #: ``rate_limit`` unless the YAML says otherwise (e.g. ``"9/s"``): a vendor's documented
