@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.history import partitions, retention, writer
-from relay.store.history import READ_BATCH, HistoryOutbox
+from relay.store.history import PAYLOAD_GRACE_MS, READ_BATCH, HistoryOutbox
 
 log = logging.getLogger("relay.history")
 
@@ -36,8 +36,10 @@ class HistoryWriter:
     def __init__(self, client: redis.Redis, database: Engine, holder: str,
                  retention_seconds: float, batch: int = READ_BATCH,
                  clock: Callable[[], float] = time.time,
-                 on_written: Callable[[int, int], None] | None = None) -> None:
+                 on_written: Callable[[int, int], None] | None = None,
+                 payload_grace_ms: int = PAYLOAD_GRACE_MS) -> None:
         self.outbox = HistoryOutbox(client)
+        self.payload_grace_ms = payload_grace_ms
         self.database = database
         self.holder = holder
         self.retention = retention_seconds
@@ -61,7 +63,7 @@ class HistoryWriter:
                      if row["status"] in writer.FINAL]
             with self.database.begin() as connection:
                 rows = writer.apply(connection, batch, self.clock())
-            self.outbox.release(entries, events, final)
+            self.outbox.release(entries, events, final, self.payload_grace_ms)
             if self.on_written is not None:
                 self.on_written(len(entries), rows)
         if self.clock() - self._purged_at >= PURGE_EVERY:
