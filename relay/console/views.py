@@ -2,7 +2,10 @@
 session's CSRF token. Reads and actions are the admin API's and ``relay status``'s functions.
 
 Pages that refresh themselves (the overview; an event page while a delivery is in flight) ask
-for themselves every few seconds with htmx and get back only their live part (``HX-Request``).
+for themselves every few seconds with htmx and get back only their live part (``HX-Request``);
+they say so (:data:`relay.console.auth.REFRESH_HEADER`), and a refresh is not activity that keeps
+a session on. The overview's refresh carries the digest of what it shows, and is answered
+``204`` (nothing to swap) while that has not changed.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ def _htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+def _here() -> str:
+    return request.full_path if request.query_string else request.path
+
+
 def _page(template: str, code: int = 200, **context: Any) -> Response:
     return make_response(render_template(f"console/{template}", **context), code)
 
@@ -94,8 +101,7 @@ def _guard() -> Response | None:
         response = make_response("", 401)
         response.headers["HX-Redirect"] = url_for(".login")
         return response
-    wanted = request.full_path if request.query_string else request.path
-    return redirect(url_for(".login", next=wanted))
+    return redirect(url_for(".login", next=_here()))
 
 
 @bp.after_request
@@ -114,7 +120,8 @@ def _headers(response: Response) -> Response:
 def _helpers() -> dict[str, Any]:
     return {
         "csrf_token": auth.csrf_token,
-        "signed_in": auth.signed_in,
+        "signed_in": auth.signed_in_for_page,
+        "refresh_header": auth.REFRESH_HEADER,
         "utc": present.utc,
         "iso": present.iso,
         "percent": present.percent,
@@ -165,22 +172,23 @@ def login() -> Response:
             return redirect(_safe_back(request.args.get("next")))
         return _page("login.html", next=request.args.get("next", ""))
     form = forms.load_sign_in(request.form)
+    if not form["api_key"].strip():
+        return _page("login.html", 400, next=form["next"], error="Enter an API key.")
+    # The key first: a right key signs in whatever wrong keys came from the same address (behind
+    # a proxy that is everyone's, unless RELAY_TRUSTED_PROXIES says where the client is).
     throttle = auth.SignInThrottle(_ctx().redis)
     client_id = request.remote_addr or "unknown"
-    wait = throttle.retry_after(client_id)
+    if auth.sign_in(form["api_key"].strip()):
+        throttle.succeeded(client_id)
+        return redirect(_safe_back(form["next"]))
+    wait = throttle.failed(client_id)
     if wait:
         response = _page("login.html", 429, next=form["next"],
                          error="Too many wrong keys from this address. Try again in "
                                f"{math.ceil(wait / 60)} minute(s).")
         response.headers["Retry-After"] = str(wait)
         return response
-    if not form["api_key"].strip():
-        return _page("login.html", 400, next=form["next"], error="Enter an API key.")
-    if not auth.sign_in(form["api_key"].strip()):
-        throttle.failed(client_id)
-        return _page("login.html", 401, next=form["next"], error="That key is not valid.")
-    throttle.succeeded(client_id)
-    return redirect(_safe_back(form["next"]))
+    return _page("login.html", 401, next=form["next"], error="That key is not valid.")
 
 
 @bp.route("/logout", methods=["GET", "POST"])
