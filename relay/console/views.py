@@ -37,11 +37,13 @@ from relay.operations import destinations as destination_ops
 from relay.operations import events as event_ops
 from relay.operations.context import OperatorContext
 from relay.operations.status import relay_status
-from relay.store.subscriptions import SubscriptionStore
+from relay.store.subscriptions import NAME_PREFIX, SubscriptionStore, normalise_campaign
 
 PUBLIC = frozenset({"console.login", "console.logout", "console.static"})
 OVERVIEW_REFRESH = 5  # seconds
 EVENT_REFRESH = 3
+DESTINATIONS_PAGE = 50  # rows on a page of the Destinations page
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
@@ -83,7 +85,7 @@ def _safe_back(target: str | None, default: str = ".overview") -> str:
 def _guard() -> Response | None:
     if request.endpoint == "console.static":
         return None
-    if request.method == "POST":
+    if request.method == "POST" and request.endpoint != "console.not_found":
         problem = auth.check_csrf() if current_app.secret_key else "the console is off"
         if problem is not None:
             return _problem(400, "This form has expired",
@@ -203,21 +205,55 @@ def logout() -> Response:
 # -- overview and destinations ------------------------------------------------------------------
 
 
+def _campaign_of() -> dict[str, str]:
+    """An active API subscription's destination name -> its campaign."""
+    by_campaign = SubscriptionStore(_ctx().redis).active_by_campaign()
+    return {name: campaign for campaign, names in by_campaign.items() for name in names}
+
+
 @bp.get("")
 def overview() -> Response:
     ctx = _ctx()
+    seen = forms.load_overview(request.args)["seen"]
     metrics_for(ctx.redis).flush()  # this process's latest counts, as /metrics does
-    context = {"status": relay_status(_ops(), ctx.config),
-               "chart": present.chart(last_minutes(ctx.redis, 60)),
+    status = relay_status(_ops(), ctx.config)
+    shown = present.overview_destinations(status.pop("destinations"), _campaign_of(),
+                                          NAME_PREFIX)
+    chart = present.chart(last_minutes(ctx.redis, 60))
+    version = present.version_of(status, chart, shown)
+    if _htmx() and seen == version:
+        return Response(status=204)  # htmx swaps nothing, and asks again in 5 s
+    context = {"status": status, "shown": shown, "chart": chart, "version": version,
                "refresh": OVERVIEW_REFRESH, "now": time.time()}
     return _page("_overview_live.html" if _htmx() else "overview.html", **context)
+
+
+def _destination_order(row: dict[str, Any]) -> tuple[bool, int, str]:
+    """The YAML's (and other named) destinations first, then API subscriptions by id."""
+    name = str(row["name"])
+    number = name[len(NAME_PREFIX):]
+    subscription = name.startswith(NAME_PREFIX) and number.isdigit()
+    return subscription, int(number) if subscription else 0, name
 
 
 @bp.get("/destinations")
 def destinations() -> Response:
     ctx = _ctx()
-    return _page("destinations.html", status=relay_status(_ops(), ctx.config),
-                 now=time.time())
+    query = forms.load_destinations(request.args)
+    rows = relay_status(_ops(), ctx.config)["destinations"]
+    campaign_of = _campaign_of()
+    campaign = normalise_campaign(query["campaign"]) if query["campaign"].strip() else ""
+    if campaign:
+        rows = [r for r in rows if campaign_of.get(r["name"]) == campaign]
+    if query["q"].strip():
+        rows = [r for r in rows if query["q"].strip().lower() in r["name"].lower()]
+    rows.sort(key=_destination_order)
+    pages = max(1, math.ceil(len(rows) / DESTINATIONS_PAGE))
+    page = min(query["page"], pages)
+    first = (page - 1) * DESTINATIONS_PAGE
+    return _page("destinations.html", rows=rows[first:first + DESTINATIONS_PAGE],
+                 total=len(rows), first=first, page=page, pages=pages, q=query["q"].strip(),
+                 campaign=campaign, campaign_of=campaign_of, back=_here(), now=time.time())
 
 
 def _known_or_404(name: str) -> None:
@@ -332,7 +368,29 @@ def subscriptions() -> Response:
     return _page("subscriptions.html", campaign=campaign, subscriptions=found)
 
 
-@bp.get("/<path:unknown>")
+@bp.get("/")
+def root() -> Response:
+    """``/console/`` is the overview's address too."""
+    return redirect(url_for(".overview"))
+
+
+@bp.route("/", methods=ANY_METHOD[1:], defaults={"unknown": ""}, strict_slashes=False)
+@bp.route("/<path:unknown>", methods=ANY_METHOD)
 def not_found(unknown: str) -> Response:
-    """Any other console address: an HTML page, not the API's JSON 404."""
+    """Any other console address: an HTML page, not the API's JSON 404 (and a 405 page for a
+    console address asked with a method it does not take)."""
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    allowed = []
+    for method in ("GET", "POST"):
+        try:
+            endpoint, _ = adapter.match(request.path, method=method)
+        except HTTPException:
+            continue
+        if endpoint != "console.not_found":
+            allowed.append(method)
+    if allowed:
+        response = _problem(405, "Method not allowed",
+                            f"This console address takes {' and '.join(allowed)} only.")
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
     return _problem(404, "Not found", "There is no console page at this address.")

@@ -461,6 +461,103 @@ def test_pause_and_resume_from_the_console(world: World) -> None:
     assert "crm is resumed; 0 held deliveries released." in client.get("/console").text
 
 
+def test_the_pause_reason_is_shown_with_the_state(world: World) -> None:
+    client = signed_in(world)
+    post_form(client, "/console/destinations", "/console/destinations/crm/pause",
+              reason="HubSpot <maintenance> until 14:00", back="/console/destinations")
+    PauseGate(world.redis).pause("backend")  # no reason given
+    for page in ("/console", "/console/destinations"):
+        html = client.get(page).text
+        crm = re.search(r'<tr id="destination-crm">(.*?)</tr>', html, re.S).group(1)  # type: ignore[union-attr]
+        reason = re.search(r'id="pause-reason-crm">(.*?)</small>', crm, re.S).group(1)  # type: ignore[union-attr]
+        assert "HubSpot &lt;maintenance&gt; until 14:00" in reason and "UTC" in reason
+        backend = re.search(r'id="pause-reason-backend">(.*?)</small>', html, re.S).group(1)  # type: ignore[union-attr]
+        assert backend.startswith("since ") and ":" not in backend.split("</time>")[-1]
+    PauseGate(world.redis).pause("crm", f"key in the URL: https://x.example/?api_key={URL_SECRET}")
+    assert URL_SECRET not in client.get("/console/destinations").text
+
+
+def live_url(html: str) -> str:
+    found = re.search(r'<div id="overview-live" hx-get="([^"]+)"', html)
+    assert found, "the overview has no refreshing part"
+    return found.group(1).replace("&amp;", "&")
+
+
+def test_the_overview_stays_small_however_many_subscriptions(world: World) -> None:
+    store = SubscriptionStore(world.redis)
+    for campaign in range(135500, 135510):  # 1,000 API subscriptions in ten campaigns
+        for n in range(100):
+            store.register(campaign, f"https://hooks{n}.example.com/{campaign}", ["new_signup"])
+    paused = store.find(135505, "https://hooks7.example.com/135505")
+    assert paused is not None
+    PauseGate(world.redis).pause(paused.name, "the customer asked")
+    client = signed_in(world)
+    page = client.get("/console")
+    assert len(page.data) < 40_000  # 774 KB before, with a row per subscription
+    html = page.text
+    assert 'id="destination-crm"' in html and 'id="destination-backend"' in html
+    assert 'id="destination-sub-' not in html
+    assert len(re.findall(r'<tr id="campaign-', html)) == 10
+    assert "1000 subscriptions in 10 campaigns" in html
+    campaign = re.search(r'<tr id="campaign-135505">(.*?)</tr>', html, re.S).group(1)  # type: ignore[union-attr]
+    assert ">100<" in campaign and "state-paused" in campaign
+    assert "/console/destinations?campaign=135505" in campaign
+    # The refresh is the live part, bounded too, and nothing at all while nothing changed.
+    refresh = {"HX-Request": "true", "X-Console-Refresh": "auto"}
+    same = client.get(live_url(html), headers=refresh)
+    assert same.status_code == 204 and same.data == b""
+    PauseGate(world.redis).pause("crm", "maintenance")
+    changed = client.get(live_url(html), headers=refresh)
+    assert changed.status_code == 200 and len(changed.data) < 40_000
+    assert "maintenance" in changed.text and live_url(changed.text) != live_url(html)
+    assert client.get(live_url(changed.text), headers=refresh).status_code == 204
+
+
+def test_the_overview_shows_the_rows_that_need_a_look_first(world: World) -> None:
+    store = SubscriptionStore(world.redis)
+    for campaign in range(30):  # more campaigns than the overview has lines for
+        store.register(campaign, f"https://hooks.example.com/{campaign}", ["new_signup"])
+    for n in range(40):  # more destinations than it has rows for
+        world.redis.hset(f"relay:stats:old-{n:02d}", "delivered", 1)
+    PauseGate(world.redis).pause("old-33", "gone quiet")
+    lonely = store.find(17, "https://hooks.example.com/17")
+    assert lonely is not None
+    PauseGate(world.redis).pause(lonely.name)
+    html = signed_in(world).get("/console").text
+    rows = re.findall(r'<tr id="destination-([^"]+)">', html)
+    assert len(rows) == 25 and rows == sorted(rows) and "old-33" in rows
+    assert "25 of 42 destinations here" in html
+    campaigns = re.findall(r'<tr id="campaign-([^"]+)">', html)
+    assert len(campaigns) == 10 and campaigns[0] == "17"
+    assert "30 subscriptions in 30 campaigns; the 10 that need a look first" in html
+
+
+def test_the_destinations_page_pages_and_filters(world: World) -> None:
+    store = SubscriptionStore(world.redis)
+    for campaign in (135544, 135545):
+        for n in range(60):
+            store.register(campaign, f"https://hooks{n}.example.com/{campaign}", ["new_signup"])
+    client = signed_in(world)
+    first = client.get("/console/destinations").text
+    rows = re.findall(r'<tr id="destination-([^"]+)">', first)
+    assert rows[:3] == ["backend", "crm", "sub-1"] and len(rows) == 50
+    assert "1–50 of 122 destinations" in first and "Page 1 of 3" in first
+    last = client.get("/console/destinations?page=3").text
+    assert re.findall(r'<tr id="destination-([^"]+)">', last)[-1] == "sub-120"
+    assert "101–122 of 122" in last
+    campaign = client.get("/console/destinations?campaign=135545").text
+    assert "1–50 of 60 destinations of campaign 135545" in campaign
+    assert 'id="destination-sub-61"' in campaign and 'id="destination-sub-1"' not in campaign
+    found = client.get("/console/destinations?q=CRM").text
+    assert re.findall(r'<tr id="destination-([^"]+)">', found) == ["crm"]
+    assert client.get("/console/destinations?page=0").status_code == 400
+    # an action on a later page comes back to it
+    page = "/console/destinations?page=2"
+    assert f'name="back" value="{page}"' in client.get(page).text
+    response = post_form(client, page, "/console/destinations/sub-70/pause", back=page)
+    assert response.headers["Location"] == page
+
+
 def test_pausing_an_unknown_destination_is_a_404(world: World) -> None:
     client = signed_in(world)
     response = post_form(client, "/console", "/console/destinations/nope/pause")
@@ -660,6 +757,29 @@ def test_no_page_shows_a_secret_or_an_api_key(world: World) -> None:
 def test_an_unknown_console_address_is_an_html_404(world: World) -> None:
     response = signed_in(world).get("/console/no-such-page")
     assert response.status_code == 404 and "<html" in response.text
+
+
+def test_console_slash_is_the_overview(world: World) -> None:
+    assert world.client.get("/console/").headers["Location"].startswith("/console/login")
+    client = signed_in(world)
+    response = client.get("/console/")
+    assert response.status_code == 302 and response.headers["Location"] == "/console"
+    assert 'id="overview-live"' in client.get("/console/", follow_redirects=True).text
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/console/no-such-page", 404), ("GET", "/console/events/", 404),
+    ("POST", "/console/no-such-page", 404), ("DELETE", "/console/events/evt_1", 405),
+    ("POST", "/console/events", 405), ("PUT", "/console", 405), ("PATCH", "/console/", 405),
+    ("GET", "/console/destinations/crm/pause", 405), ("GET", "/console/static/nope.js", 404)])
+def test_every_unknown_console_address_answers_an_html_page(world: World, method: str,
+                                                            path: str, status: int) -> None:
+    response = signed_in(world).open(path, method=method)
+    assert response.status_code == status
+    assert response.mimetype == "text/html" and "<html" in response.text
+    if status == 405:
+        assert response.headers["Allow"] in ("GET", "POST")
+    assert PauseGate(world.redis).paused() == {}
 
 
 def test_pages_say_so_when_redis_does_not_answer(sink: Sink) -> None:
