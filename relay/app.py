@@ -48,6 +48,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         settings.config_path
     )
     apply_process_settings(settings)
+    if settings.trusted_proxies:  # the client's address and scheme as the proxies saw them
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     client = test_config.get("RELAY_REDIS") or connect(settings.redis_url,
                                                            max_connections=settings.redis_pool)
     app.config.update(

@@ -67,6 +67,10 @@ class DestinationHealthSchema(Schema):
     parked = fields.Integer(required=True)
     retrying = fields.Integer(required=True)
     dead = fields.Integer(required=True)
+    paused_at = fields.Float(required=True, allow_none=True, metadata={
+        "description": "When an operator paused it; null unless paused."})
+    paused_reason = fields.String(required=True, allow_none=True, metadata={
+        "description": "The reason given with the pause (may be empty); null unless paused."})
 
 
 class DestinationListSchema(Schema):

@@ -47,6 +47,13 @@ class Settings:
     dev_inbox: bool = False
     # Signs the console's session cookie; the console is off without it. Never in a repr.
     secret_key: str = field(default="", repr=False)
+    # A console session ends on sign-out, after this long without a request from the operator
+    # (the pages' own refreshes do not count), and this long after sign-in in any case.
+    console_idle_timeout: float = 3600.0
+    console_session_lifetime: float = 12 * 3600.0
+    # How many proxies in front of ``relay web`` set X-Forwarded-For / X-Forwarded-Proto: the
+    # client's address and scheme are taken from that many hops back; 0 trusts no header.
+    trusted_proxies: int = 0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +81,12 @@ class Settings:
                 redis_high_water=_high_water(env.get("RELAY_REDIS_HIGH_WATER") or "0.8"),
                 dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
                 secret_key=env.get("RELAY_SECRET_KEY") or "",
+                console_idle_timeout=_positive(
+                    "RELAY_CONSOLE_IDLE_TIMEOUT", env.get("RELAY_CONSOLE_IDLE_TIMEOUT") or "1h"),
+                console_session_lifetime=_positive(
+                    "RELAY_CONSOLE_SESSION_LIFETIME",
+                    env.get("RELAY_CONSOLE_SESSION_LIFETIME") or "12h"),
+                trusted_proxies=_hops(env.get("RELAY_TRUSTED_PROXIES") or "0"),
             )
         except ValueError as exc:
             raise ConfigError(f"invalid environment setting: {exc}") from None
@@ -87,6 +100,23 @@ class Settings:
 
 def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def _positive(name: str, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ValueError(f"{name} must be a duration longer than 0 (e.g. 30m), not {value!r}")
+    return seconds
+
+
+def _hops(value: str) -> int:
+    text = value.strip()
+    if not text.isdigit() or int(text) > 10:
+        raise ValueError(f"RELAY_TRUSTED_PROXIES is a number of proxies (0-10), not {value!r}")
+    return int(text)
 
 
 def apply_process_settings(settings: Settings) -> None:

@@ -7,8 +7,9 @@ Reads come from the code the admin API and ``relay status`` use (:mod:`relay.ope
 actions (replay, pause, resume) call the same functions. Jinja templates, plain CSS and htmx
 (vendored in ``static/``) for the pages that refresh themselves; no JavaScript build step.
 
-- :mod:`relay.console.auth`: sign-in with one of ``RELAY_API_KEYS``, the session cookie (signed
-  with ``RELAY_SECRET_KEY``), CSRF tokens, and the slowdown of repeated wrong keys.
+- :mod:`relay.console.auth`: sign-in with one of ``RELAY_API_KEYS``, sessions (kept in Redis,
+  their id in a cookie signed with ``RELAY_SECRET_KEY``), CSRF tokens, and the count of wrong
+  keys.
 - :mod:`relay.console.forms`: the marshmallow schemas of the pages' queries and forms.
 - :mod:`relay.console.present`: what the templates show: redacted payloads, times in UTC, the
   chart.
@@ -41,9 +42,12 @@ def init_app(app: Flask, settings: Settings) -> None:
         SESSION_COOKIE_PATH=PREFIX,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
-        # A form stays valid for the session (a dead-letter page may be left open for hours);
-        # the token is bound to the session, which ends with sign-out or after 12 hours.
+        # The cookie lasts as long as a session may; the session itself ends earlier on the
+        # server (sign-out, idle timeout), and the cookie is not rewritten by every request.
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=settings.console_session_lifetime),
+        SESSION_REFRESH_EACH_REQUEST=False,
+        # A form stays valid for the session (a dead-letter page may be left open for a while);
+        # the token is bound to the session, which ends on the server (relay.console.auth).
         WTF_CSRF_TIME_LIMIT=None,
     )
     app.register_blueprint(bp)

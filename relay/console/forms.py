@@ -69,6 +69,22 @@ class PauseForm(Schema):
     back = fields.String(load_default="", validate=validate.Length(max=2000))
 
 
+class OverviewQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    seen = fields.String(load_default="", validate=validate.Length(max=64))
+
+
+class DestinationsQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    q = fields.String(load_default="", validate=validate.Length(max=200))
+    campaign = fields.String(load_default="", validate=validate.Length(max=100))
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=10_000))
+
+
 class SubscriptionsQuery(Schema):
     class Meta:
         unknown = EXCLUDE
@@ -112,6 +128,14 @@ def load_replay(data: MultiDict[str, str]) -> dict[str, Any]:
 
 def load_pause(data: MultiDict[str, str]) -> dict[str, Any]:
     return _load(PauseForm(), data)
+
+
+def load_overview(data: MultiDict[str, str]) -> dict[str, Any]:
+    return _load(OverviewQuery(), data)
+
+
+def load_destinations(data: MultiDict[str, str]) -> dict[str, Any]:
+    return _load(DestinationsQuery(), data)
 
 
 def load_subscriptions(data: MultiDict[str, str]) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 session's CSRF token. Reads and actions are the admin API's and ``relay status``'s functions.
 
 Pages that refresh themselves (the overview; an event page while a delivery is in flight) ask
-for themselves every few seconds with htmx and get back only their live part (``HX-Request``).
+for themselves every few seconds with htmx and get back only their live part (``HX-Request``);
+they say so (:data:`relay.console.auth.REFRESH_HEADER`), and a refresh is not activity that keeps
+a session on. The overview's refresh carries the digest of what it shows, and is answered
+``204`` (nothing to swap) while that has not changed.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from relay.operations import destinations as destination_ops
 from relay.operations import events as event_ops
 from relay.operations.context import OperatorContext
 from relay.operations.status import relay_status
-from relay.store.subscriptions import SubscriptionStore
+from relay.store.subscriptions import NAME_PREFIX, SubscriptionStore, normalise_campaign
 
 PUBLIC = frozenset({"console.login", "console.logout", "console.static"})
 OVERVIEW_REFRESH = 5  # seconds
 EVENT_REFRESH = 3
+DESTINATIONS_PAGE = 50  # rows on a page of the Destinations page
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
@@ -54,6 +59,10 @@ def _ops() -> OperatorContext:
 
 def _htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
+
+
+def _here() -> str:
+    return request.full_path if request.query_string else request.path
 
 
 def _page(template: str, code: int = 200, **context: Any) -> Response:
@@ -76,7 +85,7 @@ def _safe_back(target: str | None, default: str = ".overview") -> str:
 def _guard() -> Response | None:
     if request.endpoint == "console.static":
         return None
-    if request.method == "POST":
+    if request.method == "POST" and request.endpoint != "console.not_found":
         problem = auth.check_csrf() if current_app.secret_key else "the console is off"
         if problem is not None:
             return _problem(400, "This form has expired",
@@ -94,8 +103,7 @@ def _guard() -> Response | None:
         response = make_response("", 401)
         response.headers["HX-Redirect"] = url_for(".login")
         return response
-    wanted = request.full_path if request.query_string else request.path
-    return redirect(url_for(".login", next=wanted))
+    return redirect(url_for(".login", next=_here()))
 
 
 @bp.after_request
@@ -114,7 +122,8 @@ def _headers(response: Response) -> Response:
 def _helpers() -> dict[str, Any]:
     return {
         "csrf_token": auth.csrf_token,
-        "signed_in": auth.signed_in,
+        "signed_in": auth.signed_in_for_page,
+        "refresh_header": auth.REFRESH_HEADER,
         "utc": present.utc,
         "iso": present.iso,
         "percent": present.percent,
@@ -165,22 +174,23 @@ def login() -> Response:
             return redirect(_safe_back(request.args.get("next")))
         return _page("login.html", next=request.args.get("next", ""))
     form = forms.load_sign_in(request.form)
+    if not form["api_key"].strip():
+        return _page("login.html", 400, next=form["next"], error="Enter an API key.")
+    # The key first: a right key signs in whatever wrong keys came from the same address (behind
+    # a proxy that is everyone's, unless RELAY_TRUSTED_PROXIES says where the client is).
     throttle = auth.SignInThrottle(_ctx().redis)
     client_id = request.remote_addr or "unknown"
-    wait = throttle.retry_after(client_id)
+    if auth.sign_in(form["api_key"].strip()):
+        throttle.succeeded(client_id)
+        return redirect(_safe_back(form["next"]))
+    wait = throttle.failed(client_id)
     if wait:
         response = _page("login.html", 429, next=form["next"],
                          error="Too many wrong keys from this address. Try again in "
                                f"{math.ceil(wait / 60)} minute(s).")
         response.headers["Retry-After"] = str(wait)
         return response
-    if not form["api_key"].strip():
-        return _page("login.html", 400, next=form["next"], error="Enter an API key.")
-    if not auth.sign_in(form["api_key"].strip()):
-        throttle.failed(client_id)
-        return _page("login.html", 401, next=form["next"], error="That key is not valid.")
-    throttle.succeeded(client_id)
-    return redirect(_safe_back(form["next"]))
+    return _page("login.html", 401, next=form["next"], error="That key is not valid.")
 
 
 @bp.route("/logout", methods=["GET", "POST"])
@@ -195,21 +205,55 @@ def logout() -> Response:
 # -- overview and destinations ------------------------------------------------------------------
 
 
+def _campaign_of() -> dict[str, str]:
+    """An active API subscription's destination name -> its campaign."""
+    by_campaign = SubscriptionStore(_ctx().redis).active_by_campaign()
+    return {name: campaign for campaign, names in by_campaign.items() for name in names}
+
+
 @bp.get("")
 def overview() -> Response:
     ctx = _ctx()
+    seen = forms.load_overview(request.args)["seen"]
     metrics_for(ctx.redis).flush()  # this process's latest counts, as /metrics does
-    context = {"status": relay_status(_ops(), ctx.config),
-               "chart": present.chart(last_minutes(ctx.redis, 60)),
+    status = relay_status(_ops(), ctx.config)
+    shown = present.overview_destinations(status.pop("destinations"), _campaign_of(),
+                                          NAME_PREFIX)
+    chart = present.chart(last_minutes(ctx.redis, 60))
+    version = present.version_of(status, chart, shown)
+    if _htmx() and seen == version:
+        return Response(status=204)  # htmx swaps nothing, and asks again in 5 s
+    context = {"status": status, "shown": shown, "chart": chart, "version": version,
                "refresh": OVERVIEW_REFRESH, "now": time.time()}
     return _page("_overview_live.html" if _htmx() else "overview.html", **context)
+
+
+def _destination_order(row: dict[str, Any]) -> tuple[bool, int, str]:
+    """The YAML's (and other named) destinations first, then API subscriptions by id."""
+    name = str(row["name"])
+    number = name[len(NAME_PREFIX):]
+    subscription = name.startswith(NAME_PREFIX) and number.isdigit()
+    return subscription, int(number) if subscription else 0, name
 
 
 @bp.get("/destinations")
 def destinations() -> Response:
     ctx = _ctx()
-    return _page("destinations.html", status=relay_status(_ops(), ctx.config),
-                 now=time.time())
+    query = forms.load_destinations(request.args)
+    rows = relay_status(_ops(), ctx.config)["destinations"]
+    campaign_of = _campaign_of()
+    campaign = normalise_campaign(query["campaign"]) if query["campaign"].strip() else ""
+    if campaign:
+        rows = [r for r in rows if campaign_of.get(r["name"]) == campaign]
+    if query["q"].strip():
+        rows = [r for r in rows if query["q"].strip().lower() in r["name"].lower()]
+    rows.sort(key=_destination_order)
+    pages = max(1, math.ceil(len(rows) / DESTINATIONS_PAGE))
+    page = min(query["page"], pages)
+    first = (page - 1) * DESTINATIONS_PAGE
+    return _page("destinations.html", rows=rows[first:first + DESTINATIONS_PAGE],
+                 total=len(rows), first=first, page=page, pages=pages, q=query["q"].strip(),
+                 campaign=campaign, campaign_of=campaign_of, back=_here(), now=time.time())
 
 
 def _known_or_404(name: str) -> None:
@@ -324,7 +368,29 @@ def subscriptions() -> Response:
     return _page("subscriptions.html", campaign=campaign, subscriptions=found)
 
 
-@bp.get("/<path:unknown>")
+@bp.get("/")
+def root() -> Response:
+    """``/console/`` is the overview's address too."""
+    return redirect(url_for(".overview"))
+
+
+@bp.route("/", methods=ANY_METHOD[1:], defaults={"unknown": ""}, strict_slashes=False)
+@bp.route("/<path:unknown>", methods=ANY_METHOD)
 def not_found(unknown: str) -> Response:
-    """Any other console address: an HTML page, not the API's JSON 404."""
+    """Any other console address: an HTML page, not the API's JSON 404 (and a 405 page for a
+    console address asked with a method it does not take)."""
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    allowed = []
+    for method in ("GET", "POST"):
+        try:
+            endpoint, _ = adapter.match(request.path, method=method)
+        except HTTPException:
+            continue
+        if endpoint != "console.not_found":
+            allowed.append(method)
+    if allowed:
+        response = _problem(405, "Method not allowed",
+                            f"This console address takes {' and '.join(allowed)} only.")
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
     return _problem(404, "Not found", "There is no console page at this address.")

@@ -5,8 +5,9 @@ a lease in Redis lets one of them write at a time.
 
 While the database is down or slow, deliveries go on: their records wait in the stream, and
 the payloads of events not yet written stay in Redis. The ingress's high-water mark bounds how
-long that can last (see docs/delivery.md, "The database away"). The writer also deletes what is
-older than the retention period, every :data:`PURGE_EVERY` seconds.
+long that can last (see docs/delivery.md, "The database away"). Every :data:`PURGE_EVERY`
+seconds the writer also makes PostgreSQL's day partitions ahead of time and removes what is
+older than the retention period.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay.history import retention, writer
-from relay.store.history import READ_BATCH, HistoryOutbox
+from relay.history import partitions, retention, writer
+from relay.store.history import PAYLOAD_GRACE_MS, READ_BATCH, HistoryOutbox
 
 log = logging.getLogger("relay.history")
 
@@ -35,8 +36,10 @@ class HistoryWriter:
     def __init__(self, client: redis.Redis, database: Engine, holder: str,
                  retention_seconds: float, batch: int = READ_BATCH,
                  clock: Callable[[], float] = time.time,
-                 on_written: Callable[[int, int], None] | None = None) -> None:
+                 on_written: Callable[[int, int], None] | None = None,
+                 payload_grace_ms: int = PAYLOAD_GRACE_MS) -> None:
         self.outbox = HistoryOutbox(client)
+        self.payload_grace_ms = payload_grace_ms
         self.database = database
         self.holder = holder
         self.retention = retention_seconds
@@ -60,11 +63,13 @@ class HistoryWriter:
                      if row["status"] in writer.FINAL]
             with self.database.begin() as connection:
                 rows = writer.apply(connection, batch, self.clock())
-            self.outbox.release(entries, events, final)
+            self.outbox.release(entries, events, final, self.payload_grace_ms)
             if self.on_written is not None:
                 self.on_written(len(entries), rows)
         if self.clock() - self._purged_at >= PURGE_EVERY:
             self._purged_at = self.clock()
+            with self.database.begin() as connection:  # PostgreSQL's days ahead
+                partitions.ensure(connection, self.clock())
             deleted = retention.purge(self.database, self.clock() - self.retention)
             if deleted:
                 log.info("deleted %d history rows older than the retention period", deleted)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from importlib import resources
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+
+from relay.history import partitions
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -90,6 +93,8 @@ def upgrade(url: str, revision: str = "head") -> None:
             config = alembic_config(url)
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+            if revision == "head":
+                partitions.ensure(connection, time.time())
     finally:
         engine.dispose()
 

@@ -1,19 +1,26 @@
 """Retention and erasure in the history database.
 
-Retention deletes by the events' ``received_at``, in batches (5,000 rows a statement, as Svix
-does), so no statement holds locks for long and SQLite's writer is never blocked for more than
-a moment. Erasure removes every row of a lead's events and leaves a digest of the lead key, so
-that records still on their way when it ran are not written back (:mod:`.writer`)."""
+Retention goes by the events' ``received_at``: PostgreSQL drops whole day partitions
+(:mod:`.partitions`); SQLite, and PostgreSQL's default partitions, delete in batches (5,000
+rows a statement, as Svix does), so no statement holds locks for long and SQLite's writer is
+never blocked for more than a moment. Erasure removes every row of a lead's events and leaves
+a digest of the lead key, so that records still on their way when it ran are not written back
+(:mod:`.writer`)."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, Engine, Table, delete, func, select
+from sqlalchemy import Connection, Engine, Table, column, delete, func, select, tuple_
+from sqlalchemy import table as sql_table
+from sqlalchemy.sql.expression import TableClause
 
-from relay.history import schema
+from relay.history import partitions, schema
 from relay.history.leads import erasure_digest, event_digest, normalise
+
+log = logging.getLogger(__name__)
 
 DELETE_BATCH = 5_000
 _BY_EVENT = (schema.attempts, schema.deliveries, schema.duplicates, schema.lead_keys,
@@ -21,28 +28,43 @@ _BY_EVENT = (schema.attempts, schema.deliveries, schema.duplicates, schema.lead_
 
 
 def purge(engine: Engine, cutoff: float, batch: int = DELETE_BATCH) -> int:
-    """Delete what was received before ``cutoff``; each batch its own transaction. Returns the
-    rows deleted."""
+    """Remove what was received before ``cutoff``. On PostgreSQL: drop the day partitions
+    older than it, then delete what the default partitions hold; elsewhere delete in batches,
+    each its own transaction. Returns the rows deleted (a dropped partition's are not
+    counted: it is logged)."""
+    with engine.begin() as connection:
+        dropped = partitions.drop_before(connection, cutoff)
+        by_day = partitions.partitioned(connection)
+    if dropped:
+        log.info("dropped %d day partitions of the history older than the retention period: %s",
+                 len(dropped), ", ".join(dropped))
     deleted = 0
-    tables: list[tuple[Table, object]] = [(t, t.c.received_at) for t in _BY_EVENT]
-    tables.append((schema.erased_events, schema.erased_events.c.erased_at))
-    for table, column in tables:
-        key = list(table.primary_key.columns)
-        while True:
-            with engine.begin() as connection:
-                doomed = select(*key).where(column < cutoff).limit(batch)  # type: ignore[operator]
-                rows = connection.execute(doomed).all()
-                if not rows:
-                    break
-                if len(key) == 1:
-                    connection.execute(delete(table).where(key[0].in_([r[0] for r in rows])))
-                else:
-                    for row in rows:
-                        connection.execute(delete(table).where(
-                            *(c == v for c, v in zip(key, row, strict=True))))
-                deleted += len(rows)
-            if len(rows) < batch:
+    for table in _BY_EVENT:
+        target = _default_partition(table) if by_day else table
+        deleted += _delete_before(engine, target, [c.name for c in table.primary_key.columns],
+                                  "received_at", cutoff, batch)
+    erased = schema.erased_events
+    return deleted + _delete_before(engine, erased, ["digest"], "erased_at", cutoff, batch)
+
+
+def _default_partition(table: Table) -> TableClause:
+    return sql_table(partitions.default_name(table.name), *(column(c.name) for c in table.columns))
+
+
+def _delete_before(engine: Engine, table: TableClause, key_names: list[str], time_name: str,
+                   cutoff: float, batch: int) -> int:
+    key = [table.c[name] for name in key_names]
+    deleted = 0
+    while True:
+        with engine.begin() as connection:
+            doomed = select(*key).where(table.c[time_name] < cutoff).limit(batch)
+            rows = connection.execute(doomed).all()
+            if not rows:
                 break
+            connection.execute(delete(table).where(tuple_(*key).in_([tuple(r) for r in rows])))
+            deleted += len(rows)
+        if len(rows) < batch:
+            break
     return deleted
 
 

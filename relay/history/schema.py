@@ -1,6 +1,12 @@
 """The history's tables (SQLAlchemy Core). Times are UNIX seconds (floats) as everywhere else in
 the relay; every table carries the ingress's ``received_at`` of its event, the column retention
-deletes by."""
+deletes by.
+
+On PostgreSQL the five tables of :data:`HISTORY_TABLES` are partitioned by day of
+``received_at`` (:mod:`relay.history.partitions`), so retention drops a day's partition instead
+of deleting its rows. A partitioned table's keys must hold the partition column, so each
+primary key ends with ``received_at``: every record of an event carries the same ingress time,
+so the key is as unique as the id before it."""
 
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+#: The history tables' partitioning on PostgreSQL (other databases ignore it).
+BY_DAY = {"postgresql_partition_by": "RANGE (received_at)"}
+
 ID = 200  # event ids, destination names, attempt ids: short strings
 LEAD_VALUE = 320  # an email address at most
 
@@ -30,11 +39,12 @@ events = Table(
     Column("name", String(ID), nullable=False),
     Column("source", String(ID), nullable=False),
     Column("campaign_id", String(ID)),
-    Column("received_at", Float, nullable=False),
+    Column("received_at", Float, primary_key=True),
     Column("admitted_at", Float),
     Column("event_json", Text, nullable=False),
     Index("relay_events_received", "received_at"),
     Index("relay_events_campaign", "campaign_id", "received_at"),
+    **BY_DAY,
 )
 
 #: A repeat of an event id inside the dedupe window, keyed by its intake entry (so a record
@@ -44,8 +54,9 @@ duplicates = Table(
     Column("entry_id", String(ID), primary_key=True),
     Column("event_id", String(ID), nullable=False),
     Column("at", Float, nullable=False),
-    Column("received_at", Float, nullable=False),
+    Column("received_at", Float, primary_key=True),
     Index("relay_duplicates_event", "event_id"),
+    **BY_DAY,
 )
 
 #: Each delivery's latest state: pending, inflight, retrying, delivered, skipped or dead.
@@ -58,7 +69,7 @@ deliveries = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("version", BigInteger, nullable=False),
     Column("updated_at", Float, nullable=False),
-    Column("received_at", Float, nullable=False),
+    Column("received_at", Float, primary_key=True),
     Column("status_code", Integer),
     Column("error", Text),
     Column("next_attempt_at", Float),
@@ -67,6 +78,7 @@ deliveries = Table(
     Index("relay_deliveries_list", "destination", "status", "updated_at"),
     Index("relay_deliveries_dead", "status", "dead_at"),
     Index("relay_deliveries_received", "received_at"),
+    **BY_DAY,
 )
 
 #: One row per attempt, keyed by the id minted when its delivery was claimed.
@@ -78,13 +90,14 @@ attempts = Table(
     Column("attempt", Integer, nullable=False),
     Column("outcome", String(20), nullable=False),
     Column("at", Float, nullable=False),
-    Column("received_at", Float, nullable=False),
+    Column("received_at", Float, primary_key=True),
     Column("status_code", Integer),
     Column("latency_ms", Float),
     Column("error", Text),  # the error, or what a successful answer said
     Column("next_attempt_at", Float),
     Index("relay_attempts_event", "event_id", "at"),
     Index("relay_attempts_received", "received_at"),
+    **BY_DAY,
 )
 
 #: The lead index: each way a lead can be looked up (``email``, ``social_id``, ``phone``,
@@ -94,9 +107,10 @@ lead_keys = Table(
     Column("kind", String(20), primary_key=True),
     Column("value", String(LEAD_VALUE), primary_key=True),
     Column("event_id", String(ID), primary_key=True),
-    Column("received_at", Float, nullable=False),
+    Column("received_at", Float, primary_key=True),
     Index("relay_lead_keys_event", "event_id"),
     Index("relay_lead_keys_received", "received_at"),
+    **BY_DAY,
 )
 
 #: Erasures (GDPR): which lead was erased when, so that history records still on their way when
@@ -117,4 +131,5 @@ erased_events = Table(
     Column("erased_at", Float, nullable=False),
 )
 
+#: The tables kept for the retention period (partitioned by day on PostgreSQL).
 HISTORY_TABLES = (events, duplicates, deliveries, attempts, lead_keys)

@@ -138,11 +138,10 @@ def batch_of(entries: Iterable[tuple[int, Sequence[Mapping[str, Any]]]]) -> Batc
 def apply(connection: Connection, batch: Batch, now: float) -> int:
     """Write a batch in the caller's transaction; the rows written (or found written)."""
     _drop_erased(connection, batch)
-    _insert_new(connection, schema.events, list(batch.events.values()), ["event_id"])
-    _insert_new(connection, schema.lead_keys, list(batch.lead_keys.values()),
-                ["kind", "value", "event_id"])
-    _insert_new(connection, schema.duplicates, list(batch.duplicates.values()), ["entry_id"])
-    _insert_new(connection, schema.attempts, list(batch.attempts.values()), ["attempt_id"])
+    _insert_new(connection, schema.events, list(batch.events.values()))
+    _insert_new(connection, schema.lead_keys, list(batch.lead_keys.values()))
+    _insert_new(connection, schema.duplicates, list(batch.duplicates.values()))
+    _insert_new(connection, schema.attempts, list(batch.attempts.values()))
     _upsert_newer(connection, list(batch.deliveries.values()))
     return len(batch)
 
@@ -186,18 +185,19 @@ def _insert(dialect: str, table: Table) -> Any:
 
 
 @functools.cache
-def _insert_new_statement(dialect: str, table: Table, key: tuple[str, ...]) -> Any:
-    return _insert(dialect, table).on_conflict_do_nothing(index_elements=list(key))
+def _insert_new_statement(dialect: str, table: Table) -> Any:
+    return _insert(dialect, table).on_conflict_do_nothing(
+        index_elements=list(table.primary_key.columns))
 
 
 @functools.cache
 def _upsert_newer_statement(dialect: str) -> Any:
     table = schema.deliveries
     statement = _insert(dialect, table)
-    replaced = {c.name: statement.excluded[c.name] for c in table.columns
-                if c.name not in ("event_id", "destination")}
+    key = list(table.primary_key.columns)  # (event, destination, received_at)
+    replaced = {c.name: statement.excluded[c.name] for c in table.columns if c not in key}
     return statement.on_conflict_do_update(
-        index_elements=["event_id", "destination"], set_=replaced,
+        index_elements=key, set_=replaced,
         # Literal statuses: an expanding IN parameter cannot be used with executemany.
         where=and_(table.c.version < statement.excluded.version,
                    *(table.c.status != literal_column(f"'{status}'")
@@ -208,12 +208,10 @@ def _upsert_newer_statement(dialect: str) -> Any:
 # SQLAlchemy's "insertmanyvalues" sends them to PostgreSQL as multi-row VALUES pages and
 # SQLite runs them through executemany, so a batch costs no SQL compilation (compiling a
 # 500-row VALUES clause per batch was most of the writer's CPU).
-def _insert_new(connection: Connection, table: Table, rows: list[dict[str, Any]],
-                key: list[str]) -> None:
-    """Insert the rows; rows already there stay as they are."""
+def _insert_new(connection: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert the rows; rows already there (by primary key) stay as they are."""
     if rows:
-        connection.execute(
-            _insert_new_statement(connection.dialect.name, table, tuple(key)), rows)
+        connection.execute(_insert_new_statement(connection.dialect.name, table), rows)
 
 
 def _upsert_newer(connection: Connection, rows: list[dict[str, Any]]) -> None:

@@ -41,9 +41,10 @@ def destination_known(client: redis.Redis, config: RelayConfig, name: str) -> bo
 def destination_health(ops: OperatorContext, names: Iterable[str],
                        types: dict[str, str] | None = None,
                        clock: Callable[[], float] = time.time) -> list[dict[str, Any]]:
-    """State (active / paused / open / half-open), success rate, last error and the counts of
-    queued (waiting in the lane or in flight), parked (retry delays), retrying and dead
-    deliveries of each destination."""
+    """State (active / paused / open / half-open), success rate, last error, when and why it
+    was paused (``paused_at``, ``paused_reason``: None unless paused) and the counts of queued
+    (waiting in the lane or in flight), parked (retry delays), retrying and dead deliveries of
+    each destination."""
     names = list(names)
     client = ops.redis
     queued = Lanes(client).lane_depths()
@@ -55,6 +56,7 @@ def destination_health(ops: OperatorContext, names: Iterable[str],
     for name in names:
         pipe.hgetall(stats_key(name))
     answers = pipe.execute()
+    pauses = PauseGate(client).paused()
     health = []
     for i, name in enumerate(names):
         stats = {k.decode(): v.decode() for k, v in answers[i].items()}
@@ -76,6 +78,8 @@ def destination_health(ops: OperatorContext, names: Iterable[str],
             "parked": waiting[name],
             "retrying": retrying[name],
             "dead": dead[name],
+            "paused_at": pauses.get(name, {}).get("paused_at"),
+            "paused_reason": pauses.get(name, {}).get("reason"),
         })
     return health
 

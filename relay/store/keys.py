@@ -59,6 +59,15 @@ Operators' views (:mod:`relay.observability`, the dev inbox):
 ``relay:dev:inbox``              list: what the dev inbox received (``relay dev``)   capped
 ===============================  =================================================  ============
 
+The console's sign-in (:mod:`relay.console.auth`); ``<digest>`` is a SHA-256, so Redis holds
+neither a session id a cookie could carry nor a client's address:
+
+=======================================  ========================================  ============
+``relay:console:session:<digest>``       hash: a signed-in session (the HMAC of     its idle
+                                         its key, when it began)                    timeout
+``relay:console:signin-failures:<d>``    wrong keys from one client address         15 min
+=======================================  ========================================  ============
+
 Every stream has one consumer group, :data:`GROUP`. Entries are acknowledged and deleted in
 the script that records their outcome, so a stream's length is its backlog plus what is in
 flight. As the scripts build some key names from prefixes, the relay needs one Redis (or one
@@ -184,3 +193,17 @@ DEV_INBOX = PREFIX + "dev:inbox"  # what the dev inbox received (relay dev only)
 
 def minute_key(minute: int) -> str:
     return f"{MINUTE_PREFIX}{minute}"
+
+
+# -- the console's sign-in -------------------------------------------------------------------
+
+CONSOLE_SESSION_PREFIX = PREFIX + "console:session:"
+SIGNIN_FAILURES_PREFIX = PREFIX + "console:signin-failures:"
+
+
+def console_session_key(digest: str) -> str:
+    return CONSOLE_SESSION_PREFIX + digest
+
+
+def signin_failures_key(digest: str) -> str:
+    return SIGNIN_FAILURES_PREFIX + digest

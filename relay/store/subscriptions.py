@@ -241,6 +241,18 @@ class SubscriptionStore:
                 ids.update(int(i) for i in self.redis.hvals(key))
         return sorted(f"{NAME_PREFIX}{i}" for i in ids)
 
+    def active_by_campaign(self) -> dict[str, list[str]]:
+        """campaign -> the destination names (``sub-<id>``) of its active subscriptions: the
+        console's overview sums them up per campaign."""
+        found: dict[str, list[str]] = {}
+        prefix = len(campaign_key(""))
+        for key in self.redis.scan_iter(match=campaign_key("*"), count=1000):
+            if not key.endswith(b":gone"):
+                ids = sorted(int(i) for i in self.redis.hvals(key))
+                if ids:
+                    found[key.decode()[prefix:]] = [f"{NAME_PREFIX}{i}" for i in ids]
+        return found
+
     # -- the worker side (SubscriptionSource) ---------------------------------------------
 
     def for_event(self, event: LeadEvent, version: bytes | None = None) -> list[Destination]:

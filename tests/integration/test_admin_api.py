@@ -4,6 +4,7 @@ keep the delivery log's memory in check."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -142,6 +143,24 @@ def test_replay_needs_exactly_one_choice(sink: Sink) -> None:
     world = World(sink)
     for body in ({}, {"all": True, "destination": "crm"}, {"ids": []}, {"ids": "x"}):
         assert world.post_api("/api/dead-letters/replay", body, status=422)["error"]
+
+
+def test_destinations_say_when_and_why_they_were_paused(sink: Sink) -> None:
+    world = World(sink)
+    before = time.time()
+    world.post_api("/api/destinations/backend/pause", {"reason": "maintenance"})
+    world.post_api("/api/destinations/crm/pause")
+    found = {d["name"]: d for d in world.get("/api/destinations")["destinations"]}
+    assert found["backend"]["paused_reason"] == "maintenance"
+    assert before <= found["backend"]["paused_at"] <= time.time()
+    assert found["crm"]["paused_reason"] == "" and found["crm"]["paused_at"] >= before
+    world.post_api("/api/destinations/backend/resume")
+    backend = {d["name"]: d for d in world.get("/api/destinations")["destinations"]}["backend"]
+    assert backend["paused_at"] is None and backend["paused_reason"] is None
+    document = world.client.get("/api/openapi.json").get_json()
+    described = next(s for name, s in document["components"]["schemas"].items()
+                     if "paused_reason" in s.get("properties", {}))
+    assert {"paused_at", "paused_reason"} <= set(described["required"]), described
 
 
 def test_destinations_report_state_and_health(sink: Sink) -> None:

@@ -73,6 +73,22 @@ def test_status_shows_queue_and_destinations(world: World) -> None:
     assert '"queue_depth": 1' in as_json
 
 
+def test_status_says_why_a_destination_is_paused(world: World) -> None:
+    world.relay_cli("pause", "backend", "--reason", "HubSpot maintenance window")
+    world.relay_cli("pause", "crm")
+    out = world.relay_cli("status").output
+    paused = [line for line in out.splitlines() if line.startswith("paused: ")]
+    assert len(paused) == 2
+    assert paused[0].startswith("paused: backend since ")
+    assert paused[0].endswith(", reason: HubSpot maintenance window")
+    assert paused[1].startswith("paused: crm since ") and paused[1].endswith("no reason given")
+    assert '"paused_reason": "HubSpot maintenance window"' in world.relay_cli(
+        "status", "--json").output
+    world.relay_cli("resume", "backend")
+    world.relay_cli("resume", "crm")
+    assert "paused:" not in world.relay_cli("status").output
+
+
 def test_events_show_answers_did_it_reach_the_crm_and_why_not(world: World) -> None:
     world.sink.script("/crm", [422])
     event_id = world.post(1)

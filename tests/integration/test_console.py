@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from typing import Any
 
 import fakeredis
@@ -158,17 +159,29 @@ def test_a_wrong_key_is_refused_without_saying_what_was_wrong(world: World) -> N
 def test_repeated_wrong_keys_are_slowed_down_per_client(world: World) -> None:
     for _ in range(5):
         assert sign_in(world.client, "wrong").status_code == 401
-    locked = sign_in(world.client, API_KEY)  # even the right key, while locked out
-    assert locked.status_code == 429
-    assert 0 < int(locked.headers["Retry-After"]) <= 900
-    assert "Too many wrong keys" in locked.text
+    limited = sign_in(world.client, "wrong again")
+    assert limited.status_code == 429
+    assert 0 < int(limited.headers["Retry-After"]) <= 900
+    assert "Too many wrong keys" in limited.text
     assert world.client.get("/console").status_code == 302
     elsewhere = world.app.test_client()
     elsewhere.environ_base["REMOTE_ADDR"] = "127.0.0.9"
-    assert sign_in(elsewhere, API_KEY).status_code == 302
+    assert sign_in(elsewhere, "wrong").status_code == 401  # its own count
     # the counter lives in Redis (every web process sees it), without the address in clear
-    [key] = world.redis.scan_iter("relay:console:signin-failures:*")
-    assert b"127.0.0.1" not in key and world.redis.ttl(key) > 0
+    keys = list(world.redis.scan_iter("relay:console:signin-failures:*"))
+    assert len(keys) == 2 and all(world.redis.ttl(key) > 0 for key in keys)
+    assert not [key for key in keys if b"127.0.0" in key]
+
+
+def test_wrong_keys_never_lock_out_the_right_key(world: World) -> None:
+    """Someone else's wrong keys from the same address (behind a proxy, everyone's) do not keep
+    the holder of a right key out."""
+    for _ in range(20):
+        sign_in(world.app.test_client(), "a guess")
+    assert sign_in(world.app.test_client(), "one more guess").status_code == 429
+    client = world.app.test_client()
+    assert sign_in(client, OTHER_KEY).status_code == 302
+    assert client.get("/console").status_code == 200
 
 
 def test_a_right_key_after_a_few_wrong_ones_resets_the_count(world: World) -> None:
@@ -176,6 +189,46 @@ def test_a_right_key_after_a_few_wrong_ones_resets_the_count(world: World) -> No
         sign_in(world.client, "wrong")
     assert sign_in(world.client, OTHER_KEY).status_code == 302
     assert list(world.redis.scan_iter("relay:console:signin-failures:*")) == []
+
+
+def behind_proxy(world: World, client_address: str) -> FlaskClient:
+    """A browser at ``client_address`` reaching the relay through a proxy at 10.0.0.2."""
+    client = world.app.test_client()
+    client.environ_base.update({"REMOTE_ADDR": "10.0.0.2",
+                                "HTTP_X_FORWARDED_FOR": client_address})
+    return client
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_count(sink: Sink) -> None:
+    world = World(sink, trusted_proxies=1)
+    guesser = behind_proxy(world, "203.0.113.9")
+    for _ in range(5):
+        assert sign_in(guesser, "wrong").status_code == 401
+    assert sign_in(guesser, "wrong").status_code == 429
+    colleague = behind_proxy(world, "198.51.100.7")
+    assert sign_in(colleague, "a typo").status_code == 401  # not the guesser's count
+    assert sign_in(colleague, API_KEY).status_code == 302
+
+
+def test_without_trusted_proxies_a_forwarded_address_is_not_believed(world: World) -> None:
+    for n in range(5):  # each claims another address: all are counted on the one they came from
+        assert sign_in(behind_proxy(world, f"203.0.113.{n}"), "wrong").status_code == 401
+    assert sign_in(behind_proxy(world, "198.51.100.7"), "wrong").status_code == 429
+
+
+def test_a_trusted_proxy_says_the_request_came_over_https(sink: Sink) -> None:
+    world = World(sink, trusted_proxies=1)
+    client = behind_proxy(world, "198.51.100.7")
+    client.environ_base["HTTP_X_FORWARDED_PROTO"] = "https"
+    token = csrf_of(client.get("/console/login").text)
+    response = client.post("/console/login", data={"api_key": API_KEY, "csrf_token": token},
+                           headers={"Referer": "https://localhost/console/login"})
+    assert response.status_code == 302 and "; Secure" in response.headers["Set-Cookie"]
+    untrusting = World(sink)  # RELAY_TRUSTED_PROXIES=0: the header is nobody's word
+    client = behind_proxy(untrusting, "198.51.100.7")
+    client.environ_base["HTTP_X_FORWARDED_PROTO"] = "https"
+    response = sign_in(client)
+    assert response.status_code == 302 and "Secure" not in response.headers["Set-Cookie"]
 
 
 def test_sign_in_refuses_a_form_without_its_csrf_token(world: World) -> None:
@@ -200,9 +253,127 @@ def test_sign_out_ends_the_session(world: World) -> None:
 
 def test_a_key_removed_from_the_settings_signs_its_sessions_out(world: World) -> None:
     client = signed_in(world)
+    other = world.app.test_client()
+    assert sign_in(other, OTHER_KEY).status_code == 302
     ctx = world.app.extensions["relay"]
     ctx.settings = dataclasses.replace(ctx.settings, api_keys=(OTHER_KEY,))
     assert client.get("/console").status_code == 302
+    assert other.get("/console").status_code == 200  # signed in with a key still there
+    [left] = session_records(world)  # the ended session is gone from Redis too
+    assert client.get("/console").status_code == 302  # and stays ended
+    ctx.settings = dataclasses.replace(ctx.settings, api_keys=(API_KEY, OTHER_KEY))
+    assert client.get("/console").status_code == 302  # putting the key back revives nothing
+
+
+# -- sessions end on the server -----------------------------------------------------------------
+
+
+def session_records(world: World) -> list[bytes]:
+    return sorted(world.redis.scan_iter("relay:console:session:*"))
+
+
+def cookie_of(client: FlaskClient) -> str:
+    cookie = client.get_cookie("relay_console", path="/console")
+    assert cookie is not None
+    return cookie.value
+
+
+def with_cookie(world: World, value: str) -> FlaskClient:
+    """Another browser holding a copy of a cookie."""
+    client = world.app.test_client()
+    client.set_cookie("relay_console", value, path="/console")
+    return client
+
+
+def test_a_cookie_saved_before_sign_out_is_worth_nothing(world: World) -> None:
+    client = signed_in(world)
+    page = client.get("/console/destinations").text
+    saved = cookie_of(client)
+    assert with_cookie(world, saved).get("/console").status_code == 200  # a working copy
+    assert post_form(client, "/console", "/console/logout").status_code == 302
+    assert session_records(world) == []
+    thief = with_cookie(world, saved)
+    response = thief.get("/console/destinations")
+    assert response.status_code == 302 and "/console/login" in response.headers["Location"]
+    pause = thief.post("/console/destinations/crm/pause",
+                       data={"csrf_token": csrf_of(page), "reason": "stolen"})
+    assert pause.status_code == 302 and "/console/login" in pause.headers["Location"]
+    assert PauseGate(world.redis).paused() == {}
+    refresh = thief.get("/console", headers={"HX-Request": "true"})
+    assert refresh.status_code == 401 and refresh.headers["HX-Redirect"] == "/console/login"
+
+
+def test_signing_in_again_starts_a_new_session_and_ends_the_old_one(world: World) -> None:
+    client = signed_in(world)
+    before = cookie_of(client)
+    assert post_form(client, "/console", "/console/login", api_key=OTHER_KEY).status_code == 302
+    assert with_cookie(world, before).get("/console").status_code == 302
+    assert client.get("/console").status_code == 200 and len(session_records(world)) == 1
+
+
+def test_redis_holds_no_session_id_a_cookie_could_carry(world: World) -> None:
+    client = signed_in(world)
+    serializer = world.app.session_interface.get_signing_serializer(world.app)
+    session_id = serializer.loads(cookie_of(client))["sid"]
+    [record] = session_records(world)
+    assert session_id.encode() not in record
+    stored = world.redis.hgetall(record)
+    assert set(stored) == {b"key", b"created"}
+    assert session_id.encode() not in b"".join(stored.values())
+    assert API_KEY.encode() not in b"".join(stored.values())
+    assert API_KEY not in str(serializer.loads(cookie_of(client)))
+
+
+def test_the_pages_own_refreshes_do_not_keep_a_session_on(world: World) -> None:
+    client = signed_in(world)
+    html = client.get("/console").text
+    assert '"X-Console-Refresh": "auto"' in html  # what the page's refresh sends
+    [record] = session_records(world)
+    idle = world.settings.console_idle_timeout * 1000
+    assert idle - 60_000 < world.redis.pttl(record) <= idle
+    world.redis.pexpire(record, 30_000)  # as if the tab had been left alone for a while
+    refresh = {"HX-Request": "true", "X-Console-Refresh": "auto"}
+    for _ in range(3):
+        assert client.get("/console", headers=refresh).status_code in (200, 204)
+        assert client.get("/console/events/evt_x", headers=refresh).status_code == 404
+    assert world.redis.pttl(record) <= 30_000  # the refreshes did not count
+    world.redis.delete(record)  # the idle timeout ran out: the next refresh goes to sign-in
+    response = client.get("/console", headers=refresh)
+    assert response.status_code == 401 and response.headers["HX-Redirect"] == "/console/login"
+
+
+def test_a_request_the_operator_makes_restarts_the_idle_timeout(world: World) -> None:
+    client = signed_in(world)
+    [record] = session_records(world)
+    world.redis.pexpire(record, 30_000)
+    assert client.get("/console/dead-letters").status_code == 200
+    assert world.redis.pttl(record) > 30_000
+
+
+def test_the_idle_timeout_is_a_setting(sink: Sink) -> None:
+    world = World(sink, console_idle_timeout=120.0)
+    signed_in(world)
+    [record] = session_records(world)
+    assert 0 < world.redis.pttl(record) <= 120_000
+
+
+def test_a_session_ends_at_its_absolute_lifetime_however_busy(world: World) -> None:
+    client = signed_in(world)
+    [record] = session_records(world)
+    lifetime = world.settings.console_session_lifetime
+    world.redis.hset(record, "created", repr(time.time() - lifetime + 30))
+    assert client.get("/console").status_code == 200
+    assert world.redis.pttl(record) <= 30_000  # activity never carries it past its end
+    world.redis.hset(record, "created", repr(time.time() - lifetime - 1))
+    assert client.get("/console").status_code == 302
+    assert session_records(world) == []
+
+
+def test_the_cookie_is_not_renewed_by_every_request(world: World) -> None:
+    client = signed_in(world)
+    client.get("/console")  # the first page after sign-in writes the form token
+    for page in ("/console", "/console/destinations", "/console/events"):
+        assert "Set-Cookie" not in client.get(page).headers, page
 
 
 @pytest.mark.parametrize(("settings", "why"), [
@@ -288,6 +459,103 @@ def test_pause_and_resume_from_the_console(world: World) -> None:
     assert response.headers["Location"] == "/console"
     assert PauseGate(world.redis).paused() == {}
     assert "crm is resumed; 0 held deliveries released." in client.get("/console").text
+
+
+def test_the_pause_reason_is_shown_with_the_state(world: World) -> None:
+    client = signed_in(world)
+    post_form(client, "/console/destinations", "/console/destinations/crm/pause",
+              reason="HubSpot <maintenance> until 14:00", back="/console/destinations")
+    PauseGate(world.redis).pause("backend")  # no reason given
+    for page in ("/console", "/console/destinations"):
+        html = client.get(page).text
+        crm = re.search(r'<tr id="destination-crm">(.*?)</tr>', html, re.S).group(1)  # type: ignore[union-attr]
+        reason = re.search(r'id="pause-reason-crm">(.*?)</small>', crm, re.S).group(1)  # type: ignore[union-attr]
+        assert "HubSpot &lt;maintenance&gt; until 14:00" in reason and "UTC" in reason
+        backend = re.search(r'id="pause-reason-backend">(.*?)</small>', html, re.S).group(1)  # type: ignore[union-attr]
+        assert backend.startswith("since ") and ":" not in backend.split("</time>")[-1]
+    PauseGate(world.redis).pause("crm", f"key in the URL: https://x.example/?api_key={URL_SECRET}")
+    assert URL_SECRET not in client.get("/console/destinations").text
+
+
+def live_url(html: str) -> str:
+    found = re.search(r'<div id="overview-live" hx-get="([^"]+)"', html)
+    assert found, "the overview has no refreshing part"
+    return found.group(1).replace("&amp;", "&")
+
+
+def test_the_overview_stays_small_however_many_subscriptions(world: World) -> None:
+    store = SubscriptionStore(world.redis)
+    for campaign in range(135500, 135510):  # 1,000 API subscriptions in ten campaigns
+        for n in range(100):
+            store.register(campaign, f"https://hooks{n}.example.com/{campaign}", ["new_signup"])
+    paused = store.find(135505, "https://hooks7.example.com/135505")
+    assert paused is not None
+    PauseGate(world.redis).pause(paused.name, "the customer asked")
+    client = signed_in(world)
+    page = client.get("/console")
+    assert len(page.data) < 40_000  # 774 KB before, with a row per subscription
+    html = page.text
+    assert 'id="destination-crm"' in html and 'id="destination-backend"' in html
+    assert 'id="destination-sub-' not in html
+    assert len(re.findall(r'<tr id="campaign-', html)) == 10
+    assert "1000 subscriptions in 10 campaigns" in html
+    campaign = re.search(r'<tr id="campaign-135505">(.*?)</tr>', html, re.S).group(1)  # type: ignore[union-attr]
+    assert ">100<" in campaign and "state-paused" in campaign
+    assert "/console/destinations?campaign=135505" in campaign
+    # The refresh is the live part, bounded too, and nothing at all while nothing changed.
+    refresh = {"HX-Request": "true", "X-Console-Refresh": "auto"}
+    same = client.get(live_url(html), headers=refresh)
+    assert same.status_code == 204 and same.data == b""
+    PauseGate(world.redis).pause("crm", "maintenance")
+    changed = client.get(live_url(html), headers=refresh)
+    assert changed.status_code == 200 and len(changed.data) < 40_000
+    assert "maintenance" in changed.text and live_url(changed.text) != live_url(html)
+    assert client.get(live_url(changed.text), headers=refresh).status_code == 204
+
+
+def test_the_overview_shows_the_rows_that_need_a_look_first(world: World) -> None:
+    store = SubscriptionStore(world.redis)
+    for campaign in range(30):  # more campaigns than the overview has lines for
+        store.register(campaign, f"https://hooks.example.com/{campaign}", ["new_signup"])
+    for n in range(40):  # more destinations than it has rows for
+        world.redis.hset(f"relay:stats:old-{n:02d}", "delivered", 1)
+    PauseGate(world.redis).pause("old-33", "gone quiet")
+    lonely = store.find(17, "https://hooks.example.com/17")
+    assert lonely is not None
+    PauseGate(world.redis).pause(lonely.name)
+    html = signed_in(world).get("/console").text
+    rows = re.findall(r'<tr id="destination-([^"]+)">', html)
+    assert len(rows) == 25 and rows == sorted(rows) and "old-33" in rows
+    assert "25 of 42 destinations here" in html
+    campaigns = re.findall(r'<tr id="campaign-([^"]+)">', html)
+    assert len(campaigns) == 10 and campaigns[0] == "17"
+    assert "30 subscriptions in 30 campaigns; the 10 that need a look first" in html
+
+
+def test_the_destinations_page_pages_and_filters(world: World) -> None:
+    store = SubscriptionStore(world.redis)
+    for campaign in (135544, 135545):
+        for n in range(60):
+            store.register(campaign, f"https://hooks{n}.example.com/{campaign}", ["new_signup"])
+    client = signed_in(world)
+    first = client.get("/console/destinations").text
+    rows = re.findall(r'<tr id="destination-([^"]+)">', first)
+    assert rows[:3] == ["backend", "crm", "sub-1"] and len(rows) == 50
+    assert "1–50 of 122 destinations" in first and "Page 1 of 3" in first
+    last = client.get("/console/destinations?page=3").text
+    assert re.findall(r'<tr id="destination-([^"]+)">', last)[-1] == "sub-120"
+    assert "101–122 of 122" in last
+    campaign = client.get("/console/destinations?campaign=135545").text
+    assert "1–50 of 60 destinations of campaign 135545" in campaign
+    assert 'id="destination-sub-61"' in campaign and 'id="destination-sub-1"' not in campaign
+    found = client.get("/console/destinations?q=CRM").text
+    assert re.findall(r'<tr id="destination-([^"]+)">', found) == ["crm"]
+    assert client.get("/console/destinations?page=0").status_code == 400
+    # an action on a later page comes back to it
+    page = "/console/destinations?page=2"
+    assert f'name="back" value="{page}"' in client.get(page).text
+    response = post_form(client, page, "/console/destinations/sub-70/pause", back=page)
+    assert response.headers["Location"] == page
 
 
 def test_pausing_an_unknown_destination_is_a_404(world: World) -> None:
@@ -489,6 +757,29 @@ def test_no_page_shows_a_secret_or_an_api_key(world: World) -> None:
 def test_an_unknown_console_address_is_an_html_404(world: World) -> None:
     response = signed_in(world).get("/console/no-such-page")
     assert response.status_code == 404 and "<html" in response.text
+
+
+def test_console_slash_is_the_overview(world: World) -> None:
+    assert world.client.get("/console/").headers["Location"].startswith("/console/login")
+    client = signed_in(world)
+    response = client.get("/console/")
+    assert response.status_code == 302 and response.headers["Location"] == "/console"
+    assert 'id="overview-live"' in client.get("/console/", follow_redirects=True).text
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/console/no-such-page", 404), ("GET", "/console/events/", 404),
+    ("POST", "/console/no-such-page", 404), ("DELETE", "/console/events/evt_1", 405),
+    ("POST", "/console/events", 405), ("PUT", "/console", 405), ("PATCH", "/console/", 405),
+    ("GET", "/console/destinations/crm/pause", 405), ("GET", "/console/static/nope.js", 404)])
+def test_every_unknown_console_address_answers_an_html_page(world: World, method: str,
+                                                            path: str, status: int) -> None:
+    response = signed_in(world).open(path, method=method)
+    assert response.status_code == status
+    assert response.mimetype == "text/html" and "<html" in response.text
+    if status == 405:
+        assert response.headers["Allow"] in ("GET", "POST")
+    assert PauseGate(world.redis).paused() == {}
 
 
 def test_pages_say_so_when_redis_does_not_answer(sink: Sink) -> None:

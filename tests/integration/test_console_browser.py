@@ -4,9 +4,10 @@ HTTP sink as the destinations.
 
 As a person uses it: sign in, find a lead by email, open its event, see its dead letter, replay
 it and watch it become delivered (the event page refreshes itself), pause and resume a
-destination, and check the pages fit a phone-sized screen. The worker is used only through its
-public behaviour (events posted to ``/hooks/kickofflabs``, deliveries awaited through the admin
-API), so the test does not depend on how the delivery engine works inside.
+destination, check the pages fit a phone-sized screen, and sign out (a copy of the cookie is
+then worth nothing; the overview's refreshes never kept the session alive). The worker is used
+only through its public behaviour (events posted to ``/hooks/kickofflabs``, deliveries awaited
+through the admin API), so the test does not depend on how the delivery engine works inside.
 
 With ``RELAY_SCREENSHOTS=<dir>`` the test also saves ``console-overview.png`` and
 ``console-event.png`` there (the README's pictures: ``RELAY_SCREENSHOTS=docs``).
@@ -214,6 +215,13 @@ def test_an_operator_finds_a_lead_replays_its_dead_letter_and_pauses_a_destinati
     wait.until(lambda d: d.find_element(By.ID, "total-accepted").text == "6")  # live refresh
     _screenshot(browser, "console-overview.png")
 
+    # The page's own refreshes are not activity: they do not restart the session's idle time.
+    [record] = stack.redis.scan_iter("relay:console:session:*")
+    stack.redis.pexpire(record, 600_000)
+    stack.post_event(email="one.more@example.com", social_id="b9", id=9)
+    wait.until(lambda d: d.find_element(By.ID, "total-accepted").text == "7")  # refreshed
+    assert 0 < stack.redis.pttl(record) <= 600_000
+
     # Find the lead by email and open its event.
     browser.find_element(By.LINK_TEXT, "Leads").click()
     search = wait.until(ec.element_to_be_clickable((By.ID, "q")))
@@ -247,6 +255,7 @@ def test_an_operator_finds_a_lead_replays_its_dead_letter_and_pauses_a_destinati
     pause.send_keys(Keys.ENTER)  # keyboard again: the button takes Enter
     wait.until(ec.element_to_be_clickable((By.ID, "resume-crm")))
     assert "paused" in browser.find_element(By.ID, "destination-crm").text
+    assert "CRM maintenance" in browser.find_element(By.ID, "pause-reason-crm").text
     status, body = stack.api("GET", "/api/destinations")
     assert {d["name"]: d["state"] for d in body["destinations"]}["crm"] == "paused"
     browser.find_element(By.ID, "resume-crm").click()
@@ -267,3 +276,17 @@ def test_an_operator_finds_a_lead_replays_its_dead_letter_and_pauses_a_destinati
     # No secret reached any page the browser saw.
     for secret in (API_KEY, "hubspot-token-never-shown", "backend-header-never-shown"):
         assert secret not in browser.page_source
+
+    # Signing out ends the session on the server: its cookie, put back, opens nothing.
+    saved = browser.get_cookie("relay_console")
+    assert saved is not None
+    browser.set_window_size(1280, 1000)
+    browser.get(f"{stack.base}/console/")  # the trailing slash reaches the overview too
+    wait.until(ec.presence_of_element_located((By.ID, "overview-live")))
+    browser.find_element(By.CSS_SELECTOR, "form.signout button").click()
+    wait.until(ec.url_contains("/console/login"))
+    browser.delete_all_cookies()
+    browser.add_cookie({k: saved[k] for k in ("name", "value", "path", "httpOnly")})
+    browser.get(f"{stack.base}/console/destinations")
+    wait.until(ec.url_contains("/console/login"))
+    assert list(stack.redis.scan_iter("relay:console:session:*")) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
-from relay.history import database, reader, retention, schema, writer
+from relay.history import database, partitions, reader, retention, schema, writer
 from relay.history.database import current_revision, open_database, reading, upgrade
 
 
@@ -24,6 +25,11 @@ def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'history.sqlite3'}"
         return
+    yield from fresh_postgres_database(request)
+
+
+def fresh_postgres_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of a database made for this test on the suite's PostgreSQL server."""
     server: str = request.getfixturevalue("postgres_url")
     name = "h_" + re.sub(r"\W+", "_", request.node.name).lower()[-20:] + uuid.uuid4().hex[:6]
     admin = open_database(server, isolation_level="AUTOCOMMIT")
@@ -74,7 +80,7 @@ def count(engine: Engine, table: Any) -> int:
 def test_upgrade_runs_twice_and_names_its_revision(history_url: str) -> None:
     upgrade(history_url)
     upgrade(history_url)
-    assert current_revision(history_url) == "0001"
+    assert current_revision(history_url) == "0002"
 
 
 def test_a_batch_written_twice_leaves_the_rows_of_once(history: Engine) -> None:
@@ -191,3 +197,77 @@ def test_sqlite_reads_never_queue_behind_the_writer(tmp_path: Path,
             second.execute(text("SELECT 1"))  # a second writer does wait (and here gives up)
     writing.dispose()
     other.dispose()
+
+
+DAY = partitions.DAY
+TODAY = partitions.day_of(time.time())
+
+
+def test_postgresql_keeps_each_day_in_its_own_partition_and_drops_old_days(
+        postgres_history: Engine) -> None:
+    """Retention on PostgreSQL drops whole days; what the default partition caught (a day not
+    made yet) moves to its day when the day is made, and is deleted in batches if it is old."""
+    history = postgres_history
+    early = TODAY - 10 * DAY  # no partition for that day: the default partition takes it
+    write(history, (1, [event_record("evt_early", received_at=early + 5)]),
+          (2, [event_record("evt_old", received_at=TODAY - 3 * DAY + 60),
+               attempt("evt_old", 1, "delivered", received_at=TODAY - 3 * DAY + 60)]),
+          (3, [event_record("evt_new", received_at=TODAY + 60)]))
+    with history.begin() as connection:
+        made = partitions.ensure(connection, time.time(), also=[TODAY - 3 * DAY])
+    assert partitions.partition_name("relay_events", TODAY - 3 * DAY) in made
+    assert where("relay_events", history) == {
+        "evt_early": "relay_events_default",
+        "evt_old": partitions.partition_name("relay_events", TODAY - 3 * DAY),
+        "evt_new": partitions.partition_name("relay_events", TODAY)}
+    # The retention period ends in the middle of the day before yesterday.
+    deleted = retention.purge(history, cutoff=TODAY - 2 * DAY + 3600)
+    assert deleted == 3  # evt_early's event, delivery and lead key, from the default partition
+    assert set(where("relay_events", history)) == {"evt_new"}
+    assert count(history, schema.attempts) == 0  # evt_old's day was dropped whole
+    with history.connect() as connection:
+        names = partitions.days(connection, "relay_events").values()
+    assert partitions.partition_name("relay_events", TODAY - 3 * DAY) not in names
+    assert partitions.partition_name("relay_events", TODAY + 2 * DAY) in names  # made ahead
+
+
+def test_upgrading_from_0001_keeps_every_row(history_url: str) -> None:
+    """A history written under revision 0001 comes through the move to keys with
+    received_at (and, on PostgreSQL, day partitions) whole."""
+    upgrade(history_url, "0001")
+    engine = open_database(history_url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO relay_events (event_id, name, source, received_at, event_json) "
+            "VALUES ('evt_a', 'new_signup', 'kickofflabs', :at, '{}')"), {"at": TODAY - DAY})
+        connection.execute(text(
+            "INSERT INTO relay_deliveries (event_id, destination, status, attempts, version, "
+            "updated_at, received_at) VALUES ('evt_a', 'crm', 'dead', 3, 1, :at, :at)"),
+            {"at": TODAY - DAY})
+    upgrade(history_url)
+    assert current_revision(history_url) == "0002"
+    write(engine, (5, [attempt("evt_a", 4, "delivered", received_at=TODAY - DAY)]))
+    with engine.connect() as connection:
+        assert reader.event_json(connection, ["evt_a"]) == {"evt_a": "{}"}
+        assert connection.execute(select(schema.deliveries.c.status)).scalars().all() == [
+            "delivered"]
+        if partitions.partitioned(connection):
+            assert where("relay_events", engine) == {
+                "evt_a": partitions.partition_name("relay_events", TODAY - DAY)}
+    engine.dispose()
+
+
+@pytest.fixture
+def postgres_history(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    for url in fresh_postgres_database(request):
+        upgrade(url)
+        engine = open_database(url)
+        yield engine
+        engine.dispose()
+
+
+def where(table: str, engine: Engine) -> dict[str, str]:
+    """event id -> the partition that holds its row."""
+    with engine.connect() as connection:
+        rows = connection.execute(text(f"SELECT event_id, tableoid::regclass::text FROM {table}"))
+        return {event_id: partition for event_id, partition in rows}

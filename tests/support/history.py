@@ -40,11 +40,12 @@ def history_for(client: redis.Redis) -> Engine:
 
 
 def flush_history(client: redis.Redis, database: Engine | None = None,
-                  timeout: float = 10.0) -> int:
+                  timeout: float = 10.0, grace_ms: int = 0) -> int:
     """Play the history writer: write everything the history stream holds (or, when a
-    worker's writer holds the lease, wait until it has)."""
+    worker's writer holds the lease, wait until it has). Redis lets the committed payloads go
+    after ``grace_ms`` (at once by default: tests see the state after the grace)."""
     writer = HistoryWriter(client, database or history_for(client), holder="tests",
-                           retention_seconds=7 * 86400)
+                           retention_seconds=7 * 86400, payload_grace_ms=grace_ms)
     written = writer.flush()
     deadline = time.monotonic() + timeout
     while client.xlen(HISTORY) and time.monotonic() < deadline:

@@ -37,6 +37,10 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     as a context manager). One thread per connection, all daemons: a request left hanging never
     keeps the test run alive."""
 
+    # socketserver listens with a backlog of 5: a drainer opening its window (tens of
+    # connections at once) met resets a real receiver would not give.
+    request_queue_size = 128
+
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(("127.0.0.1", 0), handler)
         # A short poll: stop() returns within 50 ms instead of the default half second.

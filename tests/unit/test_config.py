@@ -283,3 +283,29 @@ def test_bad_rate_limits(text: str) -> None:
 def test_format_duration_round_trips(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
     assert parse_duration(text) == seconds
+
+
+# -- the console's sessions and the proxies in front of relay web -----------------------------
+
+
+def test_console_sessions_and_trusted_proxies_from_the_environment() -> None:
+    from relay.config.settings import Settings
+
+    default = Settings.from_env({})
+    assert default.console_idle_timeout == 3600 and default.console_session_lifetime == 43200
+    assert default.trusted_proxies == 0
+    settings = Settings.from_env({"RELAY_CONSOLE_IDLE_TIMEOUT": "15m",
+                                  "RELAY_CONSOLE_SESSION_LIFETIME": "8h",
+                                  "RELAY_TRUSTED_PROXIES": "2"})
+    assert settings.console_idle_timeout == 900 and settings.console_session_lifetime == 28800
+    assert settings.trusted_proxies == 2
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("RELAY_CONSOLE_IDLE_TIMEOUT", "0"), ("RELAY_CONSOLE_SESSION_LIFETIME", "soon"),
+    ("RELAY_TRUSTED_PROXIES", "-1"), ("RELAY_TRUSTED_PROXIES", "yes")])
+def test_console_and_proxy_settings_refuse_nonsense(name: str, value: str) -> None:
+    from relay.config.settings import Settings
+
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
