@@ -30,7 +30,7 @@ MAX_PAGE = 500
 # The contract of every admin endpoint (also its OpenAPI document):
 #   400  the request cannot be read: a query parameter that is not a number, out of its bounds,
 #        or given twice; a body that is not UTF-8 JSON, or not a JSON object
-#   401  no valid API key          404  no such event / destination
+#   401  no valid API key          404  no such event / destination (pause, resume, replay)
 #   413  body over RELAY_MAX_BODY_BYTES          422  a JSON object whose fields are invalid
 #   503  Redis unavailable (Retry-After)
 # Every error body is {"error": "<what went wrong>", "details": <per-field problems or null>}.
@@ -161,9 +161,13 @@ def _ops() -> OperatorContext:
     return OperatorContext(ctx.redis, ctx.database, ctx.settings.retention)
 
 
-def _require_destination(name: str) -> None:
+def _require_destination(name: str, ops: OperatorContext | None = None) -> None:
+    """404 unless the relay knows ``name`` (configured, subscribed, counted; or, given
+    ``ops``, one with dead letters left to replay)."""
     ctx = _ctx()
-    if not destinations.destination_known(ctx.redis, ctx.config, name):
+    if destinations.destination_known(ctx.redis, ctx.config, name):
+        return
+    if ops is None or not dead_letters.has_dead_letters(ops, name):
         raise NotFound(f"unknown destination {name!r}")
 
 
@@ -193,6 +197,8 @@ def get_dead_letters() -> Response:
 def post_replay() -> Response:
     body = _body(ReplayRequest())
     ops = _ops()
+    if body.get("destination"):
+        _require_destination(body["destination"], ops)  # as pause and resume answer
     targets = dead_letters.replay_targets(ops, body.get("ids") or (), body.get("destination"),
                                           bool(body.get("all")))
     return jsonify({"queued": dead_letters.replay_dead_letters(ops, targets)})

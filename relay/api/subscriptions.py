@@ -6,10 +6,14 @@ clients written for KickoffLabs keep working; the blueprint has its own error ha
 Parameters may come as a query string, a form body or a JSON body, merged in that order (later
 wins). ``curl -d '{"url": …}'`` without a Content-Type sends JSON labelled as a form, as many
 KickoffLabs clients do: a body that parses as a JSON object is read as JSON whatever its label.
+Inside one of them a parameter is given once (``events`` excepted, a list: ``events[]=a&
+events[]=b``): ``url=a&url=b``, or a JSON key twice, is a 400, as at the ingress. ``api_key``
+has the keys' own rule (:mod:`relay.api.auth`: every key a request carries must be valid).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +24,7 @@ from flask.blueprints import BlueprintSetupState
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.datastructures import MultiDict
 
-from relay.api.auth import json_object, require_api_key
+from relay.api.auth import KEY_PARAMETER, json_object, require_api_key
 from relay.core.errors import (
     BadRequest,
     IngressError,
@@ -237,6 +241,7 @@ def _parameters() -> dict[str, Any]:
     body = request.get_data(cache=True)
     decoded = json_object(body)
     if decoded is not None:
+        json.loads(body, object_pairs_hook=_once_each)  # a key given twice is a 400
         parameters.update(decoded)
     elif body.strip() and request.mimetype == "application/json":
         raise BadRequest("the body is not a JSON object")
@@ -246,17 +251,33 @@ def _parameters() -> dict[str, Any]:
 
 
 def _from_multidict(source: MultiDict[str, str]) -> dict[str, Any]:
-    # ``events=a&events=b`` and ``events[]=a&events[]=b`` both mean a list; other keys keep
-    # their last value.
+    # ``events=a&events=b`` and ``events[]=a&events[]=b`` both mean a list; any other key
+    # given twice is refused (``api_key`` has its own rule, applied by require_api_key).
     parameters: dict[str, Any] = {}
     for key in source:
         name = key[:-2] if key.endswith("[]") else key
         values = source.getlist(key)
-        if name in _LIST_PARAMETERS:
+        if name in _LIST_PARAMETERS:  # ``events=a&events[]=b`` is two names as well
+            earlier = parameters.get(name, [])
+            values = [*(earlier if isinstance(earlier, list) else [earlier]), *values]
             parameters[name] = values if len(values) != 1 else values[0]
+        elif (len(values) > 1 or name in parameters) and name != KEY_PARAMETER:
+            raise _given_twice(key)
         else:
             parameters[name] = values[-1]
     return parameters
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        raise _given_twice(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return found
+
+
+def _given_twice(key: str) -> BadRequest:
+    return BadRequest(f"{key[:100]}: given more than once", {key[:100]: ["given more than once"]})
 
 
 def _load(schema: Schema, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -216,8 +216,14 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
     if sum(bool(x) for x in (ids, destination, everything)) != 1:
         raise click.UsageError("give dead-letter IDS, --destination D or --all (one of them)")
     from relay.operations import dead_letters as letters_ops
+    from relay.operations import destinations as destination_ops
 
     ops = _ops()
+    if destination and not letters_ops.has_dead_letters(ops, destination):
+        config = relay_config()
+        configured = [d.name for d in config.destinations] if config else []
+        if destination not in destination_ops.known_destinations(ops.redis, configured):
+            raise click.ClickException(f"unknown destination '{destination}'")
     targets = letters_ops.replay_targets(ops, ids, destination, everything)
     missing: list[str] = []
 
@@ -227,8 +233,11 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
 
     with click.progressbar(targets, label="replaying", show_pos=True, file=sys.stderr) as bar:
         queued = letters_ops.replay_dead_letters(ops, bar, note)
+    found = {f"{t.event_id}|{t.destination}" for t in targets} | {t.event_id for t in targets}
+    unknown = sum(1 for given in dict.fromkeys(ids) if given not in found)
     click.echo(f"queued {queued} dead letter(s) for delivery"
-               + (f"; {len(missing)} no longer dead (replayed already?)" if missing else ""))
+               + (f"; {len(missing)} no longer dead (replayed already?)" if missing else "")
+               + (f"; {unknown} of the ids given are not dead letters" if unknown else ""))
     if ids and not targets:
         raise click.ClickException("no such dead letter")
 
@@ -245,7 +254,7 @@ def pause(destination: str, reason: str) -> None:
     configured = [d.name for d in config.destinations] if config else []
     if not destination.startswith("sub-") and destination not in (
             destination_ops.known_destinations(client, configured)):
-        raise click.ClickException(f"unknown destination {destination!r}")
+        raise click.ClickException(f"unknown destination '{destination}'")
     destination_ops.pause(client, destination, reason)
     click.echo(f"{destination}: paused")
 
