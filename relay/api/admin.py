@@ -17,6 +17,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from relay.api.auth import require_api_key
 from relay.core.errors import BadRequest, NotFound, ValidationFailed
+from relay.core.redaction import redacted, redacted_record
 from relay.operations import dead_letters, destinations, events, leads
 from relay.operations.context import OperatorContext
 from relay.operations.dead_letters import ReplayRequest, destination_name
@@ -171,26 +172,31 @@ def _require_destination(name: str, ops: OperatorContext | None = None) -> None:
         raise NotFound(f"unknown destination {name!r}")
 
 
+# What the views answer is redacted by the relay's one policy (relay.core.redaction), as the
+# console and the CLI show it: the payload by field names and texts, the rest by texts.
+
+
 @bp.get("/events/<event_id>")
 def get_event(event_id: str) -> Response:
     detail = events.event_detail(_ops(), event_id)
     if detail is None:
         raise NotFound(f"no event {event_id!r} (never received, expired or erased)")
-    return jsonify(detail)
+    return jsonify(redacted_record(detail))
 
 
 @bp.get("/deliveries")
 def get_deliveries() -> Response:
     query = _query(DeliveriesQuery())
-    return jsonify(events.list_deliveries(_ops(), query["destination"], query.get("status"),
-                                          query["limit"], query.get("cursor")))
+    return jsonify(redacted(events.list_deliveries(
+        _ops(), query["destination"], query.get("status"), query["limit"], query.get("cursor")),
+        by_name=False))
 
 
 @bp.get("/dead-letters")
 def get_dead_letters() -> Response:
     query = _query(DeadLettersQuery())
-    return jsonify({"dead_letters": dead_letters.list_dead_letters(
-        _ops(), query.get("destination"), query["limit"], query["offset"])})
+    return jsonify({"dead_letters": redacted(dead_letters.list_dead_letters(
+        _ops(), query.get("destination"), query["limit"], query["offset"]), by_name=False)})
 
 
 @bp.post("/dead-letters/replay")
@@ -209,7 +215,8 @@ def get_destinations() -> Response:
     ctx = _ctx()
     types = {d.name: d.type for d in ctx.config.destinations}
     names = destinations.known_destinations(ctx.redis, types)
-    return jsonify({"destinations": destinations.destination_health(_ops(), names, types)})
+    return jsonify({"destinations": redacted(
+        destinations.destination_health(_ops(), names, types), by_name=False)})
 
 
 @bp.post("/destinations/<name>/pause")

@@ -20,6 +20,7 @@ from relay.core.durations import parse_duration, parse_rate_limit
 from relay.core.errors import ConfigError
 from relay.core.events import canonical_event_name, is_known
 from relay.core.models import Destination, RetryPolicy
+from relay.core.redaction import redacted
 from relay.drivers import REGISTRY, driver_class
 
 DEFAULT_SOURCE = "kickofflabs"
@@ -286,7 +287,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
         options = {
             key: (mask(value) if key in secret else _mask_nested(key, value))
             for key, value in d.options.items()
-        }
+        }  # the rest as the relay shows any value (?api_key= in a URL): relay.core.redaction
         out["destinations"].append(
             {
                 "name": d.name,
@@ -299,7 +300,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
                 "retry": list(d.retry.schedule),
                 "rate_limit": d.rate_limit
                 and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
-                "base_url": d.base_url,
+                "base_url": redacted(d.base_url),
                 **options,
             }
         )
@@ -310,4 +311,4 @@ def _mask_nested(key: str, value: Any) -> Any:
     # Header values routinely carry API keys (``X-Api-Key``, ``Authorization``).
     if key == "headers" and isinstance(value, Mapping):
         return {name: "***" for name in value}
-    return value
+    return redacted(value)

@@ -47,6 +47,8 @@ class Settings:
     dev_inbox: bool = False
     # Signs the console's session cookie; the console is off without it. Never in a repr.
     secret_key: str = field(default="", repr=False)
+    # Field names redacted besides those named like secrets (relay.core.redaction).
+    redact_fields: tuple[str, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +76,7 @@ class Settings:
                 redis_high_water=_high_water(env.get("RELAY_REDIS_HIGH_WATER") or "0.8"),
                 dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
                 secret_key=env.get("RELAY_SECRET_KEY") or "",
+                redact_fields=_split(env.get("RELAY_REDACT_FIELDS")),
             )
         except ValueError as exc:
             raise ConfigError(f"invalid environment setting: {exc}") from None
@@ -90,13 +93,16 @@ def _split(value: str | None) -> tuple[str, ...]:
 
 
 def apply_process_settings(settings: Settings) -> None:
-    """The knobs that are process-wide rather than per object: the metrics' flush interval and
-    the size of the HTTP client's pool (one connection per delivery in flight)."""
+    """The knobs that are process-wide rather than per object: the metrics' flush interval,
+    the size of the HTTP client's pool (one connection per delivery in flight) and the field
+    names redacted (``RELAY_REDACT_FIELDS``)."""
+    from relay.core import redaction
     from relay.drivers import http
     from relay.observability import metrics
 
     metrics.configure(flush_interval=settings.metrics_flush_interval)
     http.configure(pool_size=settings.max_in_flight)
+    redaction.configure(settings.redact_fields)
 
 
 def _high_water(value: str) -> float:

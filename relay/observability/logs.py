@@ -6,8 +6,9 @@ record are shown, and ``event_id`` and ``destination`` are always there (``null`
 line has none), so ``grep <event id>`` finds the whole story of one lead event.
 
 Secrets stay out: extras whose name says secret (``token``, ``api_key``, ``authorization``,
-``password``, ``secret``…) are replaced by ``[redacted]``, and the text of every line goes through
-:func:`relay.core.redaction.redact` (``?api_key=…`` and ``Authorization:`` values in access logs).
+``password``, ``secret``…, and the names of ``RELAY_REDACT_FIELDS``) are replaced by
+``[redacted]``, and the text of every line goes through :func:`relay.core.redaction.redact`
+(``?api_key=…`` and ``Authorization:`` values in access logs).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import sys
 from typing import Any
 
-from relay.core.redaction import is_secret_name, redact
+from relay.core.redaction import Policy, is_secret_name, policy, redact
 
 ALWAYS = ("event_id", "destination")
 # Attributes every LogRecord has: anything else came from ``extra=``.
@@ -77,12 +78,14 @@ def _text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)  # nothing to redact or quote: the common case stays cheap
-    return _quoted(value if isinstance(value, str) else json.dumps(value, default=str))
+    return _quoted(value if isinstance(value, str) else json.dumps(value, default=str),
+                   policy())
 
 
 @functools.lru_cache(maxsize=256)  # source names and refusal reasons recur line after line
-def _quoted(text: str) -> str:
-    return redact(json.dumps(text) if (" " in text or not text) else text)
+def _quoted(text: str, redaction: Policy) -> str:
+    # The policy is part of the cache's key, so a policy configured later is the one applied.
+    return redaction.text(json.dumps(text) if (" " in text or not text) else text)
 
 
 def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
