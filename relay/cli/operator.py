@@ -8,7 +8,8 @@ load this module too, and need none of them.
 
 What they print from stored data (a lead's fields, a destination's error, a reason) goes
 through :func:`shown`: redacted by the relay's one policy, as the admin API and the console show
-it.
+it, and with its control characters escaped, so a lead's email cannot drive the terminal
+(clear it, set its title); the only line breaks and colours are the CLI's own.
 
 Tests point them at fakeredis by replacing :func:`redis_client` (and :func:`relay_config`).
 """
@@ -25,6 +26,7 @@ import click
 from relay.config.settings import Settings
 from relay.core import redaction
 from relay.core.errors import ConfigError
+from relay.core.printable import escaped
 
 if TYPE_CHECKING:
     import redis
@@ -95,11 +97,13 @@ def configure_redaction() -> None:
 
 
 def shown(value: object) -> str:
-    """A value from stored data as the CLI prints it: redacted (``?api_key=…``)."""
-    return redaction.redact(str(value))
+    """A value from stored data as the CLI prints it: redacted (``?api_key=…``), control
+    characters escaped."""
+    return escaped(redaction.redact(str(value)))
 
 
 def _json(value: Any) -> str:
+    # JSON's encoder escapes every control character (and non-ASCII) itself.
     return json.dumps(value, indent=2, default=str)
 
 
