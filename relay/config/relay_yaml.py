@@ -6,6 +6,8 @@ Missing data for required field.`` The result is a :class:`RelayConfig` of froze
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -97,6 +99,23 @@ class DestinationSchema(Schema):
     # Deliveries in flight to the destination across all workers (default: the driver's).
     concurrency = fields.Integer(load_default=None, allow_none=True, strict=True,
                                  validate=validate.Range(1, 1000))
+
+    # A driver's own key, checked here for every driver that signs (the webhook): a secret
+    # that cannot be decoded would pass the check and then fail every delivery.
+    signing_secret = fields.String(load_default=None, allow_none=True)
+
+    @validates("signing_secret")
+    def _signing_secret(self, value: str | None, **kwargs: Any) -> None:
+        if value is not None and value.startswith("whsec_"):
+            try:
+                key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValidationError(
+                    "after whsec_ a signing secret is the base64 of its key, and this is not "
+                    "valid base64 (A-Z a-z 0-9 + /, padded with = to a multiple of 4 "
+                    "characters)") from None
+            if not key:
+                raise ValidationError("the key after whsec_ is empty")
 
     @validates("rate_limit")
     def _rate(self, value: str | None, **kwargs: Any) -> None:
