@@ -38,7 +38,6 @@ from relay.core.nesting import MAX_DEPTH
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _PART = re.compile(r"\[([^\[\]]*)\]")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
-__all__ = ["MAX_DEPTH", "decode", "encode"]
 
 
 class _GivenTwice(Exception):
