@@ -194,6 +194,9 @@ def subscriptions() -> FlaskClient:
     ("?url=http://127.0.0.1:9/a&url=http://127.0.0.1:9/b&event=new_signup", "", None),
     ("", '{"url": "http://127.0.0.1:9/a", "url": "http://127.0.0.1:9/b", "event": "referral"}',
      "application/json"),
+    ("", '{"url": "http://127.0.0.1:9/a", "events": ["referral"], "events": ["deleted"]}',
+     "application/json"),
+    ("", "url=http://127.0.0.1:9/a&source=a&source=b&event=new_signup", FORM),
     ("", "url=http://127.0.0.1:9/a&url[]=http://127.0.0.1:9/b&event=new_signup", FORM),
 ])
 def test_a_subscription_parameter_given_twice_is_a_400(subscriptions: FlaskClient, query: str,
@@ -207,11 +210,17 @@ def test_a_subscription_parameter_given_twice_is_a_400(subscriptions: FlaskClien
     assert listed == {"webhooks": []}
 
 
-def test_events_may_still_be_repeated_and_the_key_keeps_its_rule(
-        subscriptions: FlaskClient) -> None:
-    response = subscriptions.post(
-        SUBSCRIBE + "?api_key=k&api_key=k",
-        data="url=http://127.0.0.1:9/a&events[]=new_signup&events[]=referral&events=deleted",
-        content_type=FORM)
+@pytest.mark.parametrize(("data", "content_type"), [
+    ("url=http://127.0.0.1:9/a&events[]=new_signup&events[]=referral&events=deleted"
+     "&extra=1&extra=2", FORM),
+    ('{"url": "http://127.0.0.1:9/a", "events": ["new_signup", "referral", "deleted"], '
+     '"extra": 1, "extra": 2, "custom": {"a": 1, "a": 2}}', "application/json"),
+])
+def test_lists_keys_and_what_the_api_ignores_may_come_again(
+        subscriptions: FlaskClient, data: str, content_type: str) -> None:
+    # events is a list; api_key has the keys' rule; a parameter the API does not read is
+    # ignored however it is given (the OpenAPI document allows extra properties).
+    response = subscriptions.post(SUBSCRIBE + "?api_key=k&api_key=k", data=data,
+                                  content_type=content_type)
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["events"] == ["new_signup", "referral", "deleted"]
