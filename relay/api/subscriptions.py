@@ -245,8 +245,10 @@ def _parameters() -> dict[str, Any]:
     body = request.get_data(cache=True)
     decoded = json_object(body)
     if decoded is not None:
+        # A JSON list is one value: given twice, it is two; and a key given twice reached the
+        # key check as its last copy only (a JSON object keeps one), so it is refused here.
         twice = json.loads(body, object_pairs_hook=_Members).given_twice & (
-            _ONCE | _LIST_PARAMETERS)  # a JSON list is one value: given twice, it is two
+            _ONCE | _LIST_PARAMETERS | {KEY_PARAMETER})
         if twice:
             raise _given_twice(min(twice))
         parameters.update(decoded)

@@ -197,6 +197,9 @@ def subscriptions() -> FlaskClient:
     ("", '{"url": "http://127.0.0.1:9/a", "events": ["referral"], "events": ["deleted"]}',
      "application/json"),
     ("", "url=http://127.0.0.1:9/a&source=a&source=b&event=new_signup", FORM),
+    # The key check saw only the last copy: a wrong key, then the right one, was let in.
+    ("", '{"api_key": "wrong", "api_key": "k", "url": "http://127.0.0.1:9/a", '
+     '"event": "referral"}', "application/json"),
     ("", "url=http://127.0.0.1:9/a&url[]=http://127.0.0.1:9/b&event=new_signup", FORM),
 ])
 def test_a_subscription_parameter_given_twice_is_a_400(subscriptions: FlaskClient, query: str,
