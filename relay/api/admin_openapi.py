@@ -149,7 +149,8 @@ def _iter_ops() -> Iterator[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
     yield "/api/dead-letters/replay", [], {"post": {
         "operationId": "replayDeadLetters", "summary": "Queue dead letters for delivery again",
         "requestBody": body("ReplayRequest"),
-        "responses": {"200": reply("Queued", "ReplayResult"), **common, **bad_body}}}
+        "responses": {"200": reply("Queued", "ReplayResult"), **common, **bad_body,
+                      "404": error("No such destination")}}}
     yield "/api/destinations", [], {"get": {
         "operationId": "listDestinations", "summary": "Destinations with state and health",
         "responses": {"200": reply("Destinations", "DestinationList"), **common}}}

@@ -24,6 +24,7 @@ from marshmallow import Schema, fields
 
 from relay.api import subscriptions as subs
 from relay.core.events import ALIASES, EVENTS, LEAD_IDENTITY_FIELDS
+from relay.core.nesting import MAX_DEPTH
 from relay.ingress.lead_schema import FORM_FALSE, FORM_TRUE, LeadBoolean, LeadInteger, LeadSchema
 from relay.ingress.lead_schema import _Typed as _TypedSchema
 
@@ -245,7 +246,8 @@ def _ingress(spec: APISpec) -> None:
             }},
             "responses": {
                 "202": _reply("Stored; it will be delivered", "IngressAccepted"),
-                "400": _reply("The body cannot be parsed", error),
+                "400": _reply("The body cannot be parsed, nests objects and arrays more "
+                              f"than {MAX_DEPTH} levels deep, or gives a field twice", error),
                 "401": _reply("Missing or wrong source token", error),
                 "404": _reply("Unknown source", error),
                 "413": _reply("Body over RELAY_MAX_BODY_BYTES", error),
@@ -277,7 +279,8 @@ def _subscriptions(spec: APISpec) -> None:
     }
     common = {
         **reads,
-        "400": _reply("A JSON body that is not a JSON object", message),
+        "400": _reply("A JSON body that is not a JSON object, or a parameter given twice",
+                      message),
         "413": _reply("Body over RELAY_MAX_BODY_BYTES", message),
         "422": _reply("Invalid parameters (errors names them)", message),
     }

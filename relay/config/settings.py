@@ -54,6 +54,8 @@ class Settings:
     # How many proxies in front of ``relay web`` set X-Forwarded-For / X-Forwarded-Proto: the
     # client's address and scheme are taken from that many hops back; 0 trusts no header.
     trusted_proxies: int = 0
+    # Field names redacted besides those named like secrets (relay.core.redaction).
+    redact_fields: tuple[str, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +89,7 @@ class Settings:
                     "RELAY_CONSOLE_SESSION_LIFETIME",
                     env.get("RELAY_CONSOLE_SESSION_LIFETIME") or "12h"),
                 trusted_proxies=_hops(env.get("RELAY_TRUSTED_PROXIES") or "0"),
+                redact_fields=_split(env.get("RELAY_REDACT_FIELDS")),
             )
         except ValueError as exc:
             raise ConfigError(f"invalid environment setting: {exc}") from None
@@ -120,13 +123,16 @@ def _hops(value: str) -> int:
 
 
 def apply_process_settings(settings: Settings) -> None:
-    """The knobs that are process-wide rather than per object: the metrics' flush interval and
-    the size of the HTTP client's pool (one connection per delivery in flight)."""
+    """The knobs that are process-wide rather than per object: the metrics' flush interval,
+    the size of the HTTP client's pool (one connection per delivery in flight) and the field
+    names redacted (``RELAY_REDACT_FIELDS``)."""
+    from relay.core import redaction
     from relay.drivers import http
     from relay.observability import metrics
 
     metrics.configure(flush_interval=settings.metrics_flush_interval)
     http.configure(pool_size=settings.max_in_flight)
+    redaction.configure(settings.redact_fields)
 
 
 def _high_water(value: str) -> float:
