@@ -161,8 +161,10 @@ def status(as_json: bool) -> None:
                   "dead", "p50", "p95", "last error"])
     for d in health:  # why each paused one is
         if d.get("paused_at") is not None:
-            why = f"reason: {d['paused_reason']}" if d["paused_reason"] else "no reason given"
-            click.echo(f"paused: {d['name']} since {_when(d['paused_at'])}, {_cut(why, 100)}")
+            reason = d["paused_reason"]
+            why = f"reason: {shown(reason)}" if reason else "no reason given"
+            click.echo(f"paused: {shown(d['name'])} since {_when(d['paused_at'])}, "
+                       f"{_cut(why, 100)}")
 
 
 def _latency(ms: float | None) -> str:
