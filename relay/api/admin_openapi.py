@@ -67,11 +67,13 @@ class ReplayResultSchema(Schema):
     queued = fields.Integer(required=True)
 
 
+STATES = ["active", "paused", "open", "half-open", "slowed"]
+
+
 class DestinationHealthSchema(Schema):
     name = fields.String(required=True)
     type = fields.String(required=True, allow_none=True)
-    state = fields.String(required=True,
-                          validate=validate.OneOf(["active", "paused", "open", "half-open"]))
+    state = fields.String(required=True, validate=validate.OneOf(STATES))
     success_rate = fields.Float(required=True, allow_none=True)
     delivered = fields.Integer(required=True)
     failed = fields.Integer(required=True)
@@ -91,8 +93,7 @@ class DestinationListSchema(Schema):
 
 class DestinationStateSchema(Schema):
     destination = fields.String(required=True)
-    state = fields.String(required=True,
-                          validate=validate.OneOf(["active", "paused", "open", "half-open"]))
+    state = fields.String(required=True, validate=validate.OneOf(STATES))
     released = fields.Integer(metadata={"description": "resume: held deliveries released"})
 
 

@@ -20,8 +20,9 @@ Exposed (all prefixed ``relay_``): ``events_accepted_total``, ``events_rejected_
 ``deliveries_total{destination,outcome}`` (delivered / retrying / dead),
 ``deliveries_held_total{destination,gate}``, ``attempt_latency_seconds{destination}``
 (histogram), ``queue_depth``, ``scheduled_tasks`` (the retry set), ``dead_letters{destination}``,
-``circuit_state{destination}`` (0 closed, 1 half-open, 2 open), ``destination_paused{destination}``,
-``history_backlog`` and ``history_lag_seconds`` (the history writer's lag).
+``circuit_state{destination}`` (0 closed, 1 half-open, 2 open, 3 slowed),
+``destination_paused{destination}``, ``history_backlog`` and ``history_lag_seconds`` (the
+history writer's lag).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ HISTOGRAMS = {
     "attempt_latency_seconds": ("Time of one delivery attempt", ("destination",),
                                 ATTEMPT_BUCKETS),
 }
-CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2, "slowed": 3}
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -297,7 +298,7 @@ class RedisCollector(Collector):
         dead = GaugeMetricFamily("relay_dead_letters", "Dead letters waiting for replay",
                                  labels=["destination"])
         circuit = GaugeMetricFamily("relay_circuit_state",
-                                    "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                                    "Circuit breaker: 0 closed, 1 half-open, 2 open, 3 slowed",
                                     labels=["destination"])
         paused = GaugeMetricFamily("relay_destination_paused", "1 while paused",
                                    labels=["destination"])
@@ -313,6 +314,8 @@ class RedisCollector(Collector):
         # What relay.delivery.gates.CircuitBreaker.state answers, read here so that the
         # metrics (below the delivery side) import nothing of it.
         state, reopen_at = self.redis.hmget(circuit_key(destination), "state", "reopen_at")
+        if state == b"slowed":
+            return "slowed"
         if state != b"open":
             return "closed"
         return "open" if time.time() < float(reopen_at or 0) else "half-open"
