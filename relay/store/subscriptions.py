@@ -241,6 +241,21 @@ class SubscriptionStore:
                 ids.update(int(i) for i in self.redis.hvals(key))
         return sorted(f"{NAME_PREFIX}{i}" for i in ids)
 
+    def active_campaigns(self) -> dict[str, str]:
+        """Every active subscription's destination name -> its campaign (``/metrics`` sums
+        them by campaign when there are many)."""
+        prefix = campaign_key("")
+        keys = [key for key in self.redis.scan_iter(match=campaign_key("*"), count=1000)
+                if not key.endswith(b":gone")]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hvals(key)
+        found: dict[str, str] = {}
+        for key, ids in zip(keys, pipe.execute(), strict=True):
+            campaign = key.decode()[len(prefix):]
+            found.update((f"{NAME_PREFIX}{int(i)}", campaign) for i in ids)
+        return found
+
     # -- the worker side (SubscriptionSource) ---------------------------------------------
 
     def for_event(self, event: LeadEvent, version: bytes | None = None) -> list[Destination]:
