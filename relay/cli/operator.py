@@ -129,7 +129,8 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
         click.echo(line(row))
 
 
-_STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow", "open": "red"}
+_STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow",
+                  "slowed": "yellow", "open": "red"}
 
 
 @commands.command()
