@@ -21,17 +21,20 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 from relay.core.durations import parse_duration, parse_rate_limit
 from relay.core.errors import ConfigError
 from relay.core.events import canonical_event_name, is_known
-from relay.core.models import Destination, RetryPolicy
+from relay.core.models import BatchPolicy, Destination, RetryPolicy
 from relay.core.redaction import redacted
-from relay.drivers import REGISTRY, driver_class
+from relay.drivers import REGISTRY, Driver, driver_class
 
 DEFAULT_SOURCE = "kickofflabs"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 COMMON_KEYS = frozenset(
     {"name", "type", "events", "campaigns", "where", "timeout", "retry", "rate_limit", "base_url",
-     "concurrency"}
+     "concurrency", "batch"}
 )
+#: The longest a lone delivery may wait for company (``batch.wait``): the wait is added to a
+#: claimed delivery's lease, so it stays short.
+MAX_BATCH_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,15 @@ class RetrySchema(Schema):
     schedule = fields.List(Duration(), required=True, validate=validate.Length(min=0, max=50))
 
 
+class BatchSchema(Schema):
+    """``batch: {max: 100, wait: 200ms}``; either key may be left out (the driver's default)."""
+
+    max = fields.Integer(load_default=None, strict=True, validate=validate.Range(min=1))
+    wait = Duration(load_default=None,
+                    validate=validate.Range(max=MAX_BATCH_WAIT,
+                                            error=f"must be at most {MAX_BATCH_WAIT:g}s"))
+
+
 class SourceSchema(Schema):
     token = fields.String(allow_none=True, load_default=None)
     dedupe_window = Duration(load_default=86400.0)
@@ -99,6 +111,8 @@ class DestinationSchema(Schema):
     # Deliveries in flight to the destination across all workers (default: the driver's).
     concurrency = fields.Integer(load_default=None, allow_none=True, strict=True,
                                  validate=validate.Range(1, 1000))
+    # Deliveries per request to a bulk API (default: the driver's; see _batch_policy).
+    batch = fields.Nested(BatchSchema, load_default=None, allow_none=True)
 
     # A driver's own key, checked here for every driver that signs (the webhook): a secret
     # that cannot be decoded would pass the check and then fail every delivery.
@@ -259,6 +273,7 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
         raise ConfigError(label, _flatten(label, exc.messages)) from None
     retry = common["retry"]
     campaigns = common["campaigns"]
+    rate_limit = common["rate_limit"] or cls.default_rate_limit
     destination = Destination(
         name=common["name"],
         type=common["type"],
@@ -267,12 +282,33 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
         where=common["where"],
         timeout=common["timeout"],
         retry=RetryPolicy(tuple(retry["schedule"])) if retry else RetryPolicy(),
-        rate_limit=parse_rate_limit(common["rate_limit"]) if common["rate_limit"] else None,
+        rate_limit=parse_rate_limit(rate_limit) if rate_limit else None,
         base_url=common["base_url"],
         concurrency=common["concurrency"] or cls.default_concurrency,
         options=options,
+        batch=_batch_policy(cls, common["batch"], label),
     )
     return destination, cls.secret_fields
+
+
+def _batch_policy(cls: type[Driver], configured: Mapping[str, Any] | None,
+                  label: str) -> BatchPolicy | None:
+    """The destination's batch: the driver's defaults (its vendor's maximum per request and
+    its wait) under what the YAML says. None: one delivery per request (a driver that takes
+    no batches, or ``max: 1``)."""
+    configured = configured or {}
+    if cls.max_batch <= 1:
+        if configured:
+            raise ConfigError(label, [f"{label}: batch: a {cls.type_name} destination sends "
+                                      "one event per request and takes no batch"])
+        return None
+    size = configured.get("max") or cls.default_batch_max or cls.max_batch
+    if size > cls.max_batch:
+        raise ConfigError(label, [f"{label}: batch.max: {cls.type_name} takes at most "
+                                  f"{cls.max_batch} per request, not {size}"])
+    wait = configured.get("wait")
+    policy = BatchPolicy(size, cls.default_batch_wait if wait is None else wait)
+    return policy if size > 1 else None
 
 
 def _flatten(label: str, messages: Any, path: str = "") -> list[str]:
@@ -319,6 +355,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
                 "retry": list(d.retry.schedule),
                 "rate_limit": d.rate_limit
                 and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
+                "batch": d.batch and {"max": d.batch.max, "wait": d.batch.wait},
                 "base_url": redacted(d.base_url),
                 **options,
             }

@@ -104,10 +104,20 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class RateLimit:
-    """At most ``count`` deliveries per ``per_seconds``, shared by all workers."""
+    """At most ``count`` deliveries per ``per_seconds``, shared by all workers (requests, for a
+    destination with a batch)."""
 
     count: int
     per_seconds: float
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """``batch: {max: 100, wait: 200ms}``: up to ``max`` deliveries per request to a bulk API;
+    a delivery without company is sent after waiting ``wait`` seconds for some, never longer."""
+
+    max: int
+    wait: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -127,9 +137,17 @@ class Destination:
     options: Mapping[str, Any] = field(default_factory=dict)
     # True for URLs registered through the subscription API: untrusted, SSRF-guarded.
     untrusted: bool = False
+    #: Deliveries per request to a bulk API (None: one per request). With a batch,
+    #: ``concurrency`` and ``rate_limit`` count requests, not deliveries.
+    batch: BatchPolicy | None = None
 
     def __hash__(self) -> int:  # mappings are not hashable; the name is unique
         return hash(self.name)
+
+    @property
+    def per_request(self) -> int:
+        """The most deliveries one request carries (1 without a batch)."""
+        return self.batch.max if self.batch is not None else 1
 
     @property
     def lease(self) -> float:
@@ -140,8 +158,9 @@ class Destination:
         """How long a claimed delivery is held: its timeout (which bounds a whole answer, see
         :mod:`relay.drivers.http`) plus ``margin`` (``RELAY_LEASE_MARGIN``) to record the
         outcome. A delivery whose worker died is taken over once this has passed; a circuit's
-        half-open probe is held as long. The one definition of a lease."""
-        return self.timeout + margin
+        half-open probe is held as long. A batch's ``wait`` is added: a claimed delivery may
+        wait that long for company before it is sent. The one definition of a lease."""
+        return self.timeout + margin + (self.batch.wait if self.batch is not None else 0.0)
 
 
 #: The outcomes that count as delivered: a skipped delivery (nothing to send, e.g. a lead

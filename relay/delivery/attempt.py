@@ -17,6 +17,7 @@ from relay.core.errors import DeliveryError, PermanentDeliveryError, RetryableDe
 from relay.core.models import DeliveryResult, Destination
 from relay.delivery.retry import next_delay
 from relay.drivers import Driver, driver_class
+from relay.drivers.base import Answers
 from relay.drivers.http import HttpClient
 from relay.store.deliveries import Attempt, Claim, Confirmation
 
@@ -69,7 +70,16 @@ class Sent:
     latency_ms: float
 
 
-def send(driver: Driver, claims: Sequence[Claim]) -> list[Sent]:
+@dataclass(frozen=True)
+class Request:
+    """What one driver call did: an answer per claim, and how many requests it made (more
+    than one when a vendor refused a batch whole and the driver split it)."""
+
+    sent: list[Sent]
+    requests: int = 1
+
+
+def send(driver: Driver, claims: Sequence[Claim]) -> Request:
     """Send claimed deliveries with one driver call (a driver of a bulk API takes several at
     once, see :attr:`relay.drivers.base.Driver.max_batch`). Never raises: a failure is an
     answer like any other."""
@@ -80,7 +90,12 @@ def send(driver: Driver, claims: Sequence[Claim]) -> list[Sent]:
     except Exception as exc:  # noqa: BLE001 - every failure is an answer; decide() sorts them
         answers = [exc] * len(claims)
     ms = round((time.perf_counter() - started) * 1000, 1)
-    return [Sent(claim, answer, ms) for claim, answer in zip(claims, answers, strict=True)]
+    if len(answers) != len(claims):  # a driver bug: decide() retries them on schedule
+        answers = [RuntimeError(f"{type(driver).__name__}.send_batch gave {len(answers)} "
+                                f"answers for {len(claims)} events")] * len(claims)
+    return Request([Sent(claim, answer, ms)
+                    for claim, answer in zip(claims, answers, strict=True)],
+                   answers.requests if isinstance(answers, Answers) else 1)
 
 
 class Decider:

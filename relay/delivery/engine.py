@@ -36,10 +36,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from relay.config.relay_yaml import RelayConfig, Source
 from relay.config.settings import Settings
+from relay.core.errors import RetryableDeliveryError
 from relay.core.models import SUCCESSES, Destination, LeadEvent
 from relay.core.routing import route
-from relay.delivery.attempt import Decider, DriverCache, Sent, send
-from relay.delivery.gates import Gate
+from relay.delivery.attempt import Decider, DriverCache, Request, Sent, send
+from relay.delivery.gates import Gate, RateLimitGate
 from relay.history import reader
 from relay.history.database import reading
 from relay.history.leads import lead_keys
@@ -68,6 +69,8 @@ ADMIT_BATCH = 200
 NO_VERSION = NOTHING
 #: How long a delivery whose payload could not be read from the database waits to be tried.
 DEFERRED_DELAY = 5.0
+#: How long a 429 without a ``Retry-After`` holds its destination.
+SLOW_DOWN = 1.0
 
 
 FINAL = frozenset({*SUCCESSES, "dead"})
@@ -437,7 +440,12 @@ class Engine:
 
 
 class _Drain:
-    """One drain task's loop over its lane."""
+    """One drain task's loop over its lane.
+
+    The lane's unit is the request: ``concurrency``, this process's slots and the gates count
+    requests. A request carries one delivery, or up to ``batch.max`` of them for a destination
+    with a batch; a batch that is not full waits in :attr:`buffer`, claimed, until it fills up
+    or its ``batch.wait`` is over, whichever comes first."""
 
     def __init__(self, engine: Engine, destination: Destination, holder: str,
                  report: Report, batch: int | None = None) -> None:
@@ -446,11 +454,22 @@ class _Drain:
         self.lane = destination.name
         self.holder = holder
         self.report = report
-        self.finished: queue.SimpleQueue[tuple[Future[list[Sent]], list[Claim]]] = (
+        self.finished: queue.SimpleQueue[tuple[Future[Request], list[Claim]]] = (
             queue.SimpleQueue())
-        self.batch = batch or destination.concurrency
-        self.in_flight = 0
+        self.batch = batch or destination.concurrency  # requests in flight, at most
+        self.per = destination.per_request
+        self.wait = destination.batch.wait if destination.batch is not None else 0.0
+        self.in_flight = 0  # deliveries sent, not yet decided
+        self.requests = 0  # requests out
+        self.buffer: list[Claim] = []  # claimed, waiting for company: never a full request
+        self.buffer_due = 0.0  # (monotonic) when the buffer goes, full or not
         self.held_until: float | None = None
+        self.backing_off = False  # held because the destination answered 429
+        self.rate = next((g for g in engine.gates if isinstance(g, RateLimitGate)), None)
+
+    def _may_read(self, deadline: float, reading: bool) -> bool:
+        return (reading and self.held_until is None and time.monotonic() < deadline
+                and not self.engine.stopping.is_set())
 
     def run(self, budget: float) -> None:
         engine = self.engine
@@ -463,8 +482,8 @@ class _Drain:
         outcomes: list[Confirmation] = []  # decided, not yet recorded
         while True:
             now = time.monotonic()
-            if (reading and not lane_empty and self.held_until is None and now < deadline
-                    and not engine.stopping.is_set()):
+            due = bool(self.buffer) and now >= self.buffer_due
+            if self._may_read(deadline, reading) and (not lane_empty or due):
                 reclaim = now - last_reclaim >= RECLAIM_EVERY
                 if reclaim:
                     last_reclaim = now
@@ -474,25 +493,31 @@ class _Drain:
                 except redis.RedisError:
                     if outcomes:
                         self._record(outcomes)
-                    if self.in_flight == 0:
+                    if self.in_flight == 0 and not self.buffer:
                         raise
                     # Redis went away: take nothing more, but record what is already out.
                     log.warning("cannot read the lane (Redis unreachable); finishing the %d "
-                                "deliveries in flight", self.in_flight,
+                                "deliveries in flight", self.in_flight + len(self.buffer),
                                 extra={"destination": self.lane})
                     reading = False
                 outcomes = []
             elif outcomes:
                 self._record(outcomes)
                 outcomes = []
-            if self.in_flight == 0:
+            if self.buffer and (time.monotonic() >= self.buffer_due
+                                or not self._may_read(deadline, reading)):
+                self._let_go()  # its wait is over, or nothing more will come to fill it
+            if self.in_flight == 0 and not self.buffer:
                 break
             remaining = hard_deadline - time.monotonic()
             if remaining <= 0:
                 self._abandon()
                 return
+            timeout = min(remaining, 1.0)
+            if self.buffer:
+                timeout = min(timeout, max(0.0, self.buffer_due - time.monotonic()))
             try:
-                first = self.finished.get(timeout=min(remaining, 1.0))
+                first = self.finished.get(timeout=timeout)
             except queue.Empty:
                 continue
             done = [first]
@@ -516,34 +541,43 @@ class _Drain:
             engine.kick([self.lane])  # budget spent, work left: hand over to a new task
 
     def _refill(self, reclaim: bool, outcomes: list[Confirmation]) -> bool:
-        """Record ``outcomes``, and claim and send as many deliveries as the free slots
-        allow, in one round trip. False when the lane had nothing to read (or the
-        destination's shared concurrency is used up). A Redis error leaves ``outcomes``
-        unrecorded (the caller records them)."""
-        engine, destination = self.engine, self.destination
-        want = min(engine.lane_share(destination), self.batch, self._window()) - self.in_flight
+        """Record ``outcomes``, and claim and send as many deliveries as the free requests
+        allow (and what fills the buffer), in one round trip. False when the lane had nothing
+        to read (or the destination's shared concurrency is used up). A Redis error leaves
+        ``outcomes`` unrecorded (the caller records them)."""
+        engine, destination, per = self.engine, self.destination, self.per
+        cap = min(engine.lane_share(destination), self.batch)
+        if per == 1:  # a batch's latency says nothing about how many to keep in flight
+            cap = min(cap, self._window())
+        requests = cap - self.requests - (1 if self.buffer else 0)
+        counted = 0  # what the rate limit granted: given back below if it is not used
         for gate in engine.gates:
-            if want <= 0:
+            if requests <= 0:
                 break
-            granted, until = gate.allow(destination, want)
-            if granted < want:
-                want = granted
+            granted, until = gate.allow(destination, requests)
+            if gate is self.rate:
+                counted = granted
+            if granted < requests:
+                requests = granted
                 self.held_until = until
-        want = engine.slots.take(want) if want > 0 else 0
+        slots = engine.slots.take(requests) if requests > 0 else 0
+        want = slots * per + (per - len(self.buffer) if self.buffer else 0)
         if want <= 0 and not outcomes:
+            self._unused(counted)
             return True
         try:
             lease = engine.lease(destination)
             taken = engine.store.step(self.lane, engine.consumer, self.holder, lease,
-                                      outcomes, want, destination.concurrency,
+                                      outcomes, want, destination.concurrency * per,
                                       lease if reclaim else 0.0)
         except BaseException:
-            engine.slots.give(want)
+            engine.slots.give(slots)
+            self._unused(counted)
             raise
         engine.count_outcomes(self.lane, outcomes)
         if want <= 0:
+            self._unused(counted)
             return True
-        engine.slots.give(want - len(taken.claims))
         self.report.add("already-done", taken.done)
         self.report.add("busy", taken.busy)
         self.report.add("gone", taken.gone)
@@ -562,19 +596,65 @@ class _Drain:
             else:
                 claims.append(claim)
         if buried:
-            engine.slots.give(len(buried))
             engine.store.confirm(self.lane, self.holder, engine.lease(destination), buried)
             engine.count_outcomes(self.lane, buried)
             self.report.add("dead", len(buried))
-        if claims:
-            driver = engine.drivers.get(destination)
-            size = max(1, driver.max_batch)
-            for i in range(0, len(claims), size):
-                group = claims[i:i + size]
-                future = engine.executor().submit(send, driver, group)
-                self.in_flight += len(group)
-                future.add_done_callback(self._finished_callback(group))
+        had_buffer = bool(self.buffer)
+        sent = self._dispatch(claims)
+        used = sent + bool(self.buffer) - had_buffer  # requests of this refill's grant
+        engine.slots.give(slots - used)
+        self._unused(counted - used)
         return bool(taken.claims or taken.done or taken.busy or taken.gone)
+
+    def _dispatch(self, claims: list[Claim]) -> int:
+        """Send the buffer and ``claims`` in full requests; what does not fill one is the
+        new buffer (the old one keeps its due time if nothing went). How many went."""
+        pool = self.buffer + claims
+        kept = bool(self.buffer)
+        self.buffer = []
+        sent = 0
+        while len(pool) >= self.per:
+            self._submit(pool[:self.per])
+            pool = pool[self.per:]
+            sent += 1
+        if pool:
+            self.buffer = pool
+            if not (kept and sent == 0):
+                self.buffer_due = time.monotonic() + self.wait
+        return sent
+
+    def _submit(self, group: list[Claim]) -> None:
+        driver = self.engine.drivers.get(self.destination)
+        future = self.engine.executor().submit(send, driver, group)
+        self.in_flight += len(group)
+        self.requests += 1
+        future.add_done_callback(self._finished_callback(group))
+
+    def _let_go(self) -> None:
+        """Send the buffer as it is, unless the destination asked to be left alone (a 429)
+        or the worker is stopping: then its deliveries wait, without an attempt counted,
+        until the destination's hold ends (or the scheduler's next look)."""
+        group, self.buffer = self.buffer, []
+        if self.backing_off or self.engine.stopping.is_set():
+            self.engine.slots.give(1)
+            self._defer(group, self.held_until if self.backing_off else None)
+        else:
+            self._submit(group)
+
+    def _defer(self, claims: list[Claim], until: float | None) -> None:
+        now = time.time()
+        deferred = [Confirmation(c.event, Attempt(self.lane, c.attempt - 1, "deferred", at=now),
+                                 c.entry_id, retry_at=max(now, until or now),
+                                 extra={"crashes": c.crashes} if c.crashes else {})
+                    for c in claims]
+        self.engine.store.confirm(self.lane, self.holder, self.engine.lease(self.destination),
+                                  deferred)
+        self.report.add("deferred", len(deferred))
+
+    def _unused(self, requests: int) -> None:
+        """Requests the rate limit granted that this drainer did not make: given back."""
+        if requests > 0 and self.rate is not None:
+            self.rate.give_back(self.destination, requests)
 
     def _read_payloads(self, unread: list[Claim]) -> list[Claim]:
         """The claims whose payloads the database gave; the others are settled at once: a
@@ -592,7 +672,6 @@ class _Drain:
                                  claim.entry_id, retry_at=now + DEFERRED_DELAY)
                     for claim in read.unreadable]
         if settled:
-            engine.slots.give(len(settled))
             engine.store.confirm(self.lane, self.holder, engine.lease(destination), settled)
             self.report.add("already-done", len(read.done))
             self.report.add("gone", len(read.gone))
@@ -603,30 +682,52 @@ class _Drain:
         latency = self.engine.latency(self.lane) or 0.0
         return max(MIN_WINDOW, math.ceil(latency * LANE_RATE))
 
-    def _finished_callback(self, group: list[Claim]) -> Callable[[Future[list[Sent]]], None]:
-        def finished(future: Future[list[Sent]]) -> None:
-            self.engine.slots.give(len(group))
+    def _finished_callback(self, group: list[Claim]) -> Callable[[Future[Request]], None]:
+        def finished(future: Future[Request]) -> None:
+            self.engine.slots.give(1)
             self.finished.put((future, group))
         return finished
 
-    def _decide(self, done: list[tuple[Future[list[Sent]], list[Claim]]]
+    def _decide(self, done: list[tuple[Future[Request], list[Claim]]]
                 ) -> list[Confirmation]:
         engine, destination = self.engine, self.destination
         confirmations: list[Confirmation] = []
+        slow_until = 0.0
         for future, group in done:
             self.in_flight -= len(group)
+            self.requests -= 1
             try:
-                sent = future.result()
+                request = future.result()
             except BaseException as exc:  # cancelled at shutdown: never sent
-                sent = [Sent(claim, exc, 0.0) for claim in group]
-            for item in sent:
+                request = Request([Sent(claim, exc, 0.0) for claim in group])
+            if request.requests > 1 and self.rate is not None:
+                # A batch the vendor refused whole was split: the extra requests count too.
+                self.rate.charge(destination, request.requests - 1)
+            for item in request.sent:
                 engine.observed(self.lane, item.latency_ms)
                 confirmation = engine.decider.decide(destination, item)
                 for gate in engine.gates:
                     gate.attempted(destination, item.answer)
                 confirmations.append(confirmation)
                 self.report.add(confirmation.attempt.outcome)
+                answer = item.answer
+                if isinstance(answer, RetryableDeliveryError) and answer.status_code == 429:
+                    wait = answer.retry_after if answer.retry_after is not None else SLOW_DOWN
+                    slow_until = max(slow_until, time.time() + wait)
+        if slow_until:
+            self._slow_down(slow_until)
         return confirmations
+
+    def _slow_down(self, until: float) -> None:
+        """A 429 holds the whole destination, not only the delivery that met it: this drainer
+        reads no more, its lane is held, and (with a ``rate_limit``) every worker's rate
+        gate refuses it, until the destination's wait is over."""
+        self.backing_off = True
+        self.held_until = max(self.held_until or 0.0, until)
+        if self.rate is not None:
+            self.rate.slow_down(self.destination, until)
+        log.warning("the destination answered 429: holding it for %.1f s",
+                    until - time.time(), extra={"destination": self.lane})
 
     def _record(self, confirmations: list[Confirmation]) -> None:
         """Confirm, waiting out a Redis that is briefly away (a restart, a failover): the
@@ -656,3 +757,7 @@ class _Drain:
         log.error("gave up waiting for %d deliveries after the %g s time limit", self.in_flight,
                   self.engine.time_limit, extra={"destination": self.lane})
         self.report.add("abandoned", self.in_flight)
+        if self.buffer:  # never sent: back to the lane without an attempt counted
+            self.engine.slots.give(1)
+            self._defer(self.buffer, None)
+            self.buffer = []

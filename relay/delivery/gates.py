@@ -329,14 +329,18 @@ class CircuitBreaker:
 
 class RateLimitGate:
     """``rate_limit: 20/s``: a fixed-window counter per destination shared by all workers; when
-    a window is used up, the lane is held until the next one."""
+    a window is used up, the lane is held until the next one. It counts what it is asked
+    for: deliveries, or requests for a destination with a batch."""
 
     name = "rate"
+    #: The most windows a 429 uses up (a minute of a per-second limit).
+    slow_down_windows = 60
 
     def __init__(self, client: redis.Redis, clock: Clock = time.time) -> None:
         self.redis = client
         self.clock = clock
         self._script = register(client, "rate")
+        self._windows: dict[str, int] = {}  # destination -> the window of its last grant
 
     def attempted(self, destination: Destination, answer: object) -> None:
         pass
@@ -352,10 +356,54 @@ class RateLimitGate:
         window = math.floor(self.clock() / per)
         granted = int(self._script(keys=[rate_key(destination.name, window)],
                                    args=[want, limit.count, int(per * 2000) + 1000]))
+        self._windows[destination.name] = window
         if granted >= want:
             return want, None
         _held(self.redis, self.name, destination.name, want - granted)
         return granted, (window + 1) * per
+
+    # A destination with a batch counts requests (the engine asks for requests), and these
+    # keep the count true to the requests made: what was granted and not used is given back,
+    # the extra requests of a split batch are charged, and a 429 uses up the windows it asks
+    # to wait, so every worker holds the destination.
+
+    def give_back(self, destination: Destination, requests: int) -> None:
+        """``requests`` of the last grant were not made (the lane had less than asked for):
+        they count no more against its window, if that window is still the current one."""
+        limit = destination.rate_limit
+        if limit is None or requests <= 0:
+            return
+        window = math.floor(self.clock() / limit.per_seconds)
+        if self._windows.get(destination.name) == window:
+            self.redis.decrby(rate_key(destination.name, window), requests)
+
+    def charge(self, destination: Destination, requests: int) -> None:
+        """Count ``requests`` made without asking (a split batch's extra requests)."""
+        limit = destination.rate_limit
+        if limit is None or requests <= 0:
+            return
+        key = rate_key(destination.name, math.floor(self.clock() / limit.per_seconds))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incrby(key, requests)
+        pipe.pexpire(key, int(limit.per_seconds * 2000) + 1000)
+        pipe.execute()
+
+    def slow_down(self, destination: Destination, until: float) -> None:
+        """The destination answered 429 and asked for a wait until ``until``: every window up
+        to then (at most :attr:`slow_down_windows`) is used up, so no worker sends to it
+        before. A longer wait is held that long and found again by the next request."""
+        limit = destination.rate_limit
+        if limit is None:
+            return
+        per = limit.per_seconds
+        now = self.clock()
+        first = math.floor(now / per)
+        last = min(math.ceil(until / per) - 1, first + self.slow_down_windows - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for window in range(first, last + 1):
+            ttl = int(((window + 1) * per - now) * 1000) + int(per * 2000) + 1000
+            pipe.set(rate_key(destination.name, window), limit.count, px=ttl)
+        pipe.execute()
 
 
 def default_gates(client: redis.Redis, snapshot_ttl: float = 0.0,

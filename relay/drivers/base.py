@@ -18,9 +18,15 @@ person can act on. It never retries, sleeps, or swallows a failure: the delivery
 Drivers are built once per worker process and destination and must be thread-safe: a
 worker keeps many deliveries in flight at once, up to the destination's ``concurrency``.
 
-A driver for a bulk API sets ``max_batch`` and overrides ``send_batch``: the engine then hands
-it up to that many claimed deliveries of one destination per call, and the driver answers one
-result or error per event, in order (each delivery keeps its own retry and dead letter).
+A driver for a bulk API sets ``max_batch`` (the most events its vendor takes in one request)
+and overrides ``send_batch``. A destination of it then gets ``batch: {max, wait}`` (default:
+``default_batch_max`` or ``max_batch``, and ``default_batch_wait``; ``max`` above
+``max_batch`` is a config error), and the engine hands the driver up to ``max`` claimed
+deliveries of the destination per call. The driver answers one result or error per event,
+in order (each delivery keeps its own outcome, retry and dead letter). A call may make more
+than one request (a batch split after the vendor refused it whole): the driver says how many
+by returning :class:`Answers`, so the extra requests are charged to the destination's
+``rate_limit``.
 
 Which answers are worth retrying is decided once, in :func:`relay.drivers.http.raise_for_status`
 (timeouts, 408, 425, 429, 5xx); a vendor that documents more of them declares them in
@@ -30,7 +36,7 @@ passes them on: ``raise_for_status(answer, retryable=self.retryable_answers)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from marshmallow import Schema
@@ -38,6 +44,17 @@ from marshmallow import Schema
 from relay.core.errors import DeliveryError
 from relay.core.models import DeliveryResult, Destination, LeadEvent
 from relay.drivers.http import HttpClient, RetryableAnswers, shared_client
+
+Answer = DeliveryResult | DeliveryError | Exception
+
+
+class Answers(list[Answer]):
+    """``send_batch``'s answers (one per event, in order) and ``requests``: how many requests
+    the call made (more than one when the vendor refused a batch whole and it was split)."""
+
+    def __init__(self, answers: Iterable[Answer] = (), requests: int = 1) -> None:
+        super().__init__(answers)
+        self.requests = requests
 
 
 class Driver:
@@ -49,8 +66,16 @@ class Driver:
     #: Deliveries in flight to one destination across all workers, unless the YAML says
     #: ``concurrency:``. Vendor drivers keep a common account tier clear of 429s.
     default_concurrency: ClassVar[int] = 50
-    #: Events per ``send_batch`` call (1: the engine sends each event on its own).
+    #: The most events one ``send_batch`` call may carry: the vendor's own maximum per request
+    #: (1: the engine sends each event on its own, and the driver takes no ``batch:``).
     max_batch: ClassVar[int] = 1
+    #: ``batch.max`` unless the YAML says otherwise (None: ``max_batch``).
+    default_batch_max: ClassVar[int | None] = None
+    #: How long a lone delivery waits for company by default (``batch.wait``).
+    default_batch_wait: ClassVar[float] = 0.2
+    #: ``rate_limit`` unless the YAML says otherwise (e.g. ``"9/s"``): a vendor's documented
+    #: limit, kept clear of 429s. None: no limit.
+    default_rate_limit: ClassVar[str | None] = None
     #: The vendor's documented retryable answers beyond the common ones (SPEC §4).
     retryable_answers: ClassVar[RetryableAnswers] = {}
 
@@ -74,11 +99,10 @@ class Driver:
     def send(self, event: LeadEvent) -> DeliveryResult:
         raise NotImplementedError
 
-    def send_batch(self, events: Sequence[LeadEvent]
-                   ) -> Sequence[DeliveryResult | DeliveryError | Exception]:
+    def send_batch(self, events: Sequence[LeadEvent]) -> Sequence[Answer]:
         """One answer per event, in order: a result, or the error its delivery met. The
-        default sends each event with :meth:`send`."""
-        answers: list[DeliveryResult | DeliveryError | Exception] = []
+        default sends each event with :meth:`send` (a request each)."""
+        answers = Answers(requests=len(events))
         for event in events:
             try:
                 answers.append(self.send(event))

@@ -317,3 +317,134 @@ def test_a_payload_that_is_not_json_is_permanent_and_not_echoed(tmp_path: Path) 
         driver.close()
     assert "JSON" in refused.value.message
     assert "ada@example.com" not in refused.value.message
+
+
+# -- batches: one transaction, one multi-row upsert --------------------------------------------
+
+
+def count_statements(driver: DatabaseDriver) -> dict[str, int]:
+    """Transactions begun and INSERT statements run on the driver's engine from now on."""
+    counts = {"begin": 0, "insert": 0, "statements": 0}
+
+    def begun(conn: Any) -> None:
+        counts["begin"] += 1
+
+    def executed(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        counts["statements"] += 1
+        counts["insert"] += statement.lstrip().upper().startswith("INSERT")
+
+    sa.event.listen(driver.engine, "begin", begun)
+    sa.event.listen(driver.engine, "before_cursor_execute", executed)
+    return counts
+
+
+def lead_n(n: int, name: str = "new_signup", at: float | None = None,
+           **changes: Any) -> LeadEvent:
+    return lead_event(name, float(n) if at is None else at, event_id=f"evt-{name}-{n}-{at}",
+                      social_id=f"S{n}", email=f"lead{n}@example.com", id=n, **changes)
+
+
+def test_a_batch_is_one_transaction_and_one_multi_row_upsert(
+    driver: DatabaseDriver, database_url: str, prefix: str
+) -> None:
+    driver.send(lead_n(0))  # the tables exist: what follows is the batch alone
+    counts = count_statements(driver)
+    answers = driver.send_batch([lead_n(n) for n in range(1, 51)])
+
+    assert [a.detail for a in answers] == ["stored"] * 50  # type: ignore[union-attr]
+    assert answers.requests == 1
+    assert counts["begin"] == 1
+    assert counts["insert"] == 2  # the events, then the leads
+    assert len(rows(database_url, f"{prefix}leads")) == 51
+    assert len(rows(database_url, f"{prefix}events")) == 51
+
+
+def test_an_older_event_in_the_same_batch_loses_to_the_newer_one(
+    driver: DatabaseDriver, database_url: str, prefix: str
+) -> None:
+    newer = lead_n(1, "score_change", at=2000.0, contest_score=15, rank=12)
+    older = lead_n(1, "new_signup", at=1000.0)
+    other = lead_n(2, "new_signup", at=1500.0)
+    answers = driver.send_batch([newer, other, older])
+
+    assert [a.detail for a in answers] == [  # type: ignore[union-attr]
+        "stored", "stored", "event stored; lead state already newer"]
+    leads = {r["social_id"]: r for r in rows(database_url, f"{prefix}leads")}
+    assert (leads["S1"]["last_event"], leads["S1"]["contest_score"]) == ("score_change", 15)
+    assert len(rows(database_url, f"{prefix}events")) == 3
+
+
+def test_across_batches_the_guard_holds_and_a_stored_event_is_a_duplicate(
+    driver: DatabaseDriver, database_url: str, prefix: str
+) -> None:
+    driver.send_batch([lead_n(1, "score_change", at=2000.0, contest_score=15),
+                       lead_n(2, at=10.0)])
+    late = lead_n(1, "new_signup", at=1000.0)
+    again = lead_n(2, at=10.0)  # the same event id: a retry or a replay
+    fresh = lead_n(3, at=30.0)
+    answers = driver.send_batch([late, again, fresh])
+
+    assert [a.detail for a in answers] == [  # type: ignore[union-attr]
+        "event stored; lead state already newer", "duplicate event: already stored", "stored"]
+    leads = {r["social_id"]: r for r in rows(database_url, f"{prefix}leads")}
+    assert (leads["S1"]["last_event"], leads["S1"]["contest_score"]) == ("score_change", 15)
+    assert len(rows(database_url, f"{prefix}events")) == 4
+
+
+def test_an_event_the_batch_cannot_store_fails_alone(
+    driver: DatabaseDriver, database_url: str, prefix: str
+) -> None:
+    answers = driver.send_batch([
+        lead_n(1), lead_n(2, utm={"not json": {1, 2}}),
+        lead_event("new_signup", 3.0, social_id=None, id=None, email=None, phone_number=None),
+        lead_n(4)])
+
+    assert [type(a).__name__ for a in answers] == [
+        "DeliveryResult", "PermanentDeliveryError", "PermanentDeliveryError", "DeliveryResult"]
+    assert "not JSON" in answers[1].message  # type: ignore[union-attr]
+    assert "lead2@example.com" not in answers[1].message  # type: ignore[union-attr]
+    assert {r["social_id"] for r in rows(database_url, f"{prefix}leads")} == {"S1", "S4"}
+
+
+def test_a_batch_postgresql_refuses_is_written_again_event_by_event(
+    postgres_url: str,  # noqa: F811
+) -> None:
+    driver = make_driver(postgres_url, table_prefix="t_refused_")
+    try:
+        # A campaign id longer than the column: PostgreSQL refuses the whole statement.
+        answers = driver.send_batch([lead_n(1), lead_n(2, campaign_id="x" * 80), lead_n(3)])
+    finally:
+        driver.close()
+    assert [type(a).__name__ for a in answers] == [
+        "DeliveryResult", "PermanentDeliveryError", "DeliveryResult"]
+    assert {r["social_id"] for r in rows(postgres_url, "t_refused_leads")} == {"S1", "S3"}
+
+
+def test_concurrent_out_of_order_batches_keep_the_newest_lead_state(
+    driver: DatabaseDriver, database_url: str, prefix: str
+) -> None:
+    times = [float(n) for n in range(1, 81)]
+    random.Random(11).shuffle(times)
+    # Two leads, their events shuffled into batches sent by 8 threads at once: every batch
+    # holds both leads, so concurrent batches lock the same rows (in the same order).
+    events = [lead_event("score_change", at, event_id=f"evt-{at}", contest_score=int(at),
+                         social_id=f"L{int(at) % 2}") for at in times]
+    batches = [events[i:i + 8] for i in range(0, len(events), 8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = [a for batch in pool.map(driver.send_batch, batches) for a in batch]
+
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    leads = {r["social_id"]: r for r in rows(database_url, f"{prefix}leads")}
+    assert (leads["L0"]["last_event_received_at"], leads["L0"]["contest_score"]) == (80.0, 80)
+    assert (leads["L1"]["last_event_received_at"], leads["L1"]["contest_score"]) == (79.0, 79)
+    assert len(rows(database_url, f"{prefix}events")) == 80
+
+
+def test_the_database_destination_batches_by_default() -> None:
+    from relay.core.models import BatchPolicy
+    from tests.support.helpers import config
+
+    [warehouse] = config([{"name": "w", "type": "database", "url": "sqlite://"}]).destinations
+    assert warehouse.batch == BatchPolicy(100, 0.05)
+    with pytest.raises(Exception, match="database takes at most 1000 per request"):
+        config([{"name": "w", "type": "database", "url": "sqlite://", "batch": {"max": 5000}}])

@@ -1,0 +1,108 @@
+"""HubSpot's limits, held by real ``relay worker`` processes against the HubSpot stand-in.
+
+The stand-in counts requests in a rolling window and answers 429 with HubSpot's headers past
+it (``tests/support/vendor_server.py``). The relay's shipped defaults (``rate_limit: 9/s``,
+``concurrency: 4``, ``batch: {max: 100, wait: 200ms}``) must keep it clear of them across
+worker processes, and a 429 that still comes must hold the whole destination, not only the
+delivery that met it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.deployment import RelayDeployment
+from tests.support.helpers import wait_for
+from tests.support.samples import sample
+from tests.support.vendor_server import HubSpotContacts, VendorServer
+
+
+def hubspot(url: str, **keys: Any) -> dict[str, Any]:
+    return {"name": "crm", "type": "hubspot", "access_token": "pat-test", "base_url": url,
+            "events": ["*"], **keys}
+
+
+def post(deployment: RelayDeployment, events: int) -> None:
+    client = deployment.web_client()
+    for n in range(events):
+        response = client.post("/hooks/kickofflabs", json=sample(
+            "new_signup", email=f"lead{n}@example.com", social_id=f"s{n}", id=n))
+        assert response.status_code == 202
+
+
+def stand_in(contacts: HubSpotContacts) -> Iterator[VendorServer]:
+    server = VendorServer(hubspot=contacts).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def limited() -> Iterator[tuple[VendorServer, HubSpotContacts]]:
+    """A stand-in allowing 30 requests per rolling 2 s: the default 9/s (fixed one-second
+    windows, so at most 27 in any 2 s) stays under it, a burst does not."""
+    contacts = HubSpotContacts(limit=30, interval=2.0, latency=0.02)
+    for server in stand_in(contacts):
+        yield server, contacts
+
+
+@pytest.mark.timeout(120)
+def test_the_default_rate_limit_holds_across_worker_processes(
+    deployment: RelayDeployment, limited: tuple[VendorServer, HubSpotContacts],
+) -> None:
+    server, contacts = limited
+    # One contact per request, the worst case for the limit: 60 requests at 9/s.
+    deployment.configure({"destinations": [hubspot(server.url, batch={"max": 1})]})
+    deployment.start_worker(concurrency=4, processes=2)
+    post(deployment, 60)
+
+    wait_for(lambda: contacts.counts["upserted"] >= 60, timeout=60, interval=0.2,
+             message="60 contacts upserted")
+    assert contacts.counts["rate_limited"] == 0
+    assert contacts.counts["requests"] == 60
+    assert len(contacts.contacts) == 60
+
+
+@pytest.mark.timeout(120)
+def test_with_the_defaults_500_signups_go_in_a_few_batches(
+    deployment: RelayDeployment, limited: tuple[VendorServer, HubSpotContacts],
+) -> None:
+    server, contacts = limited
+    deployment.configure({"destinations": [hubspot(server.url)]})
+    post(deployment, 500)  # waiting in the lane when the workers start
+    deployment.start_worker(concurrency=4, processes=2)
+
+    wait_for(lambda: contacts.counts["upserted"] >= 500, timeout=60, interval=0.2,
+             message="500 contacts upserted")
+    assert contacts.counts["rate_limited"] == 0
+    assert contacts.counts["requests"] <= 10  # 100 a request, some less
+    assert max(contacts.batch_sizes) == 100
+    assert contacts.problems == []
+
+
+@pytest.mark.timeout(120)
+def test_a_429_holds_the_whole_destination_not_one_delivery(
+    deployment: RelayDeployment,
+) -> None:
+    # The limit set far above what the account takes: the stand-in answers 429 past 10
+    # requests per rolling 3 s, with HubSpot's X-HubSpot-RateLimit-Interval-Milliseconds.
+    contacts = HubSpotContacts(limit=10, interval=3.0)
+    for server in stand_in(contacts):
+        deployment.configure({"destinations": [hubspot(
+            server.url, batch={"max": 1}, rate_limit="1000/s", concurrency=2,
+            retry={"schedule": ["1s"] * 20})]})
+        post(deployment, 40)
+        deployment.start_worker(concurrency=4, processes=2)
+        wait_for(lambda: contacts.counts["upserted"] >= 40, timeout=90, interval=0.2,
+                 message="40 contacts upserted")
+    # Sent as fast as the concurrency allows, 30 of the first 40 requests would meet a 429.
+    # Each 429 holds the destination for the window HubSpot names (3 s), in every worker
+    # process: only the requests already out meet one too.
+    print(f"\n40 contacts, 10 per 3 s: {contacts.counts['requests']} requests, "
+          f"{contacts.counts['rate_limited']} answered 429")
+    assert contacts.counts["rate_limited"] <= 12
+    assert len(contacts.contacts) == 40
