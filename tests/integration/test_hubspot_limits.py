@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from relay.store.keys import SCHEDULED, lane_key, stats_key
+from relay.store.keys import BUDGETS_SPENT, SCHEDULED, lane_key, stats_key
 from tests.support.deployment import RelayDeployment
 from tests.support.helpers import wait_for
 from tests.support.samples import sample
@@ -168,3 +168,41 @@ def test_a_spent_daily_cap_holds_the_account_until_its_reset_without_attempts(
     for name in ("crm", "crm-scores"):
         assert store.hget(stats_key(name), "failed") is None
     assert store.zcard(SCHEDULED) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_daily_429_holds_every_destination_of_the_account_without_attempts(
+    deployment: RelayDeployment,
+) -> None:
+    # HubSpot counts every app of the account: the stand-in's day is spent after 6 requests,
+    # long before the relay's own count (250,000) says so.
+    contacts = HubSpotContacts(daily=6)
+    for server in stand_in(contacts):
+        deployment.configure({"destinations": [
+            hubspot(server.url, batch={"max": 1}, retry={"schedule": []}),  # one attempt each
+            hubspot(server.url, batch={"max": 1}, retry={"schedule": []}, name="crm-scores"),
+        ]})
+        deployment.start_worker(concurrency=4, processes=2)
+        post(deployment, 20)
+        wait_for(lambda: contacts.counts["daily_limited"] >= 1, timeout=60, interval=0.2,
+                 message="HubSpot's DAILY 429")
+        time.sleep(2.0)  # both lanes read a few more times
+        refused = contacts.counts["daily_limited"]
+        store = redis.Redis.from_url(deployment.redis_url)
+        # Only the requests already in flight met the 429 too (4 per destination at most).
+        assert refused <= 8, refused
+        assert contacts.counts["upserted"] == 6
+        # The deliveries that met it wait for the reset, no attempt counted (with one attempt
+        # each, a counted one would be a dead letter); the others wait in their lanes.
+        for name in ("crm", "crm-scores"):
+            stats = {k.decode(): v.decode() for k, v in store.hgetall(stats_key(name)).items()}
+            assert "failed" not in stats and "dead" not in stats, stats
+        waiting = (store.zcard(SCHEDULED) + store.xlen(lane_key("crm"))
+                   + store.xlen(lane_key("crm-scores")))
+        assert waiting == 40 - 6
+        assert store.zcard(SCHEDULED) == refused
+        [(budget, until)] = store.zrange(BUDGETS_SPENT, 0, -1, withscores=True)
+        assert budget.decode().startswith("hubspot:")
+        assert time.time() < until <= time.time() + 3600  # an hour at most: no time zone
+        time.sleep(1.0)
+        assert contacts.counts["requests"] == 6 + refused  # held: nothing more was sent
