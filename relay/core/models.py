@@ -107,7 +107,7 @@ class RetryPolicy:
 @dataclass(frozen=True)
 class RateLimit:
     """At most ``count`` deliveries per ``per_seconds``, shared by all workers (requests, for a
-    destination with a batch)."""
+    destination with a batch), and by every destination of its :class:`Budget`."""
 
     count: int
     per_seconds: float
