@@ -76,5 +76,5 @@ def init_metrics(app: Flask) -> None:
                 return {}  # the database away: relay_history_lag_seconds says so
 
         return Response(render(ctx.redis, destinations, dead_letters,
-                               ctx.settings.metrics_subscriptions),
+                               ctx.settings.metrics_subscriptions, ctx.config.budgets),
                         content_type=CONTENT_TYPE)

@@ -166,6 +166,20 @@ def status(as_json: bool) -> None:
             why = f"reason: {shown(reason)}" if reason else "no reason given"
             click.echo(f"paused: {shown(d['name'])} since {_when(d['paused_at'])}, "
                        f"{_cut(why, 100)}")
+    for b in overview["budgets"]:  # a vendor account whose day is spent, or nearly
+        if b["low"]:
+            click.echo(_budget_line(b))
+
+
+def _budget_line(b: dict[str, Any]) -> str:
+    who = f"budget {shown(b['name'])} ({', '.join(shown(n) for n in b['destinations'])})"
+    if b["spent_until"] is not None:
+        return click.style(f"{who}: spent (the vendor says so), held until "
+                           f"{_when(b['spent_until'])}", fg="red")
+    left = f"{b['remaining']:,} of {b['daily_limit']:,} requests left today"
+    if b["remaining"] == 0:
+        return click.style(f"{who}: {left}, held until {_when(b['resets_at'])}", fg="red")
+    return click.style(f"{who}: {left}, resets {_when(b['resets_at'])}", fg="yellow")
 
 
 def _latency(ms: float | None) -> str:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import hashlib
+import json
 import os
 import re
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +25,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 from relay.core.durations import parse_duration, parse_rate_limit
 from relay.core.errors import ConfigError
 from relay.core.events import canonical_event_name, is_known
-from relay.core.models import BatchPolicy, Destination, RetryPolicy
+from relay.core.models import BatchPolicy, Budget, Destination, RateLimit, RetryPolicy
 from relay.core.redaction import redacted
 from relay.drivers import REGISTRY, Driver, driver_class
 
@@ -30,8 +34,11 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 COMMON_KEYS = frozenset(
     {"name", "type", "events", "campaigns", "where", "timeout", "retry", "rate_limit", "base_url",
-     "concurrency", "batch"}
+     "concurrency", "batch", "account", "daily_limit", "account_timezone"}
 )
+#: A budget's limits: destinations that share the budget and say one of them must say the
+#: same (one that leaves it out takes what the others say, else its driver's default).
+BUDGET_KEYS = ("rate_limit", "daily_limit", "account_timezone")
 #: The longest a lone delivery may wait for company (``batch.wait``): the wait is added to a
 #: claimed delivery's lease, so it stays short.
 MAX_BATCH_WAIT = 10.0
@@ -54,6 +61,15 @@ class RelayConfig:
 
     def destination(self, name: str) -> Destination | None:
         return next((d for d in self.destinations if d.name == name), None)
+
+    def budgets(self) -> dict[Budget, list[str]]:
+        """Each budget of the YAML's destinations -> the names of the destinations that
+        share it, in the YAML's order."""
+        found: dict[Budget, list[str]] = {}
+        for d in self.destinations:
+            if d.budget is not None:
+                found.setdefault(d.budget, []).append(d.name)
+        return found
 
 
 class Duration(fields.Field):
@@ -113,6 +129,25 @@ class DestinationSchema(Schema):
                                  validate=validate.Range(1, 1000))
     # Deliveries per request to a bulk API (default: the driver's; see _batch_policy).
     batch = fields.Nested(BatchSchema, load_default=None, allow_none=True)
+    # The vendor account it uses, when others use it too: they share one budget.
+    account = fields.String(load_default=None, allow_none=True,
+                            validate=validate.Regexp(NAME_PATTERN,
+                                                     error="use letters, digits, - and _ only"))
+    # Requests a day for the account (default: the driver's; null: not counted).
+    daily_limit = fields.Integer(load_default=None, allow_none=True, strict=True,
+                                 validate=validate.Range(min=1))
+    # The account's time zone: its day, and its daily_limit, begin at midnight there.
+    account_timezone = fields.String(load_default=None, allow_none=True)
+
+    @validates("account_timezone")
+    def _timezone(self, value: str | None, **kwargs: Any) -> None:
+        if value is None:
+            return
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValidationError(f"unknown time zone {value!r} (use an IANA name, e.g. "
+                                  "America/New_York, or UTC)") from None
 
     # A driver's own key, checked here for every driver that signs (the webhook): a secret
     # that cannot be decoded would pass the check and then fail every delivery.
@@ -198,6 +233,7 @@ def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
     warnings: list[str] = []
     sources = _parse_sources(raw.get("sources"), environ, problems, warnings)
     destinations: list[Destination] = []
+    stated: dict[str, _Stated] = {}
     secrets: dict[str, frozenset[str]] = {}
     seen: set[str] = set()
     raw_destinations = raw.get("destinations") or []
@@ -210,7 +246,7 @@ def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
             label += f" ({item['name']})"
         try:
             item = substitute(item, environ, label)
-            destination, secret_fields = _parse_destination(item, label)
+            destination, secret_fields, said = _parse_destination(item, label)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -220,7 +256,10 @@ def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
             problems.append(f"{label}: name: {destination.name!r} is used twice")
         seen.add(destination.name)
         destinations.append(destination)
+        stated[destination.name] = said
         secrets[destination.name] = secret_fields
+    if not problems:
+        destinations = _shared_budgets(destinations, stated, problems, warnings)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems), problems)
     return RelayConfig(sources, tuple(destinations), tuple(warnings), None, secrets)
@@ -258,7 +297,19 @@ def _parse_sources(
     return sources
 
 
-def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[str]]:
+@dataclass(frozen=True)
+class _Stated:
+    """What the YAML said of a destination's budget, before budgets are shared out."""
+
+    label: str
+    budget: str | None  # its budget's name: None for none (its own name)
+    credential: str | None  # the digest of its account_fields, if its driver has them
+    values: Mapping[str, Any]  # of BUDGET_KEYS, those the YAML says
+    defaults: Mapping[str, Any]  # its driver's
+
+
+def _parse_destination(item: Any, label: str
+                       ) -> tuple[Destination, frozenset[str], _Stated]:
     if not isinstance(item, dict):
         raise ConfigError(f"{label}: must be a mapping")
     try:
@@ -274,6 +325,7 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
     retry = common["retry"]
     campaigns = common["campaigns"]
     rate_limit = common["rate_limit"] or cls.default_rate_limit
+    said = _stated(cls, common, item, options, label)
     destination = Destination(
         name=common["name"],
         type=common["type"],
@@ -288,7 +340,87 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
         options=options,
         batch=_batch_policy(cls, common["batch"], label),
     )
-    return destination, cls.secret_fields
+    return destination, cls.secret_fields, said
+
+
+def _stated(cls: type[Driver], common: Mapping[str, Any], item: Mapping[str, Any],
+            options: Mapping[str, Any], label: str) -> _Stated:
+    """A destination's budget as the YAML says it: ``account:`` names it (``<type>:<account>``);
+    else, for a driver with ``account_fields``, a digest of their values and the API host
+    (``<type>:<digest>``), so that destinations with the same credential share it."""
+    credential = None
+    values = [options.get(name) for name in cls.account_fields]
+    if cls.account_fields and all(values):
+        host = (common["base_url"] or cls.default_base_url or "").rstrip("/")
+        material = json.dumps([common["type"], host, *values]).encode()
+        credential = f"{common['type']}:{hashlib.sha256(material).hexdigest()[:12]}"
+    account = common["account"]
+    budget = f"{common['type']}:{account}" if account else credential
+    said: dict[str, Any] = {}
+    if common["rate_limit"] is not None:
+        said["rate_limit"] = parse_rate_limit(common["rate_limit"])
+    if "daily_limit" in item:
+        said["daily_limit"] = common["daily_limit"]
+    if common["account_timezone"] is not None:
+        said["account_timezone"] = common["account_timezone"]
+    default_rate = cls.default_rate_limit
+    defaults = {"rate_limit": parse_rate_limit(default_rate) if default_rate else None,
+                "daily_limit": cls.default_daily_limit, "account_timezone": None}
+    return _Stated(label, budget, credential, said, defaults)
+
+
+def _shared_budgets(destinations: list[Destination], stated: Mapping[str, _Stated],
+                    problems: list[str], warnings: list[str]) -> list[Destination]:
+    """Give each destination its budget. The destinations of one budget share its limits:
+    a limit that two of them say differently is a config error, and one that leaves it out
+    takes what the others say (else its driver's default). A destination in no budget that
+    says ``daily_limit`` (or whose driver has one) gets a budget of its own name."""
+    members: dict[str, list[Destination]] = {}
+    for d in destinations:
+        members.setdefault(stated[d.name].budget or d.name, []).append(d)
+    shared: dict[str, Destination] = {}
+    for name, group in members.items():
+        limits: dict[str, Any] = {}
+        for key in BUDGET_KEYS:
+            says = [(d.name, stated[d.name].values[key]) for d in group
+                    if key in stated[d.name].values]
+            limits[key] = says[0][1] if says else stated[group[0].name].defaults[key]
+            for other, value in says[1:]:
+                if value != says[0][1]:
+                    problems.append(
+                        f"{stated[other].label}: {key}: {_shown(value)}, but {says[0][0]} "
+                        f"says {_shown(says[0][1])} for the budget they share ({name}); a "
+                        f"budget has one {key}: say it once, or the same on each")
+                    break
+        budget = None
+        if stated[group[0].name].budget is not None or limits["daily_limit"] is not None:
+            budget = Budget(name, limits["daily_limit"], limits["account_timezone"])
+        rate: RateLimit | None = limits["rate_limit"]
+        for d in group:
+            shared[d.name] = dataclasses.replace(d, budget=budget, rate_limit=rate)
+    by_credential: dict[str, list[str]] = {}
+    for d in destinations:
+        credential = stated[d.name].credential
+        if credential is not None:
+            by_credential.setdefault(credential, []).append(d.name)
+    for names in by_credential.values():
+        budgets = sorted({shared[n].budget_name for n in names})
+        if len(budgets) > 1:
+            warnings.append(
+                f"{', '.join(names)} use the same account credential but are in different "
+                f"budgets ({', '.join(budgets)}): the vendor counts their requests together; "
+                "give them the same account:")
+    return [shared[d.name] for d in destinations]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, RateLimit):
+        return _rate_text(value)
+    return "null" if value is None else str(value)
+
+
+def _rate_text(limit: RateLimit) -> str:
+    return f"{limit.count}/{limit.per_seconds:g}s"
 
 
 def _batch_policy(cls: type[Driver], configured: Mapping[str, Any] | None,
@@ -353,13 +485,26 @@ def masked(config: RelayConfig) -> dict[str, Any]:
                 "timeout": d.timeout,
                 "concurrency": d.concurrency,
                 "retry": list(d.retry.schedule),
-                "rate_limit": d.rate_limit
-                and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
+                "rate_limit": d.rate_limit and _rate_text(d.rate_limit),
                 "batch": d.batch and {"max": d.batch.max, "wait": d.batch.wait},
+                "budget": d.budget and d.budget.name,
                 "base_url": redacted(d.base_url),
                 **options,
             }
         )
+    budgets = {}
+    for budget, names in config.budgets().items():
+        if len(names) > 1 or budget.daily_limit is not None:
+            first = config.destination(names[0])
+            rate = first.rate_limit if first is not None else None
+            budgets[budget.name] = {
+                "destinations": names,
+                "rate_limit": rate and _rate_text(rate),
+                "daily_limit": budget.daily_limit,
+                "day_begins": f"midnight {budget.timezone or 'UTC'}",
+            }
+    if budgets:
+        out["budgets"] = budgets
     return out
 
 

@@ -15,6 +15,7 @@
     ├── QueueUnavailable             Redis unreachable or refusing writes -> 503 + Retry-After
     └── DeliveryError                raised by drivers; the task decides what happens next
         ├── RetryableDeliveryError   timeouts, connection errors, 408/425/429/5xx (retry_after)
+        │   └── BudgetSpentError     the vendor says the account's day is spent: wait, no attempt
         └── PermanentDeliveryError   other 3xx/4xx, bad payload for the API, refused address
             └── UnsafeURLError       an API-registered URL resolves to a non-public address
 
@@ -24,6 +25,7 @@ they happen; nothing above that boundary catches a library exception.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -99,6 +101,19 @@ class RetryableDeliveryError(DeliveryError):
     ) -> None:
         super().__init__(message, status_code)
         self.retry_after = retry_after
+
+
+class BudgetSpentError(RetryableDeliveryError):
+    """The vendor refused the request because the account's budget is spent until ``until``
+    (an epoch time: HubSpot's ``DAILY`` 429, until its day's reset). Nothing is worth sending
+    to the account before then: the budget is held for every destination that shares it, and
+    the deliveries of the request wait for ``until`` without an attempt counted."""
+
+    def __init__(self, message: str, until: float, status_code: int | None = 429,
+                 now: float | None = None) -> None:
+        wait = max(0.0, until - (time.time() if now is None else now))
+        super().__init__(message, status_code, wait)
+        self.until = until
 
 
 class PermanentDeliveryError(DeliveryError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import zoneinfo
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,7 +107,7 @@ class RetryPolicy:
 @dataclass(frozen=True)
 class RateLimit:
     """At most ``count`` deliveries per ``per_seconds``, shared by all workers (requests, for a
-    destination with a batch)."""
+    destination with a batch), and by every destination of its :class:`Budget`."""
 
     count: int
     per_seconds: float
@@ -118,6 +120,37 @@ class BatchPolicy:
 
     max: int
     wait: float = 0.2
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the destinations that use one vendor account share: its ``rate_limit`` windows
+    (on each of them, equal: the config sees to it), its daily cap, and a ``429`` that holds
+    one of them holds them all. ``name`` is ``<type>:<account>`` (the YAML's ``account:``),
+    ``<type>:<digest>`` (a digest of the credential the driver names, never the credential) or
+    a destination's own name (a ``daily_limit`` on a destination that shares nothing)."""
+
+    name: str
+    #: Requests a day for the whole account (None: not counted).
+    daily_limit: int | None = None
+    #: The account's time zone (IANA name): its day, and its daily cap, begin at midnight
+    #: there. None: UTC.
+    timezone: str | None = None
+
+    def day(self, now: float) -> tuple[str, float]:
+        """The account's day at ``now``: its date (``YYYY-MM-DD``) and when the next one
+        begins (the reset, as an epoch time)."""
+        return account_day(now, self.timezone)
+
+
+def account_day(now: float, timezone: str | None = None) -> tuple[str, float]:
+    """The date at ``now`` in ``timezone`` (None: UTC) and the epoch time of the next
+    midnight there (daylight saving time included: a day may be 23 or 25 hours long)."""
+    zone = zoneinfo.ZoneInfo(timezone) if timezone else datetime.UTC
+    today = datetime.datetime.fromtimestamp(now, zone).date()
+    midnight = datetime.datetime.combine(today + datetime.timedelta(days=1), datetime.time(),
+                                         tzinfo=zone)
+    return today.isoformat(), midnight.timestamp()
 
 
 @dataclass(frozen=True)
@@ -140,6 +173,9 @@ class Destination:
     #: Deliveries per request to a bulk API (None: one per request). With a batch,
     #: ``concurrency`` and ``rate_limit`` count requests, not deliveries.
     batch: BatchPolicy | None = None
+    #: The vendor account's budget it shares with other destinations, and its daily cap
+    #: (None: its ``rate_limit`` is its own, and no daily cap).
+    budget: Budget | None = None
 
     def __hash__(self) -> int:  # mappings are not hashable; the name is unique
         return hash(self.name)
@@ -148,6 +184,16 @@ class Destination:
     def per_request(self) -> int:
         """The most deliveries one request carries (1 without a batch)."""
         return self.batch.max if self.batch is not None else 1
+
+    @property
+    def budget_name(self) -> str:
+        """What its rate windows and daily count are kept under: its budget's name, or its
+        own name when it has none."""
+        return self.budget.name if self.budget is not None else self.name
+
+    @property
+    def daily_limit(self) -> int | None:
+        return self.budget.daily_limit if self.budget is not None else None
 
     @property
     def lease(self) -> float:

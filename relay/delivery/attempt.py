@@ -13,7 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from relay.core.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from relay.core.errors import (
+    BudgetSpentError,
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+)
 from relay.core.models import DeliveryResult, Destination
 from relay.delivery.retry import next_delay
 from relay.drivers import Driver, driver_class
@@ -121,6 +126,8 @@ class Decider:
                                 attempt_id=claim.attempt_id)
         if isinstance(answer, PermanentDeliveryError):
             return self._dead(destination, claim, answer, sent.latency_ms)
+        if isinstance(answer, BudgetSpentError):
+            return self._wait_for_budget(destination, claim, answer)
         if not isinstance(answer, RetryableDeliveryError):
             # A driver bug: retry on schedule rather than lose the event.
             log.error("driver %s crashed delivering %s: %s: %s", destination.type,
@@ -144,6 +151,21 @@ class Decider:
             "error": _cut(exc.message)})
         return Confirmation(claim.event, attempt, claim.entry_id, retry_at=due,
                             extra=_kept(claim), attempt_id=claim.attempt_id)
+
+    def _wait_for_budget(self, destination: Destination, claim: Claim,
+                         exc: BudgetSpentError) -> Confirmation:
+        """The vendor refused the request because the account's budget is spent: the
+        delivery waits for the budget's reset in the lane's order of things, without an
+        attempt counted (the request did nothing, and a day-long wait must not use up its
+        retries or make it a dead letter)."""
+        now = time.time()
+        attempt = Attempt(destination.name, claim.attempt - 1, "deferred", exc.status_code,
+                          error=_cut(exc.message), next_attempt_at=exc.until, at=now)
+        log.warning("the account's budget is spent: waiting for its reset", extra={
+            "event_id": claim.event.event_id, "destination": destination.name,
+            "until": round(exc.until, 3)})
+        return Confirmation(claim.event, attempt, claim.entry_id, retry_at=max(now, exc.until),
+                            extra=_kept(claim))
 
     def _dead(self, destination: Destination, claim: Claim, exc: DeliveryError,
               latency_ms: float | None) -> Confirmation:

@@ -7,8 +7,9 @@ A gate never takes a delivery out of its lane: it *holds the lane* (the drainer 
 it and the sweep leaves it alone until the hold's time), so held deliveries keep their order
 and come back by themselves, a resumed or closed destination's oldest first.
 
-Their keys (``relay:paused``, ``relay:circuit:<destination>`` and its ``:probe`` lease,
-``relay:rate:<destination>:<window>``) are listed in :mod:`relay.store.keys`, their scripts are
+Their keys (``relay:paused``, ``relay:circuit:<destination>`` and its ``:probe`` lease, a
+budget's ``relay:rate:<budget>:<window>`` and ``relay:day:<budget>:<date>``,
+``relay:budgets:spent``) are listed in :mod:`relay.store.keys`, their scripts are
 ``circuit.lua`` and ``rate.lua`` in ``relay/store/lua/``.
 
 The breaker judges a destination by what its attempts say about *it* (:func:`health`), not
@@ -30,12 +31,19 @@ from typing import Protocol
 
 import redis
 
-from relay.core.errors import DeliveryError, RetryableDeliveryError, UnsafeURLError
+from relay.core.errors import (
+    BudgetSpentError,
+    DeliveryError,
+    RetryableDeliveryError,
+    UnsafeURLError,
+)
 from relay.core.models import LEASE_MARGIN, DeliveryResult, Destination
 from relay.observability.metrics import metrics_for
 from relay.store.keys import (
+    BUDGETS_SPENT,
     PAUSED_KEY,
     circuit_key,
+    day_key,
     hold_key,
     lane_key,
     probe_key,
@@ -327,10 +335,26 @@ class CircuitBreaker:
         self.redis.delete(circuit_key(destination), probe_key(destination))
 
 
+@dataclass(frozen=True)
+class _Counter:
+    """One of a budget's counters as :meth:`RateLimitGate.allow` asks about it."""
+
+    key: str
+    limit: int
+    ttl_ms: int
+    ends: float  # when the counter's window (or day) is over
+    gate: str  # what its refusals are counted as: "rate" or "daily"
+
+
 class RateLimitGate:
-    """``rate_limit: 20/s``: a fixed-window counter per destination shared by all workers; when
-    a window is used up, the lane is held until the next one. It counts what it is asked
-    for: deliveries, or requests for a destination with a batch."""
+    """A destination's *budget*: ``rate_limit: 20/s`` (a fixed-window counter shared by all
+    workers) and ``daily_limit`` (a counter of the vendor account's day, which ends at
+    midnight in its time zone). Destinations that use one vendor account share one budget
+    (:attr:`~relay.core.models.Destination.budget_name`): its windows, its day and its holds.
+    When a window or the day is used up, the lane is held until it is over; so is every lane of
+    a budget the vendor said is spent (:class:`~relay.core.errors.BudgetSpentError`) until the
+    time the vendor named. It counts what it is asked for: deliveries, or requests for a
+    destination with a batch."""
 
     name = "rate"
     #: The most windows a 429 uses up (a minute of a per-second limit).
@@ -340,58 +364,92 @@ class RateLimitGate:
         self.redis = client
         self.clock = clock
         self._script = register(client, "rate")
-        self._windows: dict[str, int] = {}  # destination -> the window of its last grant
+        self._granted: dict[str, set[str]] = {}  # budget -> the counters of its last grant
+        self._spent: dict[str, float] = {}  # budget -> until: what this process last marked
+
+    def _counters(self, destination: Destination, now: float) -> list[_Counter]:
+        budget = destination.budget_name
+        counters = []
+        limit = destination.rate_limit
+        if limit is not None:
+            per = limit.per_seconds
+            window = math.floor(now / per)
+            counters.append(_Counter(rate_key(budget, window), limit.count,
+                                     int(per * 2000) + 1000, (window + 1) * per, "rate"))
+        if destination.budget is not None and destination.budget.daily_limit is not None:
+            date, reset = destination.budget.day(now)
+            counters.append(_Counter(day_key(budget, date), destination.budget.daily_limit,
+                                     int((reset - now + 86400) * 1000), reset, "daily"))
+        return counters
 
     def attempted(self, destination: Destination, answer: object) -> None:
-        pass
+        """A :class:`BudgetSpentError` marks the destination's budget spent until the time
+        the vendor named, for every worker and every destination of the budget."""
+        if isinstance(answer, BudgetSpentError):
+            self.spend(destination, answer.until)
 
     def reads_outcomes(self, destination: Destination) -> bool:
         return False
 
     def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
-        limit = destination.rate_limit
-        if limit is None or want <= 0:
+        if want <= 0:
             return want, None
-        per = limit.per_seconds
-        window = math.floor(self.clock() / per)
-        granted = int(self._script(keys=[rate_key(destination.name, window)],
-                                   args=[want, limit.count, int(per * 2000) + 1000]))
-        self._windows[destination.name] = window
+        now = self.clock()
+        counters = self._counters(destination, now)
+        if not counters:
+            return want, None
+        budget = destination.budget_name
+        args: list[object] = [budget, repr(now), want]
+        for counter in counters:
+            args += [counter.limit, counter.ttl_ms]
+        granted, spent, *rooms = self._script(
+            keys=[BUDGETS_SPENT, *(c.key for c in counters)], args=args)
+        granted = int(granted)
+        if spent:
+            _held(self.redis, "daily", destination.name, want)
+            return 0, float(spent)
+        self._granted[budget] = {c.key for c in counters}
         if granted >= want:
             return want, None
-        _held(self.redis, self.name, destination.name, want - granted)
-        return granted, (window + 1) * per
+        used_up = [c for c, room in zip(counters, rooms, strict=True) if int(room) <= granted]
+        gate = "daily" if any(c.gate == "daily" for c in used_up) else self.name
+        _held(self.redis, gate, destination.name, want - granted)
+        return granted, max(c.ends for c in used_up)
 
     # A destination with a batch counts requests (the engine asks for requests), and these
     # keep the count true to the requests made: what was granted and not used is given back,
     # the extra requests of a split batch are charged, and a 429 uses up the windows it asks
-    # to wait, so every worker holds the destination.
+    # to wait, so every worker holds every destination of the budget.
 
     def give_back(self, destination: Destination, requests: int) -> None:
         """``requests`` of the last grant were not made (the lane had less than asked for):
-        they count no more against its window, if that window is still the current one."""
-        limit = destination.rate_limit
-        if limit is None or requests <= 0:
+        they count no more against its window and its day, if they are still the current
+        ones."""
+        if requests <= 0:
             return
-        window = math.floor(self.clock() / limit.per_seconds)
-        if self._windows.get(destination.name) == window:
-            self.redis.decrby(rate_key(destination.name, window), requests)
+        granted = self._granted.get(destination.budget_name, set())
+        current = [c.key for c in self._counters(destination, self.clock()) if c.key in granted]
+        if current:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in current:
+                pipe.decrby(key, requests)
+            pipe.execute()
 
     def charge(self, destination: Destination, requests: int) -> None:
         """Count ``requests`` made without asking (a split batch's extra requests)."""
-        limit = destination.rate_limit
-        if limit is None or requests <= 0:
+        if requests <= 0:
             return
-        key = rate_key(destination.name, math.floor(self.clock() / limit.per_seconds))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.incrby(key, requests)
-        pipe.pexpire(key, int(limit.per_seconds * 2000) + 1000)
+        for counter in self._counters(destination, self.clock()):
+            pipe.incrby(counter.key, requests)
+            pipe.pexpire(counter.key, counter.ttl_ms)
         pipe.execute()
 
     def slow_down(self, destination: Destination, until: float) -> None:
-        """The destination answered 429 and asked for a wait until ``until``: every window up
-        to then (at most :attr:`slow_down_windows`) is used up, so no worker sends to it
-        before. A longer wait is held that long and found again by the next request."""
+        """The destination answered 429 and asked for a wait until ``until``: every window of
+        its budget up to then (at most :attr:`slow_down_windows`) is used up, so no worker
+        sends to any destination of the budget before. A longer wait is held that long and
+        found again by the next request."""
         limit = destination.rate_limit
         if limit is None:
             return
@@ -402,8 +460,23 @@ class RateLimitGate:
         pipe = self.redis.pipeline(transaction=False)
         for window in range(first, last + 1):
             ttl = int(((window + 1) * per - now) * 1000) + int(per * 2000) + 1000
-            pipe.set(rate_key(destination.name, window), limit.count, px=ttl)
+            pipe.set(rate_key(destination.budget_name, window), limit.count, px=ttl)
         pipe.execute()
+
+    def spend(self, destination: Destination, until: float) -> None:
+        """The vendor said the budget is spent until ``until``: every destination of it is
+        held until then, in every worker (a later time than one marked already wins)."""
+        budget = destination.budget_name
+        if self._spent.get(budget, 0.0) >= until:  # a batch's deliveries share one answer
+            return
+        self._spent[budget] = until
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(BUDGETS_SPENT, "-inf", self.clock())
+        pipe.zadd(BUDGETS_SPENT, {budget: until}, gt=True)
+        pipe.execute()
+        log.warning("the vendor says the account's budget is spent: holding its destinations",
+                    extra={"destination": destination.name, "budget": budget,
+                           "until": round(until, 3)})
 
 
 def default_gates(client: redis.Redis, snapshot_ttl: float = 0.0,

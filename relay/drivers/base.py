@@ -28,6 +28,13 @@ than one request (a batch split after the vendor refused it whole): the driver s
 by returning :class:`Answers`, so the extra requests are charged to the destination's
 ``rate_limit``.
 
+A vendor's limits are a *budget* of the account, shared by the destinations that use it: a
+driver declares ``default_rate_limit``, ``default_daily_limit`` and the ``account_fields`` that
+name the account (destinations with the same credential share one budget), and raises
+:class:`~relay.core.errors.BudgetSpentError` (``until`` the vendor's reset) when the vendor says
+the account's day is spent: every destination of the budget then waits for the reset, without
+attempts counted.
+
 Which answers are worth retrying is decided once, in :func:`relay.drivers.http.raise_for_status`
 (timeouts, 408, 425, 429, 5xx); a vendor that documents more of them declares them in
 ``retryable_answers`` (status -> least wait in seconds, or None for its ``Retry-After``) and
@@ -76,6 +83,17 @@ class Driver:
     #: ``rate_limit`` unless the YAML says otherwise (e.g. ``"9/s"``): a vendor's documented
     #: limit, kept clear of 429s. None: no limit.
     default_rate_limit: ClassVar[str | None] = None
+    #: The options that name the vendor account a destination uses (its credential, e.g.
+    #: ``("api_key",)``): destinations of this type with the same values (and API host) share
+    #: one budget, its ``rate_limit`` windows and ``daily_limit``, unless ``account:`` in the
+    #: YAML names it. Only a digest of them is kept. Empty: a destination shares nothing
+    #: unless the YAML says ``account:``.
+    account_fields: ClassVar[tuple[str, ...]] = ()
+    #: Requests a day the vendor allows the account (``daily_limit`` unless the YAML says
+    #: otherwise; counted in the account's day, ``account_timezone``). None: not counted. A
+    #: vendor answer that says the day is spent is raised as
+    #: :class:`~relay.core.errors.BudgetSpentError`.
+    default_daily_limit: ClassVar[int | None] = None
     #: The vendor's documented retryable answers beyond the common ones (SPEC §4).
     retryable_answers: ClassVar[RetryableAnswers] = {}
 

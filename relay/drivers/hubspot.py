@@ -29,14 +29,20 @@ good inputs still go.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from marshmallow import Schema, fields, validate
 
-from relay.core.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
-from relay.core.models import DeliveryResult, Destination, LeadEvent
+from relay.core.errors import (
+    BudgetSpentError,
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+)
+from relay.core.models import DeliveryResult, Destination, LeadEvent, account_day
 from relay.drivers.base import Answer, Answers, Driver
 from relay.drivers.http import (
     RETRYABLE_STATUSES,
@@ -69,7 +75,7 @@ DEFAULT_PROPERTIES: dict[str, str] = {
 # window is the shortest wait that can help.
 _DEFAULT_RATE_LIMIT_WAIT = 10.0
 # The daily allowance resets at midnight in the account's own time zone, which the API does
-# not tell us: wait an hour and let the retry schedule take it from there.
+# not tell us: without an ``account_timezone``, a DAILY 429 holds the budget an hour at most.
 _DAILY_LIMIT_WAIT = 3600.0
 # HubSpot's error-handling guide: 423 Locked comes from syncing a large volume in a short time
 # and the lock lasts 2 seconds, so wait at least that; 477 Migration in Progress comes while
@@ -119,6 +125,10 @@ class HubSpotDriver(Driver):
     # HubSpot answers 429 past 100 requests per rolling 10 s (private apps, Free and Starter).
     # The relay's windows are fixed and aligned: 9 a second puts at most 99 in any 10 s.
     default_rate_limit = "9/s"
+    # 250,000 requests a day per account on Free and Starter (more on the higher tiers).
+    default_daily_limit = 250_000
+    # A private app's token: destinations with the same one share its budget.
+    account_fields = ("access_token",)
     default_concurrency = 4  # requests in flight: 4 x ~100-300 ms is far above 9/s
     max_batch = MAX_INPUTS
     default_batch_wait = 0.2
@@ -283,6 +293,16 @@ class HubSpotDriver(Driver):
                 out.update(self._upsert(group, requests))
         return out
 
+    def _daily_reset(self, now: float) -> float:
+        """When HubSpot's day ends for the account: midnight in its ``account_timezone``.
+        Without one the relay does not know the account's midnight (the API does not tell),
+        so it looks again within the hour rather than wait for a UTC midnight that may come
+        hours before the account's."""
+        budget = self.destination.budget
+        timezone = budget.timezone if budget is not None else None
+        reset = account_day(now, timezone)[1]
+        return reset if timezone is not None else min(reset, now + _DAILY_LIMIT_WAIT)
+
     def _input_error(self, error: Mapping[str, Any], http_status: int) -> DeliveryError:
         """One input's error in a 207: retried or a dead letter by its ``status`` (an HTTP
         status, as HubSpot's schema says) or else its ``category``."""
@@ -326,6 +346,11 @@ class HubSpotDriver(Driver):
                 f"crm.objects.contacts.write scope. {detail}"
             )
         elif status == 429:
+            if _daily_limit_reached(response):
+                until = self._daily_reset(time.time())
+                raise BudgetSpentError(
+                    f"{where}: the account's daily limit is spent; waiting for its reset at "
+                    f"{_utc(until)}. {detail}".strip(), until)
             message = f"{where}: rate limit reached. {detail}"
             raise_vendor_error(response, "HubSpot", message.strip(), _rate_limit_wait(response))
         elif status == 423:
@@ -371,10 +396,6 @@ def _rate_limit_wait(response: HttpResponse) -> float:
     explicit = parse_retry_after(headers.get("Retry-After"))
     if explicit is not None:
         return explicit
-    answer = response.json_object()
-    policy = str(answer.get("policyName", "")) if isinstance(answer, dict) else ""
-    if policy == "DAILY" or headers.get("X-HubSpot-RateLimit-Daily-Remaining") == "0":
-        return _DAILY_LIMIT_WAIT
     if headers.get("X-HubSpot-RateLimit-Secondly-Remaining") == "0":
         return 1.0
     interval = headers.get("X-HubSpot-RateLimit-Interval-Milliseconds")
@@ -382,6 +403,18 @@ def _rate_limit_wait(response: HttpResponse) -> float:
         return max(1.0, float(interval) / 1000.0) if interval else _DEFAULT_RATE_LIMIT_WAIT
     except ValueError:
         return _DEFAULT_RATE_LIMIT_WAIT
+
+
+def _daily_limit_reached(response: HttpResponse) -> bool:
+    """A 429 for the account's daily limit (``policyName: DAILY``, or no daily requests
+    left), not for the ten-second one."""
+    answer = response.json_object()
+    policy = str(answer.get("policyName", "")) if isinstance(answer, dict) else ""
+    return policy == "DAILY" or response.headers.get("X-HubSpot-RateLimit-Daily-Remaining") == "0"
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 def _dicts(value: Any) -> list[Mapping[str, Any]]:

@@ -22,7 +22,8 @@ Exposed (all prefixed ``relay_``): ``events_accepted_total``, ``events_rejected_
 (histogram), ``queue_depth``, ``scheduled_tasks`` (the retry set), ``dead_letters{destination}``,
 ``circuit_state{destination}`` (0 closed, 1 half-open, 2 open, 3 slowed),
 ``destination_paused{destination}``, ``history_backlog`` and ``history_lag_seconds`` (the
-history writer's lag), ``api_subscriptions``.
+history writer's lag), ``api_subscriptions``, and for each budget with a daily cap (or that
+the vendor said is spent) ``budget_remaining{budget}`` and ``budget_resets_at{budget}``.
 
 The page is bounded: every YAML destination has its per-destination series, API subscriptions
 only up to ``RELAY_METRICS_SUBSCRIPTIONS``, beyond which they are summed by campaign
@@ -40,7 +41,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
@@ -52,7 +53,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from relay.core.models import Budget
 from relay.observability import timeseries
+from relay.store.budgets import budgets_left
 from relay.store.history import HistoryOutbox
 from relay.store.keys import (
     INTAKE,
@@ -255,9 +258,12 @@ class RedisCollector(Collector):
 
     def __init__(self, client: redis.Redis, destinations: Callable[[], Iterable[str]],
                  dead_letters: Callable[[], Mapping[str, int]] | None = None,
-                 subscription_series: int = SUBSCRIPTION_SERIES) -> None:
+                 subscription_series: int = SUBSCRIPTION_SERIES,
+                 budgets: Callable[[], Mapping[Budget, Sequence[str]]] | None = None) -> None:
         self.redis = client
         self.destinations = destinations
+        #: the YAML's budgets -> their destinations (RelayConfig.budgets)
+        self.budgets = budgets or dict
         #: destination -> dead letters waiting for replay (the history database's count)
         self.dead_letters = dead_letters or dict
         self.subscription_series = subscription_series
@@ -289,6 +295,7 @@ class RedisCollector(Collector):
                                 "Active subscriptions registered through the API",
                                 value=len(campaigns))
         yield from self._gauges(lanes, paused, dead, configured, campaigns, group)
+        yield from self._budgets()
 
     def _stored(self) -> dict[str, dict[Labels, float]]:
         series: dict[str, dict[Labels, float]] = defaultdict(dict)
@@ -392,6 +399,22 @@ class RedisCollector(Collector):
         yield circuit
         yield paused_family
 
+    def _budgets(self) -> Iterator[Metric]:
+        remaining = GaugeMetricFamily(
+            "relay_budget_remaining",
+            "Requests left today of a vendor account's daily cap (0 while the vendor says it "
+            "is spent)", labels=["budget"])
+        resets = GaugeMetricFamily(
+            "relay_budget_resets_at",
+            "When the account's day ends, or the vendor's hold (Unix time)", labels=["budget"])
+        for left in budgets_left(self.redis, self.budgets()):
+            if left.remaining is None and left.spent_until is None:
+                continue  # no daily cap, not spent: nothing to show
+            remaining.add_metric([left.name], float(left.remaining or 0))
+            resets.add_metric([left.name], left.resets_at)
+        yield remaining
+        yield resets
+
     def _circuit_states(self, names: list[str]) -> dict[str, str]:
         # What relay.delivery.gates.CircuitBreaker.state answers, read here so that the
         # metrics (below the delivery side) import nothing of it; one round trip for all.
@@ -412,7 +435,9 @@ class RedisCollector(Collector):
 
 def render(client: redis.Redis, destinations: Callable[[], Iterable[str]],
            dead_letters: Callable[[], Mapping[str, int]] | None = None,
-           subscription_series: int = SUBSCRIPTION_SERIES) -> bytes:
+           subscription_series: int = SUBSCRIPTION_SERIES,
+           budgets: Callable[[], Mapping[Budget, Sequence[str]]] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(client, destinations, dead_letters, subscription_series))
+    registry.register(RedisCollector(client, destinations, dead_letters, subscription_series,
+                                     budgets))
     return generate_latest(registry)

@@ -21,6 +21,7 @@ import redis
 
 from relay.config.relay_yaml import RelayConfig
 from relay.observability.metrics import ATTEMPT_BUCKETS, METRICS_KEY
+from relay.operations.budgets import budget_rows
 from relay.operations.context import OperatorContext
 from relay.operations.destinations import destination_health, known_destinations
 from relay.store.lanes import Lanes
@@ -30,9 +31,11 @@ QUANTILES = (0.5, 0.95)
 
 
 def relay_status(ops: OperatorContext, config: RelayConfig | None) -> dict[str, Any]:
-    """``{"queue_depth", "scheduled", "dead_letters", "destinations": [row, ...]}``; a row has
-    what :func:`~relay.operations.destinations.destination_health` gives, and ``latency_p50_ms`` /
-    ``latency_p95_ms`` (None before the first timed attempt)."""
+    """``{"queue_depth", "scheduled", "dead_letters", "destinations": [row, ...], "budgets"}``;
+    a row has what :func:`~relay.operations.destinations.destination_health` gives,
+    ``latency_p50_ms`` / ``latency_p95_ms`` (None before the first timed attempt) and
+    ``budget`` (its vendor account's day, :func:`~relay.operations.budgets.budget_rows`, when
+    it has a daily cap; else None)."""
     client = ops.redis
     types = {d.name: d.type for d in config.destinations} if config else {}
     names = known_destinations(client, types)
@@ -44,11 +47,16 @@ def relay_status(ops: OperatorContext, config: RelayConfig | None) -> dict[str, 
     for row in health:
         p50, p95 = latency.get(row["name"], (None, None))
         row["latency_p50_ms"], row["latency_p95_ms"] = p50, p95
+    budgets = budget_rows(client, config)
+    of = {name: b for b in budgets for name in b["destinations"]}
+    for row in health:
+        row["budget"] = of.get(row["name"])  # its budget's day, when it has a daily cap
     lanes = Lanes(client)
     return {"queue_depth": lanes.depth(),
             "scheduled": lanes.scheduled(),
             "dead_letters": sum(row["dead"] for row in health),
-            "destinations": health}
+            "destinations": health,
+            "budgets": budgets}
 
 
 def attempt_latency(client: redis.Redis, names: Iterable[str]

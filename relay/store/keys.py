@@ -36,8 +36,17 @@ The gates (:mod:`relay.delivery.gates`):
                                  reason, the health totals and the run of failures,
                                  the totals seen at the last probe, the slowed step
 ``relay:circuit:<dest>:probe``   the half-open probe lease (``SET NX PX``)           the lease
-``relay:rate:<dest>:<n>``        deliveries in fixed rate-limit window ``n``         two windows
+``relay:rate:<budget>:<n>``      requests (deliveries) in fixed rate-limit window    two windows
+                                 ``n`` of a budget (a destination's own name when
+                                 it shares none)
+``relay:day:<budget>:<date>``    requests on the vendor account's day ``date``       a day after
+                                 (``YYYY-MM-DD`` in its time zone)                   its reset
+``relay:budgets:spent``          zset: budget -> until when the vendor said its day  until then
+                                 is spent (HubSpot's ``DAILY`` 429)
 ===============================  =================================================  ============
+
+A budget's name is ``<type>:<account>``, ``<type>:<digest of the credential>`` (never the
+credential) or a destination's name; destination names hold no colon, so they never meet.
 
 API subscriptions (:mod:`.subscriptions`):
 
@@ -157,9 +166,19 @@ def probe_key(destination: str) -> str:
     return circuit_key(destination) + ":probe"
 
 
-def rate_key(destination: str, window: int) -> str:
-    """The counter of fixed window ``window`` (the time divided by the window's length)."""
-    return f"{RATE_PREFIX}{destination}:{window}"
+DAY_PREFIX = PREFIX + "day:"
+BUDGETS_SPENT = PREFIX + "budgets:spent"
+
+
+def rate_key(budget: str, window: int) -> str:
+    """The counter of fixed window ``window`` (the time divided by the window's length) of a
+    budget (a destination's name, when it shares no budget)."""
+    return f"{RATE_PREFIX}{budget}:{window}"
+
+
+def day_key(budget: str, date: str) -> str:
+    """The requests counted against a budget's daily cap on ``date`` (its account's day)."""
+    return f"{DAY_PREFIX}{budget}:{date}"
 
 
 # -- API subscriptions -------------------------------------------------------------------------

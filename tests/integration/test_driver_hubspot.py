@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
-from relay.core.models import DeliveryResult, Destination, LeadEvent
+from relay.core.errors import BudgetSpentError, PermanentDeliveryError, RetryableDeliveryError
+from relay.core.models import Budget, DeliveryResult, Destination, LeadEvent, account_day
 from relay.drivers.http import HttpClient
 from relay.drivers.hubspot import MAX_SPLIT_REQUESTS, HubSpotDriver
 from tests.support.samples import sample as sample_payload
@@ -176,20 +177,60 @@ def test_429_without_retry_after_uses_hubspot_rate_limit_headers(vendor: VendorS
     assert caught.value.retry_after == 10
 
 
-def test_daily_limit_waits_an_hour(vendor: VendorServer) -> None:
+DAILY_429 = {"status": "error", "message": "You have reached your daily limit.",
+             "errorType": "RATE_LIMIT", "policyName": "DAILY",
+             "correlationId": "c033cdaa-2c40-4a64-ae48-b4cec88dad48"}
+
+
+def test_daily_limit_waits_an_hour_at_most_without_the_accounts_time_zone(
+        vendor: VendorServer) -> None:
+    # HubSpot's day ends at midnight in the account's time zone, which its API does not tell:
+    # without account_timezone the budget is held an hour (less if UTC's midnight is nearer).
     vendor.reply(
-        429,
-        {
-            "status": "error",
-            "message": "You have reached your daily limit.",
-            "errorType": "RATE_LIMIT",
-            "policyName": "DAILY",
-        },
+        429, DAILY_429,
         headers={"X-HubSpot-RateLimit-Daily": "250000", "X-HubSpot-RateLimit-Daily-Remaining": "0"},
     )
+    before = time.time()
+    with pytest.raises(BudgetSpentError) as caught:
+        make_driver(vendor).send(sample("new_signup"))
+    spent = caught.value
+    assert isinstance(spent, RetryableDeliveryError) and spent.status_code == 429
+    assert spent.until == pytest.approx(min(before + 3600, account_day(before)[1]), abs=2)
+    assert spent.retry_after == pytest.approx(spent.until - before, abs=2)
+    assert "daily limit is spent" in spent.message
+
+
+def test_daily_limit_holds_until_midnight_in_the_accounts_time_zone(
+        vendor: VendorServer) -> None:
+    vendor.reply(429, DAILY_429)  # the policy alone says it: no Daily-Remaining header
+    loaded = HubSpotDriver.options_schema().load({"access_token": TOKEN})
+    destination = Destination(name="crm", type="hubspot", base_url=vendor.url, options=loaded,
+                              budget=Budget("hubspot:acme", 250_000, "Asia/Tokyo"))
+    driver = HubSpotDriver(destination, http=HttpClient())
+    before = time.time()
+    with pytest.raises(BudgetSpentError) as caught:
+        driver.send(sample("new_signup"))
+    assert caught.value.until == account_day(before, "Asia/Tokyo")[1] > before
+
+
+def test_a_daily_429_answers_every_event_of_the_batch_with_one_budget_spent_error(
+        vendor: VendorServer) -> None:
+    vendor.reply(429, DAILY_429)
+    answers = make_driver(vendor).send_batch(
+        [sample("new_signup"), sample("verified", email="bob@example.com")])
+    assert len(answers) == 2 and answers[0] is answers[1]
+    assert isinstance(answers[0], BudgetSpentError)
+
+
+def test_a_ten_secondly_429_is_not_the_daily_limit(vendor: VendorServer) -> None:
+    vendor.reply(429, {**DAILY_429, "policyName": "TEN_SECONDLY_ROLLING",
+                       "message": "You have reached your ten_secondly_rolling limit."},
+                 headers={"X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
+                          "X-HubSpot-RateLimit-Daily-Remaining": "1200"})
     with pytest.raises(RetryableDeliveryError) as caught:
         make_driver(vendor).send(sample("new_signup"))
-    assert caught.value.retry_after == 3600
+    assert not isinstance(caught.value, BudgetSpentError)
+    assert caught.value.retry_after == 10
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -9,11 +9,14 @@ delivery that met it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
+from relay.store.keys import BUDGETS_SPENT, SCHEDULED, lane_key, stats_key
 from tests.support.deployment import RelayDeployment
 from tests.support.helpers import wait_for
 from tests.support.samples import sample
@@ -106,3 +109,100 @@ def test_a_429_holds_the_whole_destination_not_one_delivery(
           f"{contacts.counts['rate_limited']} answered 429")
     assert contacts.counts["rate_limited"] <= 12
     assert len(contacts.contacts) == 40
+
+
+# -- budgets: the destinations of one account share its limits ----------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shared", ["the same token", "account:"])
+def test_two_destinations_of_one_account_share_its_limit_across_worker_processes(
+    deployment: RelayDeployment, limited: tuple[VendorServer, HubSpotContacts], shared: str,
+) -> None:
+    server, contacts = limited
+    # Two destinations, every event to both, one contact per request: 9/s each would put up to
+    # 54 requests in a rolling 2 s, past the stand-in's 30. Sharing the account's 9/s, 27.
+    keys: dict[str, Any] = {"batch": {"max": 1}}
+    if shared == "account:":
+        keys["account"] = "acme"
+    deployment.configure({"destinations": [
+        hubspot(server.url, **keys),
+        hubspot(server.url, **keys, name="crm-scores",
+                **({"access_token": "pat-other-app"} if shared == "account:" else {})),
+    ]})
+    deployment.start_worker(concurrency=4, processes=2)
+    post(deployment, 40)
+
+    wait_for(lambda: contacts.counts["upserted"] >= 80, timeout=60, interval=0.2,
+             message="40 contacts upserted by each destination")
+    assert contacts.counts["rate_limited"] == 0
+    assert contacts.counts["requests"] == 80
+    assert contacts.problems == []
+
+
+@pytest.mark.timeout(120)
+def test_a_spent_daily_cap_holds_the_account_until_its_reset_without_attempts(
+    deployment: RelayDeployment, limited: tuple[VendorServer, HubSpotContacts],
+) -> None:
+    server, contacts = limited
+    deployment.configure({"destinations": [
+        hubspot(server.url, batch={"max": 1}, daily_limit=12),
+        hubspot(server.url, batch={"max": 1}, name="crm-scores"),
+    ]})
+    deployment.start_worker(concurrency=4, processes=2)
+    post(deployment, 10)
+
+    wait_for(lambda: contacts.counts["requests"] >= 12, timeout=60, interval=0.2,
+             message="the day's 12 requests")
+    time.sleep(2.0)  # a few windows more of both lanes being read
+    assert contacts.counts["requests"] == 12  # the account's day: no more, no 429
+    assert contacts.counts["rate_limited"] == 0
+    client = deployment.web_client()
+    metrics = client.get("/metrics").get_data(as_text=True)
+    [remaining] = [line for line in metrics.splitlines()
+                   if line.startswith("relay_budget_remaining{")]
+    assert remaining.endswith(" 0.0")
+    store = redis.Redis.from_url(deployment.redis_url)
+    # The other 8 deliveries wait in the lanes, unattempted: no failure, no retry, no dead letter.
+    assert store.xlen(lane_key("crm")) + store.xlen(lane_key("crm-scores")) == 8
+    for name in ("crm", "crm-scores"):
+        assert store.hget(stats_key(name), "failed") is None
+    assert store.zcard(SCHEDULED) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_daily_429_holds_every_destination_of_the_account_without_attempts(
+    deployment: RelayDeployment,
+) -> None:
+    # HubSpot counts every app of the account: the stand-in's day is spent after 6 requests,
+    # long before the relay's own count (250,000) says so.
+    contacts = HubSpotContacts(daily=6)
+    for server in stand_in(contacts):
+        deployment.configure({"destinations": [
+            hubspot(server.url, batch={"max": 1}, retry={"schedule": []}),  # one attempt each
+            hubspot(server.url, batch={"max": 1}, retry={"schedule": []}, name="crm-scores"),
+        ]})
+        deployment.start_worker(concurrency=4, processes=2)
+        post(deployment, 20)
+        wait_for(lambda: contacts.counts["daily_limited"] >= 1, timeout=60, interval=0.2,
+                 message="HubSpot's DAILY 429")
+        time.sleep(2.0)  # both lanes read a few more times
+        refused = contacts.counts["daily_limited"]
+        store = redis.Redis.from_url(deployment.redis_url)
+        # Only the requests already in flight met the 429 too (4 per destination at most).
+        assert refused <= 8, refused
+        assert contacts.counts["upserted"] == 6
+        # The deliveries that met it wait for the reset, no attempt counted (with one attempt
+        # each, a counted one would be a dead letter); the others wait in their lanes.
+        for name in ("crm", "crm-scores"):
+            stats = {k.decode(): v.decode() for k, v in store.hgetall(stats_key(name)).items()}
+            assert "failed" not in stats and "dead" not in stats, stats
+        waiting = (store.zcard(SCHEDULED) + store.xlen(lane_key("crm"))
+                   + store.xlen(lane_key("crm-scores")))
+        assert waiting == 40 - 6
+        assert store.zcard(SCHEDULED) == refused
+        [(budget, until)] = store.zrange(BUDGETS_SPENT, 0, -1, withscores=True)
+        assert budget.decode().startswith("hubspot:")
+        assert time.time() < until <= time.time() + 3600  # an hour at most: no time zone
+        time.sleep(1.0)
+        assert contacts.counts["requests"] == 6 + refused  # held: nothing more was sent

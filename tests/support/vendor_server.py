@@ -200,7 +200,8 @@ class HubSpotContacts:
       100 inputs, ``idProperty: email``;
     - ``limit`` requests per rolling ``interval`` seconds: past it, 429 with HubSpot's body and
       ``X-HubSpot-RateLimit-*`` headers (those headers on every answer); a refused request does
-      not count;
+      not count; past ``daily`` accepted requests, 429 ``policyName: DAILY`` for the rest of
+      the server's life;
     - the same email twice in one request (case-insensitive): 400 "Duplicate IDs", nothing
       written;
     - an input with an invalid email, or a property not in ``known_properties``: with a unique
@@ -249,6 +250,13 @@ class HubSpotContacts:
             now = time.monotonic()
             while self._accepted and self._accepted[0] <= now - self.interval:
                 self._accepted.popleft()
+            if self.counts["accepted"] >= self.daily:
+                self.counts["rate_limited"] += 1
+                self.counts["daily_limited"] += 1
+                return self._reply(429, {
+                    "status": "error", "category": "RATE_LIMITS", "errorType": "RATE_LIMIT",
+                    "message": "You have reached your daily limit.", "policyName": "DAILY",
+                    "correlationId": str(uuid.uuid4())})
             if len(self._accepted) >= self.limit:
                 self.counts["rate_limited"] += 1
                 return self._reply(429, {
@@ -256,6 +264,7 @@ class HubSpotContacts:
                     "message": "You have reached your ten_secondly_rolling limit.",
                     "policyName": "TEN_SECONDLY_ROLLING", "correlationId": str(uuid.uuid4())})
             self._accepted.append(now)
+            self.counts["accepted"] += 1
         if self.latency:
             time.sleep(self.latency)
         with self._lock:
@@ -348,7 +357,8 @@ class HubSpotContacts:
                    "X-HubSpot-RateLimit-Max": str(self.limit),
                    "X-HubSpot-RateLimit-Remaining": str(remaining),
                    "X-HubSpot-RateLimit-Daily": str(self.daily),
-                   "X-HubSpot-RateLimit-Daily-Remaining": str(self.daily - self.counts["requests"])}
+                   "X-HubSpot-RateLimit-Daily-Remaining": str(
+                       max(0, self.daily - self.counts["accepted"]))}
         return ScriptedReply(status, json.dumps(body).encode(), headers)
 
 

@@ -141,9 +141,10 @@ class World:
                 if k.decode() in ("delivered", "failed", "dead")}
 
     def counted(self) -> int:
-        """Requests counted in the current rate window."""
+        """Requests counted in the current rate window (of the destination's budget: its
+        access token's)."""
         window = int(self.clock() // self.crm.rate_limit.per_seconds)  # type: ignore[union-attr]
-        return int(self.redis.get(rate_key("crm", window)) or 0)
+        return int(self.redis.get(rate_key(self.crm.budget_name, window)) or 0)
 
 
 # -- the configuration --------------------------------------------------------------------------
