@@ -309,7 +309,8 @@ class World:
 
 def test_when_the_days_cap_is_spent_deliveries_wait_in_the_lane_until_the_reset() -> None:
     world = World(daily_limit=2)
-    world.clock.now = epoch(2026, 12, 5, 20)
+    # Days ahead of the real clock: a lane's hold expires by Redis's (real) time.
+    world.clock.now = epoch(2030, 12, 5, 20)
     world.post(15)
     # Two requests (of ten and five) for crm: the day's two requests for the whole account.
     assert world.drain("crm") == {"delivered": 15}
@@ -318,12 +319,12 @@ def test_when_the_days_cap_is_spent_deliveries_wait_in_the_lane_until_the_reset(
     assert world.drain("scores") == {}
     assert world.drivers["scores"].calls == []
     assert world.waiting("scores") == 15
-    assert float(world.redis.get(hold_key("scores"))) == epoch(2026, 12, 6)
+    assert float(world.redis.get(hold_key("scores"))) == epoch(2030, 12, 6)
     assert world.stats("scores") == {} and parked_deliveries(world.redis) == []
     world.post(1)
     assert world.drain("crm") == {}
-    assert float(world.redis.get(hold_key("crm"))) == epoch(2026, 12, 6)
-    world.clock.now = epoch(2026, 12, 6, 0, 0, 1)  # the account's new day
+    assert float(world.redis.get(hold_key("crm"))) == epoch(2030, 12, 6)
+    world.clock.now = epoch(2030, 12, 6, 0, 0, 1)  # the account's new day
     assert world.drain("scores") == {"delivered": 16}
     assert world.drain("crm") == {}  # scores used the new day's two requests
     assert [len(c) for c in world.drivers["scores"].calls] == [10, 6]
