@@ -101,7 +101,7 @@ class DestinationSchema(Schema):
     events = fields.List(EventName(), load_default=lambda: ["*"], validate=validate.Length(min=1))
     campaigns = fields.List(fields.Raw(), load_default=None, allow_none=True)
     where = fields.Dict(keys=fields.String(), load_default=dict)
-    timeout = Duration(load_default=10.0)
+    timeout = Duration(load_default=None)  # default: the driver's (default_timeout)
     retry = fields.Nested(RetrySchema, load_default=None, allow_none=True)
     rate_limit = fields.String(load_default=None, allow_none=True)
     base_url = fields.Url(load_default=None, allow_none=True, require_tld=False)
@@ -120,8 +120,8 @@ class DestinationSchema(Schema):
                 raise ValidationError(str(exc)) from None
 
     @validates("timeout")
-    def _timeout(self, value: float, **kwargs: Any) -> None:
-        if not 0 < value <= 300:
+    def _timeout(self, value: float | None, **kwargs: Any) -> None:
+        if value is not None and not 0 < value <= 300:
             raise ValidationError("must be between 0 and 5m")
 
 
@@ -190,7 +190,7 @@ def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
             label += f" ({item['name']})"
         try:
             item = substitute(item, environ, label)
-            destination, secret_fields = _parse_destination(item, label)
+            destination, secret_fields = _parse_destination(item, label, warnings)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -238,7 +238,8 @@ def _parse_sources(
     return sources
 
 
-def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[str]]:
+def _parse_destination(item: Any, label: str, warnings: list[str] | None = None
+                       ) -> tuple[Destination, frozenset[str]]:
     if not isinstance(item, dict):
         raise ConfigError(f"{label}: must be a mapping")
     try:
@@ -260,7 +261,7 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
         events=frozenset(common["events"]),
         campaigns=None if campaigns is None else frozenset(str(c) for c in campaigns),
         where=common["where"],
-        timeout=common["timeout"],
+        timeout=common["timeout"] or cls.default_timeout,
         retry=RetryPolicy(tuple(retry["schedule"])) if retry else RetryPolicy(),
         rate_limit=parse_rate_limit(rate_limit) if rate_limit else None,
         base_url=common["base_url"],
@@ -268,6 +269,12 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
         options=options,
         batch=_batch_policy(cls, common["batch"], label),
     )
+    try:  # what the driver says of its keys together with the common ones
+        notes = cls.review(destination)
+    except ValueError as exc:
+        raise ConfigError(label, [f"{label}: {exc}"]) from None
+    if warnings is not None:
+        warnings.extend(f"{label}: {note}" for note in notes)
     return destination, cls.secret_fields
 
 

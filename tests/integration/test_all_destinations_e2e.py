@@ -49,6 +49,7 @@ def test_new_signup_reaches_webhook_crm_marketing_and_database(
                     "type": "klaviyo",
                     "api_key": "pk_test",
                     "list_id": "K1",
+                    "unsubscribe": "list",  # what opted_out does: required with events "*"
                     "base_url": vendor.url,
                 },
                 {"name": "warehouse", "type": "database", "url": database_url},
