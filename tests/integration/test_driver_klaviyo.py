@@ -9,13 +9,21 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import fakeredis
 import pytest
+from click.testing import CliRunner
 from marshmallow import ValidationError
 
+from relay.cli import main
+from relay.cli import operator as cli_ops
+from relay.config.settings import Settings
 from relay.core.errors import PermanentDeliveryError, RetryableDeliveryError
 from relay.core.models import DeliveryResult, Destination, LeadEvent
+from relay.delivery.engine import Engine
 from relay.drivers.http import HttpClient
 from relay.drivers.klaviyo import REVISION, KlaviyoDriver
+from tests.support.helpers import config, make_app, run_queue
+from tests.support.history import history_for
 from tests.support.samples import sample as sample_payload
 from tests.support.vendor_server import KlaviyoAccount, RecordedRequest, VendorServer
 
@@ -640,3 +648,40 @@ def test_an_opt_out_is_sent_even_when_the_profile_is_refused(
     assert "Invalid email address" in answer.message
     assert "email marketing unsubscribed from the whole account" in answer.message
     assert account.email_consent["ada@nowhere"] == "UNSUBSCRIBED"
+
+
+def test_the_history_says_applied_or_klaviyos_reason(
+    klaviyo: VendorServer, account: KlaviyoAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the engine: what ``relay events show`` (and the console, from the same
+    attempts) says of each delivery of a job."""
+    redis = fakeredis.FakeRedis()
+    relay_config = config([{"name": "flows", "type": "klaviyo", "api_key": API_KEY,
+                            "base_url": klaviyo.url, "unsubscribe": "global",
+                            "retry": {"schedule": []}}], sources={"kickofflabs": {}})
+    client = make_app(relay_config, redis).test_client()
+    ids = []
+    for n in range(6):
+        email = "ada@nowhere" if n == 4 else f"lead{n}@example.com"
+        response = client.post("/hooks/kickofflabs", json=sample_payload(
+            "new_signup", email=email, social_id=f"s{n}", id=n))
+        ids.append(response.get_json()["event_id"])
+    run_queue(Engine(Settings(), relay_config, redis), redis)
+    monkeypatch.setattr(cli_ops, "redis_client", lambda: redis)
+    monkeypatch.setattr(cli_ops, "history_database", lambda: history_for(redis))
+    monkeypatch.setattr(cli_ops, "relay_config", lambda: relay_config)
+
+    def shown(event_id: str) -> str:
+        result = CliRunner().invoke(main, ["events", "show", event_id], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    [job_id] = account.jobs  # the six went in one job
+    applied = shown(ids[0])
+    assert "flows: delivered after 1 attempt(s)" in applied
+    assert "delivered HTTP 202" in applied
+    assert applied.rstrip().endswith(f" ms applied by Klaviyo import job {job_id}")
+    refused = shown(ids[4])
+    assert "flows: dead after 1 attempt(s)" in refused
+    assert (f"Klaviyo's import job {job_id} refused this profile: Invalid email address: "
+            "ada@nowhere (/data/attributes/profiles/data/4/attributes/email)") in refused
