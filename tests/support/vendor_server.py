@@ -18,6 +18,15 @@ request no script matches gets the default reply (200 ``{}``), or, on a server s
     ...  # the driver upserts; hubspot.contacts, hubspot.stats() and
     assert hubspot.problems == []   # every request and answer matched HubSpot's OpenAPI schema
 
+Klaviyo and Mailchimp have stand-ins of the same kind: :class:`KlaviyoAccount` plays the bulk
+profile import jobs (asynchronous: they complete after a delay, with import errors, or never)
+and the subscription jobs; :class:`MailchimpAudience` the batch subscribe or unsubscribe, its
+per-member errors and its limit of simultaneous connections. Each checks requests and answers
+against an excerpt of its vendor's published OpenAPI description (``*.schema.json`` here)::
+
+    account = KlaviyoAccount(job_delay=0.5, stuck={"slow@example.com"})
+    vendor = VendorServer(klaviyo=account).start()   # or mailchimp=MailchimpAudience(...)
+
 It runs on the tests' one loopback server (``loopback.py``): only 127.0.0.1 is bound. ``python
 -m tests.support.vendor_server --hubspot`` runs the HubSpot stand-in alone (the bench's), prints
 its URL and answers ``GET /__stats``.
@@ -26,7 +35,9 @@ its URL and answers ``GET /__stats``.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import hashlib
 import itertools
 import json
 import math
@@ -82,9 +93,11 @@ class ScriptedReply:
 
 class VendorServer:
     def __init__(self, hubspot: HubSpotContacts | None = None,
-                 klaviyo: KlaviyoAccount | None = None) -> None:
+                 klaviyo: KlaviyoAccount | None = None,
+                 mailchimp: MailchimpAudience | None = None) -> None:
         self.hubspot = hubspot
         self.klaviyo = klaviyo
+        self.mailchimp = mailchimp
         self.requests: list[RecordedRequest] = []
         self._scripts: list[ScriptedReply] = []
         self._default = ScriptedReply(200, b"{}", {"Content-Type": "application/json"})
@@ -125,11 +138,13 @@ class VendorServer:
             played = self.hubspot.answer(request)
             if played is not None:
                 return played
-        if self.klaviyo is not None:
+        for stand_in in (self.klaviyo, self.mailchimp):
+            if stand_in is None:
+                continue
             if (request.method, request.path) == ("GET", "/__stats"):
-                return ScriptedReply(200, json.dumps(self.klaviyo.stats()).encode(),
+                return ScriptedReply(200, json.dumps(stand_in.stats()).encode(),
                                      {"Content-Type": "application/json"})
-            played = self.klaviyo.answer(request)
+            played = stand_in.answer(request)
             if played is not None:
                 return played
         return self._default
@@ -820,6 +835,253 @@ def _consents(subscriptions: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _origin(request: RecordedRequest) -> str:
     return f"http://{request.header('host') or '127.0.0.1'}"
+
+
+# -- Mailchimp's batch subscribe or unsubscribe -------------------------------------------------
+
+#: Mailchimp's published schemas of the operations the mailchimp driver calls.
+MAILCHIMP_SCHEMA = Path(__file__).with_name("mailchimp_batch_members.schema.json")
+_MAILCHIMP_LIST = re.compile(r"^/3\.0/lists/([^/]+)$")
+_MAILCHIMP_MEMBER = re.compile(r"^/3\.0/lists/([^/]+)/members/([0-9a-f]{32})(/tags)?$")
+_MC_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_MC_BIRTHDAY = re.compile(r"^(0[1-9]|1[0-2])/(0[1-9]|[12]\d|3[01])$")
+
+
+class MailchimpAudience:
+    """What Mailchimp's audience endpoints do, as far as the mailchimp driver depends on them
+    (sources in docs/destinations.md#mailchimp-marketing):
+
+    - basic auth with the API key as password (401 ``API Key Invalid`` otherwise), a body that
+      matches the published request schema with documented keys only (400 otherwise, the
+      mismatch also kept in :attr:`problems`); each answer checked against the published
+      answer schema too;
+    - at most ``connections`` requests at once (Mailchimp's 10 simultaneous connections per
+      account): past them, 429 ``Too Many Requests``;
+    - ``POST /3.0/lists/{list_id}`` (at most 500 members): each member written or refused on
+      its own, refusals in ``errors[]`` inside a 200: an invalid email, a merge tag the
+      audience does not have (``merge_fields``: tag -> type) or a value its type refuses, a
+      new member without a status (``status`` or ``status_if_new``), an existing member
+      without ``update_existing``; an existing member's status changes only with ``status``;
+    - ``POST …/members/{hash}/tags`` (204) and ``DELETE …/members/{hash}`` (archive, 204;
+      404 for a member not there);
+    - ``latency`` seconds per request.
+    """
+
+    def __init__(self, list_id: str = "a1b2c3d4e5", api_key: str | None = None,
+                 merge_fields: Mapping[str, str] | None = None, latency: float = 0.0,
+                 connections: int = 10) -> None:
+        self.list_id = list_id
+        self.api_key = api_key
+        self.merge_types = dict(merge_fields if merge_fields is not None else
+                                {"FNAME": "text", "LNAME": "text", "PHONE": "phone"})
+        self.latency = latency
+        self.connections = connections
+        self.schema = _OpenApiOperations(MAILCHIMP_SCHEMA)
+        self.members: dict[str, dict[str, Any]] = {}  # lower-cased email -> member
+        self.tags: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
+        self.problems: list[str] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.batch_sizes: list[int] = []
+        self.most_at_once = 0
+        self._open = 0
+        self._lock = threading.Lock()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.counts, "members": len(self.members),
+                    "batch_sizes": list(self.batch_sizes), "most_at_once": self.most_at_once,
+                    "problems": list(self.problems)}
+
+    def answer(self, request: RecordedRequest) -> ScriptedReply | None:
+        path = request.path.partition("?")[0]
+        operation, list_id, member_hash = self._route(request.method, path)
+        if operation is None:
+            return None
+        with self._lock:
+            self.counts["requests"] += 1
+            if not self._authenticated(request):
+                return self._problem(operation, 401, "API Key Invalid",
+                                     "Your API key may be invalid, or you've attempted to "
+                                     "access the wrong datacenter.")
+            if self._open >= self.connections:
+                self.counts["rate_limited"] += 1
+                return self._problem(operation, 429, "Too Many Requests",
+                                     f"You have exceeded the limit of {self.connections} "
+                                     "simultaneous connections.")
+            self._open += 1
+            self.most_at_once = max(self.most_at_once, self._open)
+        try:
+            if self.latency:
+                time.sleep(self.latency)
+            with self._lock:
+                if list_id != self.list_id:
+                    return self._problem(operation, 404, "Resource Not Found",
+                                         "The requested resource could not be found.")
+                if operation == "postListsId":
+                    return self._batch(request)
+                if operation == "postListMemberTags":
+                    return self._add_tags(request, member_hash or "")
+                return self._archive(member_hash or "")
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    @staticmethod
+    def _route(method: str, path: str) -> tuple[str | None, str | None, str | None]:
+        if method == "POST" and (match := _MAILCHIMP_LIST.match(path)):
+            return "postListsId", match.group(1), None
+        match = _MAILCHIMP_MEMBER.match(path)
+        if match and method == "POST" and match.group(3):
+            return "postListMemberTags", match.group(1), match.group(2)
+        if match and method == "DELETE" and not match.group(3):
+            return "deleteListsIdMembersId", match.group(1), match.group(2)
+        return None, None, None
+
+    def _authenticated(self, request: RecordedRequest) -> bool:
+        header = request.header("authorization") or ""
+        if not header.startswith("Basic "):
+            return False
+        try:
+            _, _, key = base64.b64decode(header[6:]).decode().partition(":")
+        except ValueError:
+            return False
+        return bool(key) and (self.api_key is None or key == self.api_key)
+
+    def _body(self, request: RecordedRequest, operation: str) -> tuple[Any, ScriptedReply | None]:
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            return None, self._problem(operation, 400, "JSON Parse Error",
+                                       "We encountered an unspecified JSON parsing error.")
+        problems = self.schema.request_problems(operation, body)
+        if problems:
+            self.problems += [f"request {operation} {p}" for p in problems]
+            return None, self._problem(operation, 400, "Invalid Resource", problems[0])
+        return body, None
+
+    def _batch(self, request: RecordedRequest) -> ScriptedReply:
+        operation = "postListsId"
+        body, refused = self._body(request, operation)
+        if refused is not None:
+            return refused
+        members = body["members"]
+        if len(members) > 500:
+            return self._problem(operation, 400, "Invalid Resource",
+                                 "Up to 500 members may be added or updated with each API call.")
+        self.batch_sizes.append(len(members))
+        seen: set[str] = set()
+        answer: dict[str, Any] = {"new_members": [], "updated_members": [], "errors": []}
+        for item in members:
+            email = str(item.get("email_address") or "")
+            if email.lower() in seen:
+                self.problems.append(f"{operation}: {email} twice in one request")
+            seen.add(email.lower())
+            error = self._member_error(item, body.get("update_existing") is True)
+            if error is not None:
+                answer["errors"].append({"email_address": email, **error})
+                continue
+            new = email.lower() not in self.members or self.members[email.lower()].get(
+                "status") == "archived"  # an archived member comes back as a new one
+            stored = self.members.setdefault(email.lower(), {
+                "id": hashlib.md5(email.lower().encode(), usedforsecurity=False).hexdigest(),
+                "email_address": email, "list_id": self.list_id, "merge_fields": {}})
+            stored["status"] = item.get("status") or (
+                item["status_if_new"] if new else stored["status"])
+            stored["merge_fields"].update(item.get("merge_fields") or {})
+            answer["new_members" if new else "updated_members"].append(
+                {**stored, "merge_fields": dict(stored["merge_fields"])})
+        answer["total_created"] = len(answer["new_members"])
+        answer["total_updated"] = len(answer["updated_members"])
+        answer["error_count"] = len(answer["errors"])
+        answer["errors"].reverse()  # nothing ties an error to its member but its address
+        self.counts["written"] += answer["total_created"] + answer["total_updated"]
+        self.counts["refused_members"] += answer["error_count"]
+        return self._reply(operation, 200, answer)
+
+    def _member_error(self, item: Mapping[str, Any], update: bool) -> dict[str, str] | None:
+        email = str(item.get("email_address") or "")
+        if not _EMAIL.match(email):
+            return {"error": "Please provide a valid email address.",
+                    "error_code": "ERROR_GENERIC", "field": "email_address",
+                    "field_message": "Please provide a valid email address."}
+        known = self.members.get(email.lower())
+        if known is not None and known["status"] == "archived":
+            known = None
+        if known is not None and not update:
+            return {"error": f"{email} is already a list member. Use PUT to insert or update "
+                    "list members.", "error_code": "ERROR_CONTACT_EXISTS"}
+        if known is None and not (item.get("status") or item.get("status_if_new")):
+            return {"error": "The resource submitted could not be validated: status is "
+                    "required for a new member.", "error_code": "ERROR_GENERIC",
+                    "field": "status"}
+        for tag, value in (item.get("merge_fields") or {}).items():
+            kind = self.merge_types.get(tag)
+            why_not = ("the audience has no such merge field" if kind is None
+                       else _merge_type_problem(kind, value))
+            if why_not:
+                return {"error": f"Your merge fields were invalid: {tag}: {why_not}",
+                        "error_code": "ERROR_GENERIC", "field": f"merge_fields.{tag}",
+                        "field_message": why_not}
+        return None
+
+    def _add_tags(self, request: RecordedRequest, member_hash: str) -> ScriptedReply:
+        operation = "postListMemberTags"
+        body, refused = self._body(request, operation)
+        if refused is not None:
+            return refused
+        member = next((m for m in self.members.values() if m["id"] == member_hash), None)
+        if member is None:
+            return self._problem(operation, 404, "Resource Not Found",
+                                 "The requested resource could not be found.")
+        for tag in body["tags"]:
+            if tag.get("status") == "active":
+                self.tags[member["email_address"].lower()].add(tag["name"])
+        return self._reply(operation, 204, None)
+
+    def _archive(self, member_hash: str) -> ScriptedReply:
+        operation = "deleteListsIdMembersId"
+        email = next((e for e, m in self.members.items() if m["id"] == member_hash), None)
+        if email is None:
+            return self._problem(operation, 404, "Resource Not Found",
+                                 "The requested resource could not be found.")
+        self.members[email]["status"] = "archived"
+        self.counts["archived"] += 1
+        return self._reply(operation, 204, None)
+
+    def _problem(self, operation: str, status: int, title: str, detail: str) -> ScriptedReply:
+        return self._reply(operation, status, {
+            "type": "https://mailchimp.com/developer/marketing/docs/errors/", "title": title,
+            "status": status, "detail": detail, "instance": str(uuid.uuid4())},
+            content_type="application/problem+json")
+
+    def _reply(self, operation: str, status: int, body: Any,
+               content_type: str = "application/json") -> ScriptedReply:
+        self.problems += [f"answer {operation} {status} {p}"
+                          for p in self.schema.answer_problems(operation, status, body)]
+        self.counts[f"status_{status}"] += 1
+        if body is None:
+            return ScriptedReply(status, b"", {})
+        return ScriptedReply(status, json.dumps(body).encode(), {"Content-Type": content_type})
+
+
+def _merge_type_problem(kind: str, value: Any) -> str | None:
+    """Why a merge field of type ``kind`` refuses ``value`` (None: it takes it)."""
+    if kind == "number":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind == "address":
+        ok = isinstance(value, dict) and all(value.get(k) for k in ("addr1", "city", "state",
+                                                                     "zip"))
+    elif kind == "date":
+        ok = isinstance(value, str) and bool(_MC_DATE.match(value))
+    elif kind == "birthday":
+        ok = isinstance(value, str) and bool(_MC_BIRTHDAY.match(value))
+    elif kind in ("url", "imageurl"):
+        ok = isinstance(value, str) and value.startswith(("http://", "https://"))
+    elif kind == "zip":
+        ok = isinstance(value, str) and bool(re.match(r"^\d{5}(-\d{4})?$", value))
+    else:  # text, phone, radio, dropdown
+        ok = isinstance(value, str)
+    return None if ok else f"{value!r} is not a valid {kind}"
 
 
 def main(argv: list[str] | None = None) -> None:
