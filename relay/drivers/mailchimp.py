@@ -46,6 +46,7 @@ import base64
 import hashlib
 import json
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -280,6 +281,9 @@ class _Member:
 
 @dataclass
 class _Requests:
+    """The requests one send made, and when it must be over (its ``timeout``: the lease)."""
+
+    deadline: float
     made: int = 0
 
 
@@ -325,7 +329,7 @@ class MailchimpDriver(Driver):
 
     def send_batch(self, events: Sequence[LeadEvent]) -> Answers:
         answers: list[Answer | None] = [None] * len(events)
-        requests = _Requests()
+        requests = _Requests(time.monotonic() + self.timeout)
         order = sorted(range(len(events)), key=lambda i: events[i].received_at)
         last_deleted: dict[str, int] = {}  # email -> position in `order` of its last deleted
         for position, index in enumerate(order):
@@ -395,9 +399,9 @@ class MailchimpDriver(Driver):
         body = {"members": [m.body(self.options["status_if_new"]) for m in members],
                 "update_existing": True}
         list_id = quote(str(self.options["list_id"]), safe="")
-        requests.made += 1
         try:
-            response = self._request("POST", f"{self.base_url}/3.0/lists/{list_id}", body)
+            response = self._request("POST", f"{self.base_url}/3.0/lists/{list_id}", body,
+                                     requests)
             self._check(response, "batch subscribe")
         except DeliveryError as exc:
             return {m.key: exc for m in members}
@@ -447,11 +451,8 @@ class MailchimpDriver(Driver):
     # -- one member at a time --------------------------------------------------------------
 
     def _archive(self, email: str, requests: _Requests) -> Answer:
-        requests.made += 1
         try:
-            response = self.http.request(
-                "DELETE", self._member_url(email), headers=self._headers, timeout=self.timeout
-            )
+            response = self._request("DELETE", self._member_url(email), None, requests)
             if response.status == 404:
                 return DeliveryResult(
                     status_code=404,
@@ -466,9 +467,9 @@ class MailchimpDriver(Driver):
     def _add_tags(self, member: _Member, upserted: DeliveryResult,
                   requests: _Requests) -> Answer:
         body = {"tags": [{"name": name, "status": "active"} for name in member.tags]}
-        requests.made += 1
         try:
-            response = self._request("POST", self._member_url(member.email) + "/tags", body)
+            response = self._request("POST", self._member_url(member.email) + "/tags", body,
+                                     requests)
             self._check(response, "member tags")
         except DeliveryError as exc:
             return _with_note(exc, upserted.detail)
@@ -482,10 +483,18 @@ class MailchimpDriver(Driver):
         list_id = quote(str(self.options["list_id"]), safe="")
         return f"{self.base_url}/3.0/lists/{list_id}/members/{subscriber_hash}"
 
-    def _request(self, method: str, url: str, body: dict[str, Any]) -> HttpResponse:
+    def _request(self, method: str, url: str, body: dict[str, Any] | None,
+                 requests: _Requests) -> HttpResponse:
+        """One request, within what is left of the send's ``timeout`` (a batch with many
+        tags or archives must not outlive its lease)."""
+        left = requests.deadline - time.monotonic()
+        if left <= 0:
+            raise RetryableDeliveryError(
+                f"the send took its whole timeout ({self.timeout:g}s); sent again")
+        requests.made += 1
         return self.http.request(
-            method, url, body=json.dumps(body).encode(), headers=self._headers, timeout=self.timeout
-        )
+            method, url, body=json.dumps(body).encode() if body is not None else None,
+            headers=self._headers, timeout=min(self.timeout, left))
 
     def _check(self, response: HttpResponse, action: str) -> None:
         if 200 <= response.status < 300:

@@ -448,3 +448,25 @@ def test_a_bare_403_is_mailchimps_throttle_and_retried(vendor: VendorServer) -> 
     vendor.reply(403, problem(403, "Forbidden", "You don't have permission."))
     with pytest.raises(PermanentDeliveryError):
         make_driver(vendor).send(sample("new_signup"))
+
+
+def test_a_send_ends_within_its_timeout_however_many_tags_it_has(
+    mailchimp: VendorServer, audience: MailchimpAudience
+) -> None:
+    # The lease of a delivery is its destination's timeout (plus a margin): a batch with a tag
+    # request per member must not outlive it, or another worker sends it again meanwhile.
+    driver = make_driver(mailchimp)
+    driver.send_batch(leads(8))
+    audience.latency = 0.25
+    mailchimp.requests.clear()
+    loaded = MailchimpDriver.options_schema().load({"api_key": API_KEY, "list_id": LIST_ID})
+    short = MailchimpDriver(Destination(name="newsletter", type="mailchimp", timeout=1.0,
+                                        base_url=mailchimp.url, options=loaded),
+                            http=HttpClient())
+    answers = short.send_batch(leads(8, name="tagged"))
+
+    late = [a for a in answers if isinstance(a, RetryableDeliveryError)]
+    assert late, "the tags past the timeout are left for the retry"
+    assert "the send took its whole timeout (1s); sent again" in late[-1].message
+    assert "member lead7@example.com subscribed (updated)" in late[-1].message
+    assert len(mailchimp.requests) < 1 + 8
