@@ -17,6 +17,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from relay.api.auth import require_api_key
 from relay.core.errors import BadRequest, NotFound, ValidationFailed
+from relay.core.redaction import redacted, redacted_record
 from relay.operations import dead_letters, destinations, events, leads
 from relay.operations.context import OperatorContext
 from relay.operations.dead_letters import ReplayRequest, destination_name
@@ -30,7 +31,7 @@ MAX_PAGE = 500
 # The contract of every admin endpoint (also its OpenAPI document):
 #   400  the request cannot be read: a query parameter that is not a number, out of its bounds,
 #        or given twice; a body that is not UTF-8 JSON, or not a JSON object
-#   401  no valid API key          404  no such event / destination
+#   401  no valid API key          404  no such event / destination (pause, resume, replay)
 #   413  body over RELAY_MAX_BODY_BYTES          422  a JSON object whose fields are invalid
 #   503  Redis unavailable (Retry-After)
 # Every error body is {"error": "<what went wrong>", "details": <per-field problems or null>}.
@@ -161,10 +162,18 @@ def _ops() -> OperatorContext:
     return OperatorContext(ctx.redis, ctx.database, ctx.settings.retention)
 
 
-def _require_destination(name: str) -> None:
+def _require_destination(name: str, ops: OperatorContext | None = None) -> None:
+    """404 unless the relay knows ``name`` (configured, subscribed, counted; or, given
+    ``ops``, one with dead letters left to replay)."""
     ctx = _ctx()
-    if not destinations.destination_known(ctx.redis, ctx.config, name):
+    if destinations.destination_known(ctx.redis, ctx.config, name):
+        return
+    if ops is None or not dead_letters.has_dead_letters(ops, name):
         raise NotFound(f"unknown destination {name!r}")
+
+
+# What the views answer is redacted by the relay's one policy (relay.core.redaction), as the
+# console and the CLI show it: the payload by field names and texts, the rest by texts.
 
 
 @bp.get("/events/<event_id>")
@@ -172,27 +181,30 @@ def get_event(event_id: str) -> Response:
     detail = events.event_detail(_ops(), event_id)
     if detail is None:
         raise NotFound(f"no event {event_id!r} (never received, expired or erased)")
-    return jsonify(detail)
+    return jsonify(redacted_record(detail))
 
 
 @bp.get("/deliveries")
 def get_deliveries() -> Response:
     query = _query(DeliveriesQuery())
-    return jsonify(events.list_deliveries(_ops(), query["destination"], query.get("status"),
-                                          query["limit"], query.get("cursor")))
+    return jsonify(redacted(events.list_deliveries(
+        _ops(), query["destination"], query.get("status"), query["limit"], query.get("cursor")),
+        by_name=False))
 
 
 @bp.get("/dead-letters")
 def get_dead_letters() -> Response:
     query = _query(DeadLettersQuery())
-    return jsonify({"dead_letters": dead_letters.list_dead_letters(
-        _ops(), query.get("destination"), query["limit"], query["offset"])})
+    return jsonify({"dead_letters": redacted(dead_letters.list_dead_letters(
+        _ops(), query.get("destination"), query["limit"], query["offset"]), by_name=False)})
 
 
 @bp.post("/dead-letters/replay")
 def post_replay() -> Response:
     body = _body(ReplayRequest())
     ops = _ops()
+    if body.get("destination"):
+        _require_destination(body["destination"], ops)  # as pause and resume answer
     targets = dead_letters.replay_targets(ops, body.get("ids") or (), body.get("destination"),
                                           bool(body.get("all")))
     return jsonify({"queued": dead_letters.replay_dead_letters(ops, targets)})
@@ -203,7 +215,8 @@ def get_destinations() -> Response:
     ctx = _ctx()
     types = {d.name: d.type for d in ctx.config.destinations}
     names = destinations.known_destinations(ctx.redis, types)
-    return jsonify({"destinations": destinations.destination_health(_ops(), names, types)})
+    return jsonify({"destinations": redacted(
+        destinations.destination_health(_ops(), names, types), by_name=False)})
 
 
 @bp.post("/destinations/<name>/pause")

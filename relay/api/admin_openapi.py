@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from apispec import APISpec
-from marshmallow import Schema, fields, validate
+from marshmallow import INCLUDE, Schema, fields, validate
 
 from relay.api.admin import (
     DeadLettersQuery,
@@ -26,8 +26,20 @@ from relay.store.deliveries import RECENT_STATUSES
 class DeliveryItemSchema(Schema):
     event_id = fields.String(required=True)
     destination = fields.String(required=True)
-    status = fields.String(required=True, validate=validate.OneOf(RECENT_STATUSES))
-    at = fields.Float(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(RECENT_STATUSES), metadata={
+        "description": "A skipped delivery is listed as delivered."})
+    at = fields.Float(required=True, metadata={"description": "When its state last changed "
+                                                              "(epoch seconds)."})
+    attempts = fields.Integer(required=True, metadata={"description": "Attempts made so far."})
+    updated_at = fields.Float(required=True, metadata={"description": "The same as at."})
+    last_status = fields.Integer(metadata={
+        "description": "The HTTP status of the last attempt, when it got an answer."})
+    last_error = fields.String(metadata={
+        "description": "What the last attempt's failure said (or a successful answer's "
+                       "detail)."})
+    next_attempt_at = fields.Float(metadata={"description": "retrying: when it is due."})
+    crashes = fields.Integer(metadata={
+        "description": "Attempts whose worker died before recording them."})
 
 
 class DeliveryListSchema(Schema):
@@ -39,7 +51,11 @@ class DeliveryListSchema(Schema):
 class DeadLetterSchema(Schema):
     event_id = fields.String(required=True)
     destination = fields.String(required=True)
-    reason = fields.String()
+    reason = fields.String(required=True)
+    attempts = fields.Integer(required=True)
+    status_code = fields.Integer(required=True, allow_none=True, metadata={
+        "description": "The HTTP status of the last attempt (null without an answer)."})
+    dead_at = fields.Float(required=True, allow_none=True)
     event = fields.String(allow_none=True, metadata={"description": "The event's name."})
 
 
@@ -51,11 +67,13 @@ class ReplayResultSchema(Schema):
     queued = fields.Integer(required=True)
 
 
+STATES = ["active", "paused", "open", "half-open", "slowed"]
+
+
 class DestinationHealthSchema(Schema):
     name = fields.String(required=True)
     type = fields.String(required=True, allow_none=True)
-    state = fields.String(required=True,
-                          validate=validate.OneOf(["active", "paused", "open", "half-open"]))
+    state = fields.String(required=True, validate=validate.OneOf(STATES))
     success_rate = fields.Float(required=True, allow_none=True)
     delivered = fields.Integer(required=True)
     failed = fields.Integer(required=True)
@@ -79,9 +97,37 @@ class DestinationListSchema(Schema):
 
 class DestinationStateSchema(Schema):
     destination = fields.String(required=True)
-    state = fields.String(required=True,
-                          validate=validate.OneOf(["active", "paused", "open", "half-open"]))
+    state = fields.String(required=True, validate=validate.OneOf(STATES))
     released = fields.Integer(metadata={"description": "resume: held deliveries released"})
+
+
+class AttemptSchema(Schema):
+    destination = fields.String(required=True)
+    attempt = fields.Integer(required=True)
+    outcome = fields.String(required=True, metadata={
+        "description": "delivered, skipped, retrying or dead"})
+    status_code = fields.Integer(metadata={"description": "The answer's HTTP status."})
+    latency_ms = fields.Float()
+    error = fields.String(metadata={"description": "What went wrong, or what a successful "
+                                                   "answer said."})
+    next_attempt_at = fields.Float(metadata={"description": "retrying: when it is due."})
+    at = fields.Float(required=True)
+
+
+class DeliveryStateSchema(Schema):
+    """A delivery's state (the fields of :class:`DeliveryItemSchema` and, while it is in
+    flight, the lease's end), with its attempts and its dead letter."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    status = fields.String(required=True, metadata={
+        "description": "pending, inflight, delivered, skipped, retrying, dead, or unknown"})
+    attempts = fields.Integer()
+    updated_at = fields.Float()
+    attempts_log = fields.List(fields.Nested(AttemptSchema), required=True)
+    dead_letter = fields.Dict(metadata={"description": "dead: the dead letter (reason, "
+                                                       "attempts, status_code, dead_at)."})
 
 
 class EventDetailSchema(Schema):
@@ -92,7 +138,8 @@ class EventDetailSchema(Schema):
     received_at = fields.Float(required=True, allow_none=True)
     admitted_at = fields.Float(required=True, allow_none=True)
     duplicates = fields.Integer(required=True)
-    destinations = fields.Dict(keys=fields.String(), values=fields.Dict(), required=True)
+    destinations = fields.Dict(keys=fields.String(), values=fields.Nested(DeliveryStateSchema),
+                               required=True, metadata={"description": "By destination name."})
 
 
 class ErasureSchema(Schema):
@@ -135,24 +182,40 @@ def _iter_ops() -> Iterator[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
     def body(schema: str, required: bool = True) -> dict[str, Any]:
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
+    def links(reply: dict[str, Any], source: str, **targets: str) -> dict[str, Any]:
+        """``reply`` with links: a parameter of each target operation taken from the first
+        item of this answer's list (what a client, and a stateful fuzzer, does next)."""
+        return {**reply, "links": {
+            target: {"operationId": target,
+                     "parameters": {parameter: f"$response.body#/{source}"}}
+            for target, parameter in targets.items()}}
+
     yield "/api/events/{event_id}", path_param("event_id"), {"get": {
         "operationId": "getEvent", "summary": "An event, its deliveries and their attempts",
         "responses": {"200": reply("The event", "EventDetail"), **common, **missing}}}
     yield "/api/deliveries", [], {"get": {
         "operationId": "listDeliveries", "summary": "A destination's latest deliveries",
         "parameters": [{"in": "query", "schema": DeliveriesQuery}],
-        "responses": {"200": reply("Newest first", "DeliveryList"), **common, **bad_query}}}
+        "responses": {"200": links(reply("Newest first", "DeliveryList"), "deliveries/0/event_id",
+                                   getEvent="event_id"),
+                      **common, **bad_query}}}
     yield "/api/dead-letters", [], {"get": {
         "operationId": "listDeadLetters", "summary": "Dead letters, newest first",
         "parameters": [{"in": "query", "schema": DeadLettersQuery}],
-        "responses": {"200": reply("Dead letters", "DeadLetterList"), **common, **bad_query}}}
+        "responses": {"200": links(reply("Dead letters", "DeadLetterList"),
+                                   "dead_letters/0/event_id", getEvent="event_id"),
+                      **common, **bad_query}}}
     yield "/api/dead-letters/replay", [], {"post": {
         "operationId": "replayDeadLetters", "summary": "Queue dead letters for delivery again",
         "requestBody": body("ReplayRequest"),
-        "responses": {"200": reply("Queued", "ReplayResult"), **common, **bad_body}}}
+        "responses": {"200": reply("Queued", "ReplayResult"), **common, **bad_body,
+                      "404": error("No such destination")}}}
     yield "/api/destinations", [], {"get": {
         "operationId": "listDestinations", "summary": "Destinations with state and health",
-        "responses": {"200": reply("Destinations", "DestinationList"), **common}}}
+        "responses": {"200": links(reply("Destinations", "DestinationList"),
+                                   "destinations/0/name", listDeliveries="destination",
+                                   listDeadLetters="destination"),
+                      **common}}}
     for action in ("pause", "resume"):
         yield f"/api/destinations/{{name}}/{action}", path_param("name"), {"post": {
             "operationId": f"{action}Destination",
@@ -167,15 +230,14 @@ def _iter_ops() -> Iterator[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
         "responses": {"200": reply("What was removed", "Erasure"), **common, **bad_body}}}
 
 
-def document(spec: APISpec) -> None:
+def document(spec: APISpec, security: list[dict[str, list[str]]]) -> None:
     """Add the admin API to the OpenAPI document (:func:`relay.api.openapi.build_spec` calls
-    it)."""
+    it), every operation under ``security`` (the API-key schemes)."""
     for name, schema in _DOCUMENTED.items():
         spec.components.schema(name, schema=schema)
     spec.components.schema("Empty", {"type": "object", "description": "No fields are read."})
     replay = spec.components.schemas["ReplayRequest"]
     replay["oneOf"] = [{"required": [name]} for name in ("ids", "destination", "all")]
-    security = [{"apiKeyParameter": []}, {"apiKeyBearer": []}]
     for path, parameters, operations in _iter_ops():
         for operation in operations.values():
             operation["security"] = security

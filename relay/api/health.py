@@ -75,5 +75,6 @@ def init_metrics(app: Flask) -> None:
             except SQLAlchemyError:
                 return {}  # the database away: relay_history_lag_seconds says so
 
-        return Response(render(ctx.redis, destinations, dead_letters),
+        return Response(render(ctx.redis, destinations, dead_letters,
+                               ctx.settings.metrics_subscriptions),
                         content_type=CONTENT_TYPE)

@@ -6,10 +6,14 @@ operations (paths, parameters, status codes) are listed here, and ``tests/test_o
 checks that every route of the app under ``/v2``, ``/hooks`` and ``/api`` is documented with its
 methods. A new API blueprint adds its operations in :func:`build_spec`.
 
-``tests/test_contract.py`` holds the server to this document with Schemathesis: what the
-schemas cannot say by themselves is added here (the lead's exact typing and identity rule, its
-form encoding, the one-of rules of request bodies), and every status an operation can answer is
-listed with the error body of its family (``Error`` for the relay, ``Message`` under ``/v2``).
+``tests/integration/test_contract.py`` holds the server to this document with Schemathesis
+(every check, several seeds, the repository's ``schemathesis.toml``): what the schemas cannot
+say by themselves is added here (the lead's exact typing and identity rule, its form encoding,
+the one-of rules of request bodies, the links a client follows), and every status an operation
+can answer is listed with the error body of its family (``Error`` for the relay, ``Message``
+under ``/v2``), the HTTP server's own answers (414, 431) included. API keys are credentials,
+described by the security schemes only, never as a parameter or a body field a client fills
+in.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from flask import Blueprint, Response, current_app, jsonify
 from marshmallow import Schema, fields
 
 from relay.api import subscriptions as subs
+from relay.api.auth import KEY_PARAMETER
 from relay.core.events import ALIASES, EVENTS, LEAD_IDENTITY_FIELDS
+from relay.core.nesting import MAX_DEPTH
 from relay.ingress.lead_schema import FORM_FALSE, FORM_TRUE, LeadBoolean, LeadInteger, LeadSchema
 from relay.ingress.lead_schema import _Typed as _TypedSchema
 
@@ -32,6 +38,8 @@ OPENAPI_PATH = "/api/openapi.json"
 _CACHE = "relay.openapi"
 
 _BODY_TYPES = ("application/json", "application/x-www-form-urlencoded")
+#: The subscription and admin APIs: a key as a bearer token or as ?api_key= (or a body field).
+API_KEY_SECURITY: list[dict[str, list[str]]] = [{"apiKeyBearer": []}, {"apiKeyParameter": []}]
 _EVENT_NAME = {"type": "string", "enum": [*EVENTS, *ALIASES]}
 
 
@@ -68,8 +76,16 @@ class ReadinessSchema(Schema):
 def openapi_json() -> Response:
     document = current_app.extensions.get(_CACHE)
     if document is None:
-        document = current_app.extensions[_CACHE] = build_spec().to_dict()
+        document = current_app.extensions[_CACHE] = build_document()
     return jsonify(document)
+
+
+def build_document() -> dict[str, Any]:
+    """The document as served: :func:`build_spec`'s operations, each with the answers the
+    HTTP server gives before the app sees the request (:func:`_server_answers`)."""
+    document: dict[str, Any] = build_spec().to_dict()
+    _server_answers(document)
+    return document
 
 
 def build_spec() -> APISpec:
@@ -107,12 +123,19 @@ def build_spec() -> APISpec:
     spec.components.schema("LeadForm", _lead_form())
     subscribe = spec.components.schemas["SubscribeRequest"]
     subscribe["anyOf"] = [{"required": ["event"]}, {"required": ["events"]}]
+    for keyed in ("SubscribeRequest", "UnsubscribeRequest"):
+        # The key is a credential (the apiKeyParameter and apiKeyBearer schemes), not a field
+        # a client fills in with data: the views still read an api_key body field.
+        spec.components.schemas[keyed]["properties"].pop(KEY_PARAMETER, None)
+        spec.components.schemas[keyed]["description"] = (
+            f"{spec.components.schemas[keyed].get('description', '')} The API key may also "
+            f"come as an {KEY_PARAMETER} field of the body (see the security schemes).").strip()
     _ingress(spec)
     _subscriptions(spec)
     _ops(spec)
     from relay.api import admin_openapi  # imports the admin API; keep it out of import time
 
-    admin_openapi.document(spec)
+    admin_openapi.document(spec, API_KEY_SECURITY)
     return spec
 
 
@@ -195,13 +218,18 @@ def _lead_types(self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: A
 
 
 def _security(spec: APISpec) -> None:
-    spec.components.security_scheme(
-        "apiKeyParameter", {"type": "apiKey", "in": "query", "name": "api_key",
-                            "description": "Also accepted as a form or JSON body field."})
+    # Both schemes carry the same kind of key (one of RELAY_API_KEYS). A request may carry a key
+    # in several places, and then every one of them must be a valid key (relay.api.auth).
     spec.components.security_scheme(
         "apiKeyBearer", {"type": "http", "scheme": "bearer",
-                         "description": "Authorization: Bearer <key> (the last token of the "
-                                        "Authorization or Authentication header is the key)."})
+                         "description": "An API key from RELAY_API_KEYS as Authorization: "
+                                        "Bearer <key> (the last token of the Authorization or "
+                                        "Authentication header is the key)."})
+    spec.components.security_scheme(
+        "apiKeyParameter", {"type": "apiKey", "in": "query", "name": "api_key",
+                            "description": "An API key from RELAY_API_KEYS as ?api_key=<key>; "
+                                           "also read from an api_key field of a form or JSON "
+                                           "body. Every key a request carries must be valid."})
     spec.components.security_scheme(
         "sourceTokenParameter", {"type": "apiKey", "in": "query", "name": "token"})
     spec.components.security_scheme(
@@ -245,7 +273,8 @@ def _ingress(spec: APISpec) -> None:
             }},
             "responses": {
                 "202": _reply("Stored; it will be delivered", "IngressAccepted"),
-                "400": _reply("The body cannot be parsed", error),
+                "400": _reply("The body cannot be parsed, nests objects and arrays more "
+                              f"than {MAX_DEPTH} levels deep, or gives a field twice", error),
                 "401": _reply("Missing or wrong source token", error),
                 "404": _reply("Unknown source", error),
                 "413": _reply("Body over RELAY_MAX_BODY_BYTES", error),
@@ -260,7 +289,7 @@ def _ingress(spec: APISpec) -> None:
 
 def _subscriptions(spec: APISpec) -> None:
     message = "Message"
-    security = [{"apiKeyParameter": []}, {"apiKeyBearer": []}]
+    security = API_KEY_SECURITY
 
     def body(schema: str) -> dict[str, Any]:
         return {"required": True,
@@ -277,7 +306,8 @@ def _subscriptions(spec: APISpec) -> None:
     }
     common = {
         **reads,
-        "400": _reply("A JSON body that is not a JSON object", message),
+        "400": _reply("A JSON body that is not a JSON object, or a parameter given twice",
+                      message),
         "413": _reply("Body over RELAY_MAX_BODY_BYTES", message),
         "422": _reply("Invalid parameters (errors names them)", message),
     }
@@ -295,7 +325,13 @@ def _subscriptions(spec: APISpec) -> None:
                 "security": security,
                 "requestBody": body("SubscribeRequest"),
                 "responses": {
-                    "200": _reply("Created (or updated)", "WebhookCreated"),
+                    "200": {**_reply("Created (or updated)", "WebhookCreated"), "links": {
+                        "listWebhooks": {"operationId": "listWebhooks", "parameters": {
+                            "campaign_id": "$request.path.campaign_id"}},
+                        "deleteWebhook": {"operationId": "deleteWebhook", "parameters": {
+                            "campaign_id": "$request.path.campaign_id"},
+                            "requestBody": {"url": "$request.body#/url"}},
+                    }},
                     **common,
                     "409": _reply("Invalid event type <name>; nothing stored", message),
                 },
@@ -340,6 +376,39 @@ def _ops(spec: APISpec) -> None:
         "responses": {"200": _reply("Ready", "Readiness"),
                       "503": _reply("Redis unreachable", "Readiness")},
     }})
+
+
+# What the HTTP server in front of the app (gunicorn, `relay web`) answers by itself, before
+# the app sees the request: every operation can get these.
+_SERVER_ANSWERS = {
+    "414": "The request line (path and query string) is longer than the HTTP server reads "
+           "(4094 bytes); answered by the server, in HTML",
+    "431": "The request's header fields are larger than the HTTP server reads (8190 bytes "
+           "each, 100 fields); answered by the server, in HTML",
+}
+
+
+def _server_answers(document: dict[str, Any]) -> None:
+    """Add to every operation what any request can be answered before its view runs: the HTTP
+    server's 414 and 431, and a 413 (body over RELAY_MAX_BODY_BYTES, in the operation's own
+    error shape) wherever the app reads the body (a request body, or an API key that may come
+    in it)."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    for path, item in document["paths"].items():
+        error = "Message" if path.startswith("/v2/") else "Error"
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            reads_body = "requestBody" in operation or any(
+                "apiKeyParameter" in requirement for requirement in operation.get("security", ()))
+            if reads_body and "413" not in responses:
+                responses["413"] = {
+                    "description": "Body over RELAY_MAX_BODY_BYTES",
+                    "content": {"application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{error}"}}}}
+            for status, description in _SERVER_ANSWERS.items():
+                responses.setdefault(status, {"description": description, "content": html})
 
 
 def _version() -> str:

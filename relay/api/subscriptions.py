@@ -6,11 +6,17 @@ clients written for KickoffLabs keep working; the blueprint has its own error ha
 Parameters may come as a query string, a form body or a JSON body, merged in that order (later
 wins). ``curl -d '{"url": …}'`` without a Content-Type sends JSON labelled as a form, as many
 KickoffLabs clients do: a body that parses as a JSON object is read as JSON whatever its label.
+Inside one of them a parameter the API reads is given once (``events`` excepted, a list:
+``events[]=a&events[]=b``): ``url=a&url=b``, or ``url`` twice in a JSON object, is a 400, as at
+the ingress. ``api_key`` has the keys' own rule (:mod:`relay.api.auth`: every key a request
+carries must be valid); parameters the API does not read are ignored, however given.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +26,7 @@ from flask.blueprints import BlueprintSetupState
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 from werkzeug.datastructures import MultiDict
 
-from relay.api.auth import json_object, require_api_key
+from relay.api.auth import KEY_PARAMETER, json_object, require_api_key
 from relay.core.errors import (
     BadRequest,
     IngressError,
@@ -143,6 +149,8 @@ class WebhookListSchema(Schema):
 
 _SUBSCRIBE = SubscribeRequest()
 _UNSUBSCRIBE = UnsubscribeRequest()
+#: The parameters a request may give once only: those the API reads, but the key and lists.
+_ONCE = frozenset(_SUBSCRIBE.fields) - _LIST_PARAMETERS - {KEY_PARAMETER}
 
 
 # -- views -------------------------------------------------------------------------------------
@@ -237,6 +245,12 @@ def _parameters() -> dict[str, Any]:
     body = request.get_data(cache=True)
     decoded = json_object(body)
     if decoded is not None:
+        # A JSON list is one value: given twice, it is two; and a key given twice reached the
+        # key check as its last copy only (a JSON object keeps one), so it is refused here.
+        twice = json.loads(body, object_pairs_hook=_Members).given_twice & (
+            _ONCE | _LIST_PARAMETERS | {KEY_PARAMETER})
+        if twice:
+            raise _given_twice(min(twice))
         parameters.update(decoded)
     elif body.strip() and request.mimetype == "application/json":
         raise BadRequest("the body is not a JSON object")
@@ -246,17 +260,36 @@ def _parameters() -> dict[str, Any]:
 
 
 def _from_multidict(source: MultiDict[str, str]) -> dict[str, Any]:
-    # ``events=a&events=b`` and ``events[]=a&events[]=b`` both mean a list; other keys keep
-    # their last value.
+    # ``events=a&events=b`` and ``events[]=a&events[]=b`` both mean a list; any other key
+    # given twice is refused (``api_key`` has its own rule, applied by require_api_key).
     parameters: dict[str, Any] = {}
     for key in source:
         name = key[:-2] if key.endswith("[]") else key
         values = source.getlist(key)
-        if name in _LIST_PARAMETERS:
+        if name in _LIST_PARAMETERS:  # ``events=a&events[]=b`` is two names as well
+            earlier = parameters.get(name, [])
+            values = [*(earlier if isinstance(earlier, list) else [earlier]), *values]
             parameters[name] = values if len(values) != 1 else values[0]
+        elif name in _ONCE and (len(values) > 1 or name in parameters):
+            raise _given_twice(key)
         else:
             parameters[name] = values[-1]
     return parameters
+
+
+class _Members(dict):  # type: ignore[type-arg]
+    """A JSON object, and the names it gives more than once."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.given_twice: set[str] = set()
+        if len(self) != len(pairs):
+            counts = Counter(name for name, _ in pairs)
+            self.given_twice = {name for name, count in counts.items() if count > 1}
+
+
+def _given_twice(key: str) -> BadRequest:
+    return BadRequest(f"{key[:100]}: given more than once", {key[:100]: ["given more than once"]})
 
 
 def _load(schema: Schema, parameters: dict[str, Any]) -> dict[str, Any]:

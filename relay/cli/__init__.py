@@ -48,6 +48,7 @@ def check_config(path: str | None) -> None:
     """Validate the YAML config (default: $RELAY_CONFIG); print it with secrets masked."""
     import yaml
 
+    from relay.cli.operator import configure_redaction
     from relay.config.relay_yaml import load_config, masked
 
     path = path or os.environ.get("RELAY_CONFIG") or "config/relay.yaml"
@@ -58,6 +59,7 @@ def check_config(path: str | None) -> None:
         for problem in exc.problems:
             click.echo(f"  - {problem}", err=True)
         sys.exit(1)
+    configure_redaction()  # ?api_key= in URLs, and the names of RELAY_REDACT_FIELDS
     click.echo(yaml.safe_dump(masked(config), sort_keys=False), nl=False)
     for warning in config.warnings:
         click.secho(f"warning: {warning}", fg="yellow", err=True)

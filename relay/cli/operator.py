@@ -6,6 +6,11 @@ process running, and with a YAML that does not load (they fall back to what Redi
 Each command imports the operations it runs when it runs: ``relay --help`` and ``relay worker``
 load this module too, and need none of them.
 
+What they print from stored data (a lead's fields, a destination's error, a reason) goes
+through :func:`shown`: redacted by the relay's one policy, as the admin API and the console show
+it, and with its control characters escaped, so a lead's email cannot drive the terminal
+(clear it, set its title); the only line breaks and colours are the CLI's own.
+
 Tests point them at fakeredis by replacing :func:`redis_client` (and :func:`relay_config`).
 """
 
@@ -19,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from relay.config.settings import Settings
+from relay.core import redaction
 from relay.core.errors import ConfigError
+from relay.core.printable import escaped
 
 if TYPE_CHECKING:
     import redis
@@ -75,8 +82,29 @@ def history_database() -> Database:
 def _ops(client: redis.Redis | None = None) -> OperatorContext:
     from relay.operations.context import OperatorContext
 
-    return OperatorContext(client or _client(), history_database(),
-                           Settings.from_env().retention)
+    settings = Settings.from_env()
+    redaction.configure(settings.redact_fields)
+    return OperatorContext(client or _client(), history_database(), settings.retention)
+
+
+def configure_redaction() -> None:
+    """The redaction policy with ``RELAY_REDACT_FIELDS``, for a command that needs no other
+    setting (``check-config``): with an environment that does not load, the default one."""
+    try:
+        redaction.configure(Settings.from_env().redact_fields)
+    except ConfigError:
+        redaction.configure()
+
+
+def shown(value: object) -> str:
+    """A value from stored data as the CLI prints it: redacted (``?api_key=…``), control
+    characters escaped."""
+    return escaped(redaction.redact(str(value)))
+
+
+def _json(value: Any) -> str:
+    # JSON's encoder escapes every control character (and non-ASCII) itself.
+    return json.dumps(value, indent=2, default=str)
 
 
 def _when(epoch: float | None) -> str:
@@ -101,7 +129,8 @@ def _table(rows: list[list[str]], headers: list[str]) -> None:
         click.echo(line(row))
 
 
-_STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow", "open": "red"}
+_STATE_COLOURS = {"active": "green", "paused": "yellow", "half-open": "yellow",
+                  "slowed": "yellow", "open": "red"}
 
 
 @commands.command()
@@ -112,7 +141,7 @@ def status(as_json: bool) -> None:
 
     overview = relay_status(_ops(), relay_config())
     if as_json:
-        click.echo(json.dumps(overview, indent=2))
+        click.echo(_json(redaction.redacted(overview, by_name=False)))
         return
     health = overview["destinations"]
     click.echo(f"queue {overview['queue_depth']}   retries waiting "
@@ -124,17 +153,19 @@ def status(as_json: bool) -> None:
     rows = []
     for d in health:
         rate = "-" if d["success_rate"] is None else f"{d['success_rate'] * 100:.1f}%"
-        state = click.style(d["state"], fg=_STATE_COLOURS.get(d["state"]))
-        rows.append([d["name"], d["type"] or "-", state, rate, str(d["delivered"]),
-                     str(d["queued"]), str(d["retrying"]), str(d["dead"]),
+        state = click.style(shown(d["state"]), fg=_STATE_COLOURS.get(d["state"]))
+        rows.append([shown(d["name"]), shown(d["type"] or "-"), state, rate,
+                     str(d["delivered"]), str(d["queued"]), str(d["retrying"]), str(d["dead"]),
                      _latency(d["latency_p50_ms"]), _latency(d["latency_p95_ms"]),
-                     _cut(d["last_error"] or "-", 60)])
+                     _cut(shown(d["last_error"] or "-"), 60)])
     _table(rows, ["destination", "type", "state", "success", "delivered", "queued", "retrying",
                   "dead", "p50", "p95", "last error"])
     for d in health:  # why each paused one is
         if d.get("paused_at") is not None:
-            why = f"reason: {d['paused_reason']}" if d["paused_reason"] else "no reason given"
-            click.echo(f"paused: {d['name']} since {_when(d['paused_at'])}, {_cut(why, 100)}")
+            reason = d["paused_reason"]
+            why = f"reason: {shown(reason)}" if reason else "no reason given"
+            click.echo(f"paused: {shown(d['name'])} since {_when(d['paused_at'])}, "
+                       f"{_cut(why, 100)}")
 
 
 def _latency(ms: float | None) -> str:
@@ -160,32 +191,34 @@ def events_show(event_id: str, as_json: bool) -> None:
     detail = event_ops.event_detail(_ops(), event_id)
     if detail is None:
         raise click.ClickException(f"no event {event_id} (never received, expired or erased)")
+    detail = redaction.redacted_record(detail)  # as the admin API answers it
     if as_json:
-        click.echo(json.dumps(detail, indent=2, default=str))
+        click.echo(_json(detail))
         return
-    payload = detail["payload"] or {}
+    payload = detail["payload"] if isinstance(detail["payload"], dict) else {}
     lead = payload.get("email") or payload.get("social_id") or payload.get("id") or "-"
-    click.echo(f"event     {event_id}")
-    click.echo(f"name      {detail['name'] or '-'}   lead {lead}   "
-               f"campaign {payload.get('campaign_id', '-')}")
+    click.echo(f"event     {shown(event_id)}")
+    click.echo(f"name      {shown(detail['name'] or '-')}   lead {shown(lead)}   "
+               f"campaign {shown(payload.get('campaign_id', '-'))}")
     click.echo(f"received  {_when(detail['received_at'])}   duplicates {detail['duplicates']}")
     if not detail["destinations"]:
         click.echo("no delivery yet (not processed, or routed to no destination)")
     for name, entry in detail["destinations"].items():
         click.echo()
-        head = f"{name}: {entry.get('status')} after {entry.get('attempts', 0)} attempt(s)"
+        head = (f"{shown(name)}: {shown(entry.get('status'))} after "
+                f"{shown(entry.get('attempts', 0))} attempt(s)")
         click.secho(head, bold=True)
         if entry.get("next_attempt_at"):
             click.echo(f"  next attempt {_when(entry['next_attempt_at'])}")
         if "dead_letter" in entry:
-            click.echo(f"  dead letter: {entry['dead_letter'].get('reason')}")
+            click.echo(f"  dead letter: {shown(entry['dead_letter'].get('reason'))}")
         for attempt in entry["attempts_log"]:
             status_code = attempt.get("status_code", "-")
             latency = attempt.get("latency_ms")
             click.echo(f"  #{attempt['attempt']} {_when(attempt.get('at'))} "
-                       f"{attempt['outcome']:<9} HTTP {status_code} "
+                       f"{shown(attempt['outcome']):<9} HTTP {shown(status_code)} "
                        f"{'' if latency is None else f'{latency:.0f} ms '}"
-                       f"{attempt.get('error') or ''}".rstrip())
+                       f"{shown(attempt.get('error') or '')}".rstrip())
 
 
 @commands.group()
@@ -204,9 +237,9 @@ def dlq_list(destination: str | None, limit: int) -> None:
     if not letters:
         click.echo("no dead letters")
         return
-    rows = [[f"{d['event_id']}|{d['destination']}", _when(d.get("dead_at")),
-             str(d.get("attempts", "-")), str(d.get("status_code") or "-"),
-             _cut(d.get("reason") or "-", 70)] for d in letters]
+    rows = [[shown(f"{d['event_id']}|{d['destination']}"), _when(d.get("dead_at")),
+             shown(d.get("attempts", "-")), shown(d.get("status_code") or "-"),
+             _cut(shown(d.get("reason") or "-"), 70)] for d in letters]
     _table(rows, ["id", "dead since", "attempts", "status", "reason"])
 
 
@@ -220,8 +253,14 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
     if sum(bool(x) for x in (ids, destination, everything)) != 1:
         raise click.UsageError("give dead-letter IDS, --destination D or --all (one of them)")
     from relay.operations import dead_letters as letters_ops
+    from relay.operations import destinations as destination_ops
 
     ops = _ops()
+    if destination and not letters_ops.has_dead_letters(ops, destination):
+        config = relay_config()
+        configured = [d.name for d in config.destinations] if config else []
+        if destination not in destination_ops.known_destinations(ops.redis, configured):
+            raise click.ClickException(f"unknown destination '{shown(destination)}'")
     targets = letters_ops.replay_targets(ops, ids, destination, everything)
     missing: list[str] = []
 
@@ -231,8 +270,11 @@ def dlq_replay(ids: tuple[str, ...], destination: str | None, everything: bool) 
 
     with click.progressbar(targets, label="replaying", show_pos=True, file=sys.stderr) as bar:
         queued = letters_ops.replay_dead_letters(ops, bar, note)
+    found = {f"{t.event_id}|{t.destination}" for t in targets} | {t.event_id for t in targets}
+    unknown = sum(1 for given in dict.fromkeys(ids) if given not in found)
     click.echo(f"queued {queued} dead letter(s) for delivery"
-               + (f"; {len(missing)} no longer dead (replayed already?)" if missing else ""))
+               + (f"; {len(missing)} no longer dead (replayed already?)" if missing else "")
+               + (f"; {unknown} of the ids given are not dead letters" if unknown else ""))
     if ids and not targets:
         raise click.ClickException("no such dead letter")
 
@@ -249,9 +291,9 @@ def pause(destination: str, reason: str) -> None:
     configured = [d.name for d in config.destinations] if config else []
     if not destination.startswith("sub-") and destination not in (
             destination_ops.known_destinations(client, configured)):
-        raise click.ClickException(f"unknown destination {destination!r}")
+        raise click.ClickException(f"unknown destination '{shown(destination)}'")
     destination_ops.pause(client, destination, reason)
-    click.echo(f"{destination}: paused")
+    click.echo(f"{shown(destination)}: paused")
 
 
 @commands.command()
@@ -262,7 +304,7 @@ def resume(destination: str) -> None:
 
     client = _client()
     resumed = destination_ops.resume(client, destination)
-    click.echo(f"{destination}: {resumed['state']}, "
+    click.echo(f"{shown(destination)}: {resumed['state']}, "
                f"{resumed['released']} held deliveries released")
 
 
@@ -272,9 +314,9 @@ def resume(destination: str) -> None:
 def erase(email: str, yes: bool) -> None:
     """Erase every trace of a lead from the relay (GDPR); destinations keep theirs."""
     if not yes:
-        click.confirm(f"Erase everything the relay holds about {email}?", abort=True)
+        click.confirm(f"Erase everything the relay holds about {shown(email)}?", abort=True)
     from relay.operations import leads as lead_ops
 
     report = lead_ops.erase(_ops(), email)
     removed = ", ".join(f"{k} {v}" for k, v in sorted(report.removed.items()) if v) or "nothing"
-    click.echo(f"{len(report.event_ids)} event(s) of {report.email}; removed: {removed}")
+    click.echo(f"{len(report.event_ids)} event(s) of {shown(report.email)}; removed: {removed}")

@@ -6,6 +6,8 @@ Missing data for required field.`` The result is a :class:`RelayConfig` of froze
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +22,7 @@ from relay.core.durations import parse_duration, parse_rate_limit
 from relay.core.errors import ConfigError
 from relay.core.events import canonical_event_name, is_known
 from relay.core.models import BatchPolicy, Destination, RetryPolicy
+from relay.core.redaction import redacted
 from relay.drivers import REGISTRY, Driver, driver_class
 
 DEFAULT_SOURCE = "kickofflabs"
@@ -110,6 +113,23 @@ class DestinationSchema(Schema):
                                  validate=validate.Range(1, 1000))
     # Deliveries per request to a bulk API (default: the driver's; see _batch_policy).
     batch = fields.Nested(BatchSchema, load_default=None, allow_none=True)
+
+    # A driver's own key, checked here for every driver that signs (the webhook): a secret
+    # that cannot be decoded would pass the check and then fail every delivery.
+    signing_secret = fields.String(load_default=None, allow_none=True)
+
+    @validates("signing_secret")
+    def _signing_secret(self, value: str | None, **kwargs: Any) -> None:
+        if value is not None and value.startswith("whsec_"):
+            try:
+                key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValidationError(
+                    "after whsec_ a signing secret is the base64 of its key, and this is not "
+                    "valid base64 (A-Z a-z 0-9 + /, padded with = to a multiple of 4 "
+                    "characters)") from None
+            if not key:
+                raise ValidationError("the key after whsec_ is empty")
 
     @validates("rate_limit")
     def _rate(self, value: str | None, **kwargs: Any) -> None:
@@ -329,7 +349,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
         options = {
             key: (mask(value) if key in secret else _mask_nested(key, value))
             for key, value in d.options.items()
-        }
+        }  # the rest as the relay shows any value (?api_key= in a URL): relay.core.redaction
         out["destinations"].append(
             {
                 "name": d.name,
@@ -343,7 +363,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
                 "rate_limit": d.rate_limit
                 and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
                 "batch": d.batch and {"max": d.batch.max, "wait": d.batch.wait},
-                "base_url": d.base_url,
+                "base_url": redacted(d.base_url),
                 **options,
             }
         )
@@ -354,4 +374,4 @@ def _mask_nested(key: str, value: Any) -> Any:
     # Header values routinely carry API keys (``X-Api-Key``, ``Authorization``).
     if key == "headers" and isinstance(value, Mapping):
         return {name: "***" for name in value}
-    return value
+    return redacted(value)

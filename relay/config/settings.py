@@ -41,6 +41,9 @@ class Settings:
     log_level: str = "INFO"
     redis_pool: int = 50  # connections per process (the web app's pool)
     metrics_flush_interval: float = 1.0  # seconds between a process's metrics flushes
+    # /metrics lists at most this many API subscriptions one by one; more are summed by
+    # campaign (relay.observability.metrics.Grouping).
+    metrics_subscriptions: int = 50
     # The ingress answers 503 once Redis uses this much memory: a fraction of its maxmemory
     # (read from INFO), or bytes (a Redis without maxmemory needs bytes, else no limit).
     redis_high_water: float = 0.8
@@ -54,6 +57,8 @@ class Settings:
     # How many proxies in front of ``relay web`` set X-Forwarded-For / X-Forwarded-Proto: the
     # client's address and scheme are taken from that many hops back; 0 trusts no header.
     trusted_proxies: int = 0
+    # Field names redacted besides those named like secrets (relay.core.redaction).
+    redact_fields: tuple[str, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -78,6 +83,8 @@ class Settings:
                 log_level=(env.get("RELAY_LOG_LEVEL") or "INFO").upper(),
                 redis_pool=int(env.get("RELAY_REDIS_POOL") or 50),
                 metrics_flush_interval=float(env.get("RELAY_METRICS_FLUSH_INTERVAL") or 1),
+                metrics_subscriptions=_count(env.get("RELAY_METRICS_SUBSCRIPTIONS") or "50",
+                                             "RELAY_METRICS_SUBSCRIPTIONS"),
                 redis_high_water=_high_water(env.get("RELAY_REDIS_HIGH_WATER") or "0.8"),
                 dev_inbox=(env.get("RELAY_DEV_INBOX") or "").lower() in {"1", "true", "yes"},
                 secret_key=env.get("RELAY_SECRET_KEY") or "",
@@ -87,6 +94,7 @@ class Settings:
                     "RELAY_CONSOLE_SESSION_LIFETIME",
                     env.get("RELAY_CONSOLE_SESSION_LIFETIME") or "12h"),
                 trusted_proxies=_hops(env.get("RELAY_TRUSTED_PROXIES") or "0"),
+                redact_fields=_split(env.get("RELAY_REDACT_FIELDS")),
             )
         except ValueError as exc:
             raise ConfigError(f"invalid environment setting: {exc}") from None
@@ -96,6 +104,13 @@ class Settings:
                 f"({settings.visibility_timeout:g}s <= {settings.task_time_limit:g}s)"
             )
         return settings
+
+
+def _count(value: str, name: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{name} must be 0 or more, not {value!r}")
+    return number
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -120,13 +135,16 @@ def _hops(value: str) -> int:
 
 
 def apply_process_settings(settings: Settings) -> None:
-    """The knobs that are process-wide rather than per object: the metrics' flush interval and
-    the size of the HTTP client's pool (one connection per delivery in flight)."""
+    """The knobs that are process-wide rather than per object: the metrics' flush interval,
+    the size of the HTTP client's pool (one connection per delivery in flight) and the field
+    names redacted (``RELAY_REDACT_FIELDS``)."""
+    from relay.core import redaction
     from relay.drivers import http
     from relay.observability import metrics
 
     metrics.configure(flush_interval=settings.metrics_flush_interval)
     http.configure(pool_size=settings.max_in_flight)
+    redaction.configure(settings.redact_fields)
 
 
 def _high_water(value: str) -> float:

@@ -12,24 +12,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from relay.core.redaction import is_secret_name, redact
+from relay.core import redaction
+from relay.core.redaction import REDACTED, redact
 from relay.observability.timeseries import SERIES, Minute
 
-REDACTED = "[redacted]"
 IN_FLIGHT = frozenset({"pending", "inflight", "retrying"})
 
 
 def redacted(value: Any) -> Any:
     """``value`` with every field named like a secret replaced, and keys in URLs and header
-    lines masked (:func:`relay.api.auth.redact`, the log lines' redaction)."""
-    if isinstance(value, Mapping):
-        return {k: REDACTED if is_secret_name(str(k)) and v not in (None, "")
-                else redacted(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redacted(v) for v in value]
-    if isinstance(value, str):
-        return redact(value)
-    return value
+    lines masked: the relay's one policy (:func:`relay.core.redaction.redacted`), which the
+    admin API, the CLI and the logs apply too."""
+    return redaction.redacted(value)
 
 
 def pretty_json(value: Any) -> str:

@@ -11,8 +11,11 @@ encoders write lists in two styles, and both are read:
 
 An index is a plain decimal (``0``, ``17``; at most nine digits); any other key in brackets
 (``[01]``, ``[-1]``, ``[x]``) names an object member, and a list used as an object (``a[0]=1``
-and ``a[b]=2``) is refused with 422, as is a key nested deeper than ``MAX_DEPTH``. The ingress
-caps the number of fields (``MAX_FORM_FIELDS``) before this runs.
+and ``a[b]=2``) is refused with 422. A field given twice (``email=a&email=b``,
+``c[k]=1&c[k]=2``, ``t[0]=x&t[0]=y``: not ``t[]=``, which appends) is refused with 400, as JSON's
+duplicate key is, and so is a key nested deeper than the ingress's one limit
+(:data:`relay.core.nesting.MAX_DEPTH` levels). The ingress caps the number of fields
+(``MAX_FORM_FIELDS``) before this runs.
 
 Values stay strings here; :func:`relay.ingress.lead_schema.load_form_lead` types them with the
 lead schema.
@@ -29,12 +32,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
-from relay.core.errors import ValidationFailed
+from relay.core.errors import BadRequest, ValidationFailed
+from relay.core.nesting import MAX_DEPTH
 
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _PART = re.compile(r"\[([^\[\]]*)\]")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
-MAX_DEPTH = 32
+
+
+class _GivenTwice(Exception):
+    """A field's value is given a second time."""
 
 
 class _List:
@@ -57,19 +64,20 @@ def decode(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
 
     ``a[b]=1`` → ``{"a": {"b": "1"}}``; ``t[]=x&t[]=y`` and ``t[0]=x&t[1]=y`` →
     ``{"t": ["x", "y"]}``; ``t[][name]=a&t[][name]=b`` and ``t[0][name]=a&t[1][name]=b`` →
-    ``{"t": [{"name": "a"}, {"name": "b"}]}``. A plain key repeated keeps its last value.
+    ``{"t": [{"name": "a"}, {"name": "b"}]}``. A field given twice is a :class:`BadRequest`.
     """
     result: dict[str, Any] = {}
     for key, value in pairs:
         match = _KEY.match(key)
-        if not match:
-            result[key] = value  # not bracket notation: keep verbatim
-            continue
-        path = [match.group(1), *_PART.findall(match.group(2))]
+        path = [match.group(1), *_PART.findall(match.group(2))] if match else [key]
         if len(path) > MAX_DEPTH:
-            raise ValidationFailed("form field nested too deeply", {key[:100]: "too deep"})
+            raise BadRequest(f"form field nested too deeply (at most {MAX_DEPTH} levels)",
+                             {key[:100]: [f"nested more than {MAX_DEPTH} levels deep"]})
         try:
-            _assign(result, path, value)
+            _assign(result, path, value)  # a key that is not bracket notation: verbatim
+        except _GivenTwice:
+            raise BadRequest(f"form field {key[:100]!r} is given more than once",
+                             {key[:100]: ["given more than once"]}) from None
         except TypeError as exc:
             raise ValidationFailed(
                 "conflicting form fields", {key[:100]: str(exc)}
@@ -91,6 +99,8 @@ def _assign(node: dict[str, Any] | _List, path: list[str], value: str) -> None:
     if not rest:
         if isinstance(child, dict | _List):
             raise TypeError(f"{head!r} is used both as a list or object and as a value")
+        if child is not None:
+            raise _GivenTwice(head)
         node[head] = value
         return
     want_list = _is_list_step(rest[0])
@@ -123,6 +133,8 @@ def _assign_item(items: _List, step: str, rest: list[str], value: str) -> None:
     if not rest:
         if isinstance(element, dict | _List):
             raise TypeError(f"element {index} is used both as a list or object and as a value")
+        if element is not None:
+            raise _GivenTwice(index)
         items.items[index] = value
         return
     want_list = _is_list_step(rest[0])

@@ -706,9 +706,8 @@ class _Drain:
             for item in request.sent:
                 engine.observed(self.lane, item.latency_ms)
                 confirmation = engine.decider.decide(destination, item)
-                succeeded = confirmation.attempt.outcome in SUCCESSES
                 for gate in engine.gates:
-                    gate.attempted(destination, succeeded)
+                    gate.attempted(destination, item.answer)
                 confirmations.append(confirmation)
                 self.report.add(confirmation.attempt.outcome)
                 answer = item.answer

@@ -11,9 +11,10 @@ Their keys (``relay:paused``, ``relay:circuit:<destination>`` and its ``:probe``
 ``relay:rate:<destination>:<window>``) are listed in :mod:`relay.store.keys`, their scripts are
 ``circuit.lua`` and ``rate.lua`` in ``relay/store/lua/``.
 
-The breaker reads the counters :class:`relay.store.deliveries.DeliveryStore` already keeps in
-``relay:stats:<destination>`` (``consecutive_failures``, ``delivered``, ``failed``), so closing
-it on success and counting failures needs nothing from the delivery code.
+The breaker judges a destination by what its attempts say about *it* (:func:`health`), not
+about one payload: the drainer tells each gate every answer (:meth:`Gate.attempted`), the
+breaker tallies them in the process and adds them to the destination's totals in Redis with its
+next check (one round trip it makes anyway).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +30,8 @@ from typing import Protocol
 
 import redis
 
-from relay.core.models import LEASE_MARGIN, Destination
+from relay.core.errors import DeliveryError, RetryableDeliveryError, UnsafeURLError
+from relay.core.models import LEASE_MARGIN, DeliveryResult, Destination
 from relay.observability.metrics import metrics_for
 from relay.store.keys import (
     PAUSED_KEY,
@@ -37,7 +40,6 @@ from relay.store.keys import (
     lane_key,
     probe_key,
     rate_key,
-    stats_key,
 )
 from relay.store.scripts import register
 
@@ -56,8 +58,9 @@ class Gate(Protocol):
         which the lane is held (None: ask again at the next read)."""
         ...
 
-    def attempted(self, destination: Destination, succeeded: bool) -> None:
-        """Told the outcome of each attempt this process made (a gate may cache state)."""
+    def attempted(self, destination: Destination, answer: object) -> None:
+        """Told what each attempt this process made got back: the driver's
+        :class:`~relay.core.models.DeliveryResult` or the error it raised."""
         ...
 
     def reads_outcomes(self, destination: Destination) -> bool:
@@ -104,7 +107,7 @@ class PauseGate:
             self._snapshot = (now, paused)
         return destination.encode() in paused
 
-    def attempted(self, destination: Destination, succeeded: bool) -> None:
+    def attempted(self, destination: Destination, answer: object) -> None:
         pass
 
     def reads_outcomes(self, destination: Destination) -> bool:
@@ -142,21 +145,90 @@ class PauseGate:
         return waiting
 
 
+#: Answers that say the destination itself is unwell (beside any 5xx): its endpoint refuses
+#: us or is not there, or it timed out the request.
+UNHEALTHY_STATUSES = frozenset({401, 403, 404, 408, 410})
+#: Answers the breaker does not count: a 429 is the rate limit's business (``rate_limit``,
+#: ``Retry-After``), not a sign of ill health.
+UNCOUNTED_STATUSES = frozenset({429})
+
+
+def health(answer: object) -> bool | None:
+    """What one attempt says about the destination's health: False for a *health failure* (a
+    timeout, a connection error, an address the SSRF guard refuses, a 5xx, a 401, 403, 404,
+    408 or 410), True for any other answer (a 2xx, and a 400 or 422 about one payload: the
+    destination is up and answering), None when it says nothing (a 429; a delivery skipped
+    or refused before it was sent; a driver's own error)."""
+    if isinstance(answer, bool):  # a plain outcome: success or failure
+        return answer
+    if isinstance(answer, DeliveryResult):
+        return None if answer.skipped else True
+    if not isinstance(answer, DeliveryError):
+        return None
+    status = answer.status_code
+    if status is not None:
+        if status in UNCOUNTED_STATUSES:
+            return None
+        return not (status >= 500 or status in UNHEALTHY_STATUSES)
+    if isinstance(answer, RetryableDeliveryError | UnsafeURLError):
+        return False  # no answer at all, or an address we will not connect to
+    return None  # refused before sending: about the payload (or the driver's configuration)
+
+
 @dataclass(frozen=True)
 class CircuitPolicy:
-    threshold: int = 10  # consecutive failures that open the circuit
+    threshold: int = 10  # health failures in a row that open the circuit ...
+    open_after: float = 30.0  # ... when the first of them is this old (nothing healthy since)
     cooldown: float = 60.0  # open this long before one probe is let through
     probe_wait: float = 5.0  # how long others wait for the probe's answer before looking again
-    window: float = 60.0  # failure-rate window
-    failure_rate: float = 0.5  # open when this share of the window's attempts failed ...
-    min_volume: int = 20  # ... and the window has at least this many attempts
+    step: float = 1.0  # slowed: the budget is a number of deliveries per step
+    close_at: int = 64  # slowed: a budget this large closes the circuit
+
+    def failing_for(self, destination: Destination) -> float:
+        """How long a run of health failures must last to open the circuit: ``open_after``,
+        and at least twice the destination's first retry delay, so that the retries of the
+        first failures have had their chance to succeed."""
+        schedule = destination.retry.schedule
+        return max(self.open_after, 2 * schedule[0] if schedule else 0.0)
+
+
+@dataclass
+class _Tally:
+    """The health outcomes a process saw since it last told Redis."""
+
+    ok: int = 0
+    failed: int = 0
+    tail: int = 0  # failures since this process's last success
+    tail_since: float | None = None  # when the first of them came
+
+    def add(self, healthy: bool, now: float) -> None:
+        if healthy:
+            self.ok += 1
+            self.tail, self.tail_since = 0, None
+        else:
+            self.failed += 1
+            if self.tail == 0:
+                self.tail_since = now
+            self.tail += 1
 
 
 class CircuitBreaker:
-    """Closed → open (after ``threshold`` consecutive failures or a failure rate over the
-    window) → after ``cooldown`` half-open: one worker wins the probe lease and sends one
-    delivery; a success since the probe began closes the circuit, a failure opens it for
-    another cool-down. While open, the lane is held."""
+    """Closed → open → half-open → slowed → closed, on health outcomes only (:func:`health`).
+
+    - **Open** when the destination has had ``threshold`` health failures in a row and the
+      first of them is :meth:`CircuitPolicy.failing_for` old: nothing healthy for 30 s (or
+      twice its first retry delay). A destination that fails each event's first attempt and
+      accepts the retry, or answers 400 to some payloads, keeps succeeding and stays closed.
+    - **Half-open** after ``cooldown``: one worker wins the probe lease and sends one delivery;
+      a health failure opens the circuit for another cool-down, a health success slows it.
+    - **Slowed**: ``step`` by ``step`` (a second), up to a budget of deliveries go (two at
+      first). A step with more health failures than successes halves the budget (to one at
+      least); otherwise a step whose budget held nothing back closes the circuit, and one
+      that used it up doubles it, up to ``close_at``, which closes it. A run of failures as
+      above opens it again.
+
+    While open, the lane is held; while slowed, it is held for the rest of each step once the
+    step's budget is spent."""
 
     name = "circuit"
 
@@ -170,14 +242,21 @@ class CircuitBreaker:
         self._script = register(client, "circuit")
         # Workers pass ``snapshot_ttl``: after the script said "go", this process lets a
         # destination's deliveries through without asking again for that long, as long as
-        # each of its own attempts succeeds. A failure here, or the time running out, sends
-        # the next read through the script, so a circuit that other workers opened stops
-        # this one after at most ``snapshot_ttl`` seconds of successes or one failure.
+        # none of its own attempts is a health failure. A failure here, or the time running
+        # out, sends the next read through the script, so a circuit that other workers opened
+        # stops this one after at most ``snapshot_ttl`` seconds or one failure.
         self.snapshot_ttl = snapshot_ttl
         self._healthy: dict[str, float] = {}  # destination -> monotonic time of the last "go"
+        self._tallies: dict[str, _Tally] = {}
+        self._lock = threading.Lock()
 
-    def attempted(self, destination: Destination, succeeded: bool) -> None:
-        if not succeeded:
+    def attempted(self, destination: Destination, answer: object) -> None:
+        healthy = health(answer)
+        if healthy is None:
+            return
+        with self._lock:
+            self._tallies.setdefault(destination.name, _Tally()).add(healthy, self.clock())
+        if not healthy:
             self._healthy.pop(destination.name, None)
 
     def _snapshot_healthy(self, name: str) -> bool:
@@ -185,8 +264,7 @@ class CircuitBreaker:
                 and time.monotonic() - self._healthy.get(name, -math.inf) < self.snapshot_ttl)
 
     def reads_outcomes(self, destination: Destination) -> bool:
-        # The script reads the failure counts and the successes since a probe began.
-        return not self._snapshot_healthy(destination.name)
+        return False  # it reads what attempted() was told, not what the drainer records
 
     def allow(self, destination: Destination, want: int) -> tuple[int, float | None]:
         p = self.policy
@@ -194,30 +272,53 @@ class CircuitBreaker:
         now = time.monotonic()
         if self._snapshot_healthy(name):
             return want, None
-        action, until = self._script(
-            keys=[circuit_key(name), probe_key(name), stats_key(name)],
-            args=[self.clock(), p.threshold, p.cooldown, destination.lease_with(self.lease_margin),
-                  p.probe_wait, p.window, p.failure_rate, p.min_volume],
-        )
+        with self._lock:
+            tally = self._tallies.pop(name, None) or _Tally()
+        try:
+            action, until, granted = self._script(
+                keys=[circuit_key(name), probe_key(name)],
+                args=[self.clock(), tally.ok, tally.failed, tally.tail,
+                      "" if tally.tail_since is None else repr(tally.tail_since),
+                      p.threshold, p.failing_for(destination), p.cooldown,
+                      destination.lease_with(self.lease_margin), p.probe_wait, want, p.step,
+                      p.close_at],
+            )
+        except BaseException:
+            with self._lock:  # told next time
+                self._merge_back(name, tally)
+            raise
         action = action.decode()
+        granted = int(granted)
         if action == "opened":
             log.error("circuit opened", extra={"destination": name})
         elif action == "closed":
             log.warning("circuit closed", extra={"destination": name})
         elif action == "probe":
             log.info("circuit half-open: probing", extra={"destination": name})
-            _held(self.redis, self.name, name, want - 1)
-            return min(want, 1), None
         if action in ("go", "closed"):
             if self.snapshot_ttl > 0:
                 self._healthy[name] = now
             return want, None
-        _held(self.redis, self.name, name, want)
-        return 0, float(until)
+        _held(self.redis, self.name, name, want - granted)
+        if granted >= want or action == "probe":
+            return granted, None
+        return granted, float(until)
+
+    def _merge_back(self, name: str, tally: _Tally) -> None:
+        """Put back a tally Redis did not take, before what was tallied since."""
+        later = self._tallies.get(name) or _Tally()
+        merged = _Tally(tally.ok + later.ok, tally.failed + later.failed, later.tail,
+                        later.tail_since)
+        if later.ok == 0 and tally.tail:  # the run goes on from the earlier tally
+            merged.tail, merged.tail_since = tally.tail + later.tail, tally.tail_since
+        self._tallies[name] = merged
 
     def state(self, destination: str) -> str:
-        """``closed``, ``open`` or ``half-open`` (open, cool-down over, waiting for a probe)."""
+        """``closed``, ``open``, ``half-open`` (open, cool-down over, waiting for a probe) or
+        ``slowed``."""
         state, reopen_at = self.redis.hmget(circuit_key(destination), "state", "reopen_at")
+        if state == b"slowed":
+            return "slowed"
         if state != b"open":
             return "closed"
         return "open" if self.clock() < float(reopen_at or 0) else "half-open"
@@ -241,7 +342,7 @@ class RateLimitGate:
         self._script = register(client, "rate")
         self._windows: dict[str, int] = {}  # destination -> the window of its last grant
 
-    def attempted(self, destination: Destination, succeeded: bool) -> None:
+    def attempted(self, destination: Destination, answer: object) -> None:
         pass
 
     def reads_outcomes(self, destination: Destination) -> bool:
@@ -316,7 +417,7 @@ def default_gates(client: redis.Redis, snapshot_ttl: float = 0.0,
 
 
 def destination_state(client: redis.Redis, destination: str, clock: Clock = time.time) -> str:
-    """``paused``, ``open``, ``half-open`` or ``active``."""
+    """``paused``, ``open``, ``half-open``, ``slowed`` or ``active``."""
     if client.hexists(PAUSED_KEY, destination):
         return "paused"
     state = CircuitBreaker(client, clock=clock).state(destination)

@@ -25,6 +25,7 @@ from relay.core.errors import (
     ValidationFailed,
 )
 from relay.core.events import derive_event_id, event_id_from_header, is_known
+from relay.core.nesting import MAX_DEPTH, deeper_than
 from relay.ingress.lead_schema import load_form_lead, load_lead
 
 bp = Blueprint("ingress", __name__)
@@ -82,9 +83,18 @@ def _accepted(event_id: str) -> Response:
 
 
 def _check_token(expected: str) -> None:
-    given = request.args.get("token") or request.headers.get("X-Relay-Token") or ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise Unauthorized("missing or wrong token (use ?token= or the X-Relay-Token header)")
+    """The API keys' rule (:mod:`relay.api.auth`): a request carries the token at least once,
+    as ``?token=`` or ``X-Relay-Token``, and every token it carries is the source's. An empty
+    one is a wrong one: nothing falls back to another place, and no copy wins over another."""
+    given = [*request.args.getlist("token"), *request.headers.getlist("X-Relay-Token")]
+    if not given:
+        raise Unauthorized("missing token (use ?token= or the X-Relay-Token header)")
+    wanted = expected.encode()
+    # Every one compared (no early exit): how many are wrong does not show in the timing.
+    right = [hmac.compare_digest(token.encode(), wanted) for token in given]
+    if not all(right):
+        raise Unauthorized("wrong token" if len(given) == 1 else
+                           "wrong token: every token a request carries must be right")
 
 
 def _event_id(source: str, name: str, lead: dict[str, Any]) -> str:
@@ -191,9 +201,12 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     try:
         payload = _DECODER.decode(text)
     except RecursionError:
-        raise BadRequest("JSON nested too deeply") from None
+        raise _too_deep() from None
     except ValueError as exc:  # JSONDecodeError is a ValueError
         raise BadRequest(f"invalid JSON: {exc}") from None
+    # Fewer brackets than the limit cannot nest past it: a lead's dozen skip the walk.
+    if text.count("{") + text.count("[") > MAX_DEPTH and deeper_than(payload):
+        raise _too_deep()
     if "\\u" in text and _has_lone_surrogate(payload):
         raise BadRequest("invalid JSON: a \\u escape encodes a lone surrogate")
     if not isinstance(payload, dict):
@@ -201,6 +214,11 @@ def _parse_json(body: bytes) -> dict[str, Any]:
             "the body must be a JSON object", {"_schema": [type(payload).__name__]}
         )
     return payload
+
+
+def _too_deep() -> BadRequest:
+    return BadRequest(f"JSON nested too deeply (at most {MAX_DEPTH} levels of objects and "
+                      "arrays)", {"_body": [f"nested more than {MAX_DEPTH} levels deep"]})
 
 
 def _has_lone_surrogate(payload: Any) -> bool:

@@ -6,8 +6,16 @@ record are shown, and ``event_id`` and ``destination`` are always there (``null`
 line has none), so ``grep <event id>`` finds the whole story of one lead event.
 
 Secrets stay out: extras whose name says secret (``token``, ``api_key``, ``authorization``,
-``password``, ``secret``…) are replaced by ``[redacted]``, and the text of every line goes through
-:func:`relay.core.redaction.redact` (``?api_key=…`` and ``Authorization:`` values in access logs).
+``password``, ``secret``…, and the names of ``RELAY_REDACT_FIELDS``) are replaced by
+``[redacted]``, and the text of every line goes through :func:`relay.core.redaction.redact`
+(``?api_key=…`` and ``Authorization:`` values in access logs).
+
+A line is one line, and printable: :func:`configure_logging` makes every record of the process
+a :class:`PrintableRecord`, whose message has its control characters escaped
+(:func:`relay.core.printable.escaped`) whichever handler writes it (the relay's, gunicorn's
+access log, a library's), and whose traceback keeps its own line breaks but indents every line,
+so a line that starts at the left margin always starts a record. The text format escapes the
+extras too (the JSON format's encoder escapes every control character).
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import logging
 import sys
 from typing import Any
 
-from relay.core.redaction import is_secret_name, redact
+from relay.core.printable import escaped
+from relay.core.redaction import Policy, is_secret_name, policy, redact
 
 ALWAYS = ("event_id", "destination")
 # Attributes every LogRecord has: anything else came from ``extra=``.
@@ -36,6 +45,28 @@ def extras(record: logging.LogRecord) -> dict[str, Any]:
     return {key: "[redacted]" if is_secret_name(key) else value for key, value in found.items()}
 
 
+class PrintableRecord(logging.LogRecord):
+    """A log record that prints as one line of text whatever it carries: a request path with
+    ``%0a`` in it, a lead's field with an escape sequence, a NUL byte. Formatters (any of
+    them: they all call :meth:`getMessage` and read ``exc_text``) get the message with its
+    control characters escaped, and a traceback indented under it."""
+
+    def getMessage(self) -> str:  # noqa: N802 (logging's name)
+        return escaped(super().getMessage())
+
+    @property  # type: ignore[override]
+    def exc_text(self) -> str | None:  # a formatter caches the formatted traceback here
+        return self._exc_text
+
+    @exc_text.setter
+    def exc_text(self, text: str | None) -> None:
+        self._exc_text = text if not text else _indented(escaped(text, keep="\n"))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + line for line in text.split("\n"))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -47,7 +78,7 @@ class JsonFormatter(logging.Formatter):
         line.update(extras(record))
         if record.exc_info:
             line["exception"] = redact(self.formatException(record.exc_info))
-        return json.dumps(line, default=str, separators=(",", ":"))
+        return json.dumps(line, default=str, separators=(",", ":"))  # escapes every control
 
 
 class TextFormatter(logging.Formatter):
@@ -77,12 +108,16 @@ def _text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)  # nothing to redact or quote: the common case stays cheap
-    return _quoted(value if isinstance(value, str) else json.dumps(value, default=str))
+    return _quoted(value if isinstance(value, str) else json.dumps(value, default=str),
+                   policy())
 
 
 @functools.lru_cache(maxsize=256)  # source names and refusal reasons recur line after line
-def _quoted(text: str) -> str:
-    return redact(json.dumps(text) if (" " in text or not text) else text)
+def _quoted(text: str, redaction: Policy) -> str:
+    # Quoted (JSON's string escapes) when it has a space or a control character; the policy
+    # is part of the cache's key, so a policy configured later is the one applied.
+    plain = text and " " not in text and text.isprintable()
+    return redaction.text(text if plain else json.dumps(text))
 
 
 def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
@@ -97,6 +132,7 @@ def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.setLogRecordFactory(PrintableRecord)  # every record, whoever writes it
 
 
 def lean_records() -> None:

@@ -20,8 +20,13 @@ Exposed (all prefixed ``relay_``): ``events_accepted_total``, ``events_rejected_
 ``deliveries_total{destination,outcome}`` (delivered / retrying / dead),
 ``deliveries_held_total{destination,gate}``, ``attempt_latency_seconds{destination}``
 (histogram), ``queue_depth``, ``scheduled_tasks`` (the retry set), ``dead_letters{destination}``,
-``circuit_state{destination}`` (0 closed, 1 half-open, 2 open), ``destination_paused{destination}``,
-``history_backlog`` and ``history_lag_seconds`` (the history writer's lag).
+``circuit_state{destination}`` (0 closed, 1 half-open, 2 open, 3 slowed),
+``destination_paused{destination}``, ``history_backlog`` and ``history_lag_seconds`` (the
+history writer's lag), ``api_subscriptions``.
+
+The page is bounded: every YAML destination has its per-destination series, API subscriptions
+only up to ``RELAY_METRICS_SUBSCRIPTIONS``, beyond which they are summed by campaign
+(:class:`Grouping`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -80,7 +86,7 @@ HISTOGRAMS = {
     "attempt_latency_seconds": ("Time of one delivery attempt", ("destination",),
                                 ATTEMPT_BUCKETS),
 }
-CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+CIRCUIT_VALUES = {"closed": 0, "half-open": 1, "open": 2, "slowed": 3}
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -206,21 +212,83 @@ def metrics_for(client: redis.Redis) -> Metrics:
 # -- rendering --------------------------------------------------------------------------------
 
 
+#: How many API subscriptions ``/metrics`` lists one by one (RELAY_METRICS_SUBSCRIPTIONS).
+SUBSCRIPTION_SERIES = 50
+#: Circuit states, worst first: a group of subscriptions shows its worst.
+_SEVERITY = ("open", "half-open", "slowed", "closed")
+
+
+class Grouping:
+    """Which ``destination`` label each name is shown under. YAML destinations keep their own
+    series; API subscriptions (``sub-<referenceId>``) too while there are at most ``limit`` of
+    them, else they are summed by campaign (``subscriptions:campaign-<id>``; one no longer
+    active: ``subscriptions:other``), and when even the campaigns are more than ``limit``,
+    into one (``subscriptions:all``). The labels of groups hold a colon, which no destination
+    name can: they never meet a YAML destination's."""
+
+    def __init__(self, configured: Iterable[str], campaigns: Mapping[str, str],
+                 seen: Iterable[str], limit: int) -> None:
+        self.configured = set(configured)
+        subscriptions = {name for name in [*campaigns, *seen]
+                         if name not in self.configured and _SUBSCRIPTION.match(name)}
+        self.names: dict[str, str] = {name: name for name in subscriptions}
+        if len(subscriptions) > limit:
+            self.names = {name: (f"subscriptions:campaign-{campaigns[name]}"
+                                 if name in campaigns else "subscriptions:other")
+                          for name in subscriptions}
+            if len(set(self.names.values())) > limit:
+                self.names = dict.fromkeys(subscriptions, "subscriptions:all")
+
+    def __call__(self, name: str) -> str:
+        return self.names.get(name, name)
+
+    def labels(self, labels: Labels) -> Labels:
+        return tuple((k, self(v) if k == "destination" else v) for k, v in labels)
+
+
+_SUBSCRIPTION = re.compile(r"^sub-[0-9]+$")
+
+
 class RedisCollector(Collector):
-    """Renders the counters of ``relay:metrics`` and reads the gauges live."""
+    """Renders the counters of ``relay:metrics`` and reads the gauges live, with a series per
+    destination (as :class:`Grouping` bounds them)."""
 
     def __init__(self, client: redis.Redis, destinations: Callable[[], Iterable[str]],
-                 dead_letters: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 dead_letters: Callable[[], Mapping[str, int]] | None = None,
+                 subscription_series: int = SUBSCRIPTION_SERIES) -> None:
         self.redis = client
         self.destinations = destinations
         #: destination -> dead letters waiting for replay (the history database's count)
         self.dead_letters = dead_letters or dict
+        self.subscription_series = subscription_series
 
     def collect(self) -> Iterator[Metric]:
         stored = self._stored()
-        yield from self._counters(stored)
-        yield from self._histograms(stored)
-        yield from self._gauges()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(INTAKE)
+        pipe.zcard(SCHEDULED)
+        pipe.hkeys(PAUSED_KEY)
+        pipe.smembers(LANES)
+        depth, scheduled, paused_raw, lanes_raw = pipe.execute()
+        lanes = sorted(m.decode() for m in lanes_raw)
+        paused = {p.decode() for p in paused_raw}
+        dead = self.dead_letters()
+        configured = list(self.destinations())
+        campaigns = SubscriptionStore(self.redis).active_campaigns()
+        seen = {value for series in stored.values() for labels in series
+                for key, value in labels if key == "destination"}
+        group = Grouping(configured, campaigns, [*seen, *lanes, *paused, *dead],
+                         self.subscription_series)
+        yield from self._counters(stored, group)
+        yield from self._histograms(stored, group)
+        yield GaugeMetricFamily("relay_queue_depth", "Events accepted and not yet admitted",
+                                value=depth)
+        yield GaugeMetricFamily("relay_scheduled_tasks",
+                                "Deliveries waiting out a retry delay", value=scheduled)
+        yield GaugeMetricFamily("relay_api_subscriptions",
+                                "Active subscriptions registered through the API",
+                                value=len(campaigns))
+        yield from self._gauges(lanes, paused, dead, configured, campaigns, group)
 
     def _stored(self) -> dict[str, dict[Labels, float]]:
         series: dict[str, dict[Labels, float]] = defaultdict(dict)
@@ -232,56 +300,59 @@ class RedisCollector(Collector):
             series[name][tuple((k, v) for k, v in labels)] = float(raw_value)
         return series
 
-    def _counters(self, stored: dict[str, dict[Labels, float]]) -> Iterator[Metric]:
+    @staticmethod
+    def _summed(series: Mapping[Labels, float], group: Grouping) -> dict[Labels, float]:
+        summed: dict[Labels, float] = defaultdict(float)
+        for labels, value in series.items():
+            summed[group.labels(labels)] += value
+        return summed
+
+    def _counters(self, stored: dict[str, dict[Labels, float]], group: Grouping
+                  ) -> Iterator[Metric]:
         for name, (doc, label_names) in COUNTERS.items():
             family = CounterMetricFamily(f"relay_{name}", doc, labels=label_names)
-            for labels, value in sorted(stored.get(name + "_total", {}).items()):
+            for labels, value in sorted(self._summed(stored.get(name + "_total", {}),
+                                                     group).items()):
                 family.add_metric([dict(labels).get(n, "") for n in label_names], value)
             if not label_names and not stored.get(name + "_total"):
                 family.add_metric([], 0.0)
             yield family
 
-    def _histograms(self, stored: dict[str, dict[Labels, float]]) -> Iterator[Metric]:
+    def _histograms(self, stored: dict[str, dict[Labels, float]], group: Grouping
+                    ) -> Iterator[Metric]:
         for name, (doc, label_names, buckets) in HISTOGRAMS.items():
             family = HistogramMetricFamily(f"relay_{name}", doc, labels=label_names)
-            counts = stored.get(name + "_count", {})
-            sums = stored.get(name + "_sum", {})
-            raw_buckets = stored.get(name + "_bucket", {})
+            counts = self._summed(stored.get(name + "_count", {}), group)
+            sums = self._summed(stored.get(name + "_sum", {}), group)
+            per_le: dict[Labels, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+            for labels, value in stored.get(name + "_bucket", {}).items():
+                le = dict(labels)["le"]
+                per_le[group.labels(tuple(p for p in labels if p[0] != "le"))][le] += value
             for labels in sorted(counts):
-                per_le = {dict(k)["le"]: v for k, v in raw_buckets.items()
-                          if tuple(p for p in k if p[0] != "le") == labels}
                 running = 0.0
                 cumulative = []
                 for bound in [*map(str, buckets), "+Inf"]:
-                    running += per_le.get(bound, 0.0)
+                    running += per_le[labels].get(bound, 0.0)
                     cumulative.append((bound, running))
                 family.add_metric([dict(labels).get(n, "") for n in label_names],
                                   cumulative, sums.get(labels, 0.0))
             yield family
 
-    def _gauges(self) -> Iterator[Metric]:
-
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xlen(INTAKE)
-        pipe.zcard(SCHEDULED)
-        pipe.hkeys(PAUSED_KEY)
-        pipe.smembers(LANES)
-        depth, scheduled, paused_raw, lanes_raw = pipe.execute()
-        yield GaugeMetricFamily("relay_queue_depth", "Events accepted and not yet admitted",
-                                value=depth)
-        yield GaugeMetricFamily("relay_scheduled_tasks",
-                                "Deliveries waiting out a retry delay", value=scheduled)
-        lanes = sorted(m.decode() for m in lanes_raw)
+    def _gauges(self, lanes: list[str], paused_names: set[str], dead_by_destination:
+                Mapping[str, int], configured: list[str], campaigns: Mapping[str, str],
+                group: Grouping) -> Iterator[Metric]:
         pipe = self.redis.pipeline(transaction=False)
         for lane in lanes:
             pipe.xlen(lane_key(lane))
+        depths: dict[str, float] = defaultdict(float)
+        for lane, n in zip(lanes, pipe.execute(), strict=True):
+            depths[group(lane)] += n
         lane_depth = GaugeMetricFamily("relay_lane_depth",
                                        "Deliveries waiting in a destination's lane or in flight",
                                        labels=["destination"])
-        for lane, n in zip(lanes, pipe.execute(), strict=True):
-            lane_depth.add_metric([lane], n)
+        for name, n in sorted(depths.items()):
+            lane_depth.add_metric([name], n)
         yield lane_depth
-        dead_by_destination = self.dead_letters()
         length, oldest = HistoryOutbox(self.redis).lag()
         yield GaugeMetricFamily("relay_history_backlog",
                                 "History records waiting to be written to the database",
@@ -289,37 +360,59 @@ class RedisCollector(Collector):
         yield GaugeMetricFamily("relay_history_lag_seconds",
                                 "Age of the oldest history record not yet in the database",
                                 value=max(0.0, time.time() - oldest) if oldest else 0.0)
-        paused_names = {p.decode() for p in paused_raw}
         # Every destination in every gauge: YAML, API subscriptions (which the config does not
         # list), and any name that has dead letters or is paused.
-        names = sorted(set(self.destinations()) | set(SubscriptionStore(self.redis).active_names())
-                       | set(dead_by_destination) | paused_names)
-        dead = GaugeMetricFamily("relay_dead_letters", "Dead letters waiting for replay",
-                                 labels=["destination"])
-        circuit = GaugeMetricFamily("relay_circuit_state",
-                                    "Circuit breaker: 0 closed, 1 half-open, 2 open",
-                                    labels=["destination"])
-        paused = GaugeMetricFamily("relay_destination_paused", "1 while paused",
-                                   labels=["destination"])
+        names = sorted(set(configured) | set(campaigns) | set(dead_by_destination)
+                       | paused_names)
+        states = self._circuit_states(names)
+        dead: dict[str, float] = defaultdict(float)
+        worst: dict[str, str] = {}
+        paused: dict[str, float] = defaultdict(float)
         for name in names:
-            dead.add_metric([name], dead_by_destination.get(name, 0))
-            circuit.add_metric([name], CIRCUIT_VALUES[self._circuit_state(name)])
-            paused.add_metric([name], 1 if name in paused_names else 0)
-        yield dead
+            shown = group(name)
+            dead[shown] += dead_by_destination.get(name, 0)
+            state, before = states[name], worst.get(shown)
+            if before is None or _SEVERITY.index(state) < _SEVERITY.index(before):
+                worst[shown] = state
+            paused[shown] += 1 if name in paused_names else 0
+        dead_family = GaugeMetricFamily("relay_dead_letters", "Dead letters waiting for replay",
+                                        labels=["destination"])
+        circuit = GaugeMetricFamily("relay_circuit_state",
+                                    "Circuit breaker: 0 closed, 1 half-open, 2 open, 3 slowed "
+                                    "(a group of subscriptions: its worst)",
+                                    labels=["destination"])
+        paused_family = GaugeMetricFamily("relay_destination_paused",
+                                          "1 while paused (a group of subscriptions: how many)",
+                                          labels=["destination"])
+        for shown in sorted(dead):
+            dead_family.add_metric([shown], dead[shown])
+            circuit.add_metric([shown], CIRCUIT_VALUES[worst[shown]])
+            paused_family.add_metric([shown], paused[shown])
+        yield dead_family
         yield circuit
-        yield paused
+        yield paused_family
 
-    def _circuit_state(self, destination: str) -> str:
+    def _circuit_states(self, names: list[str]) -> dict[str, str]:
         # What relay.delivery.gates.CircuitBreaker.state answers, read here so that the
-        # metrics (below the delivery side) import nothing of it.
-        state, reopen_at = self.redis.hmget(circuit_key(destination), "state", "reopen_at")
-        if state != b"open":
-            return "closed"
-        return "open" if time.time() < float(reopen_at or 0) else "half-open"
+        # metrics (below the delivery side) import nothing of it; one round trip for all.
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(circuit_key(name), "state", "reopen_at")
+        now = time.time()
+        states = {}
+        for name, (state, reopen_at) in zip(names, pipe.execute(), strict=True):
+            if state == b"slowed":
+                states[name] = "slowed"
+            elif state != b"open":
+                states[name] = "closed"
+            else:
+                states[name] = "open" if now < float(reopen_at or 0) else "half-open"
+        return states
 
 
 def render(client: redis.Redis, destinations: Callable[[], Iterable[str]],
-           dead_letters: Callable[[], Mapping[str, int]] | None = None) -> bytes:
+           dead_letters: Callable[[], Mapping[str, int]] | None = None,
+           subscription_series: int = SUBSCRIPTION_SERIES) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(client, destinations, dead_letters))
+    registry.register(RedisCollector(client, destinations, dead_letters, subscription_series))
     return generate_latest(registry)

@@ -19,6 +19,16 @@ def destination_name(**kwargs: Any) -> fields.String:
     return fields.String(validate=validate.Length(min=1, max=200), **kwargs)
 
 
+class JsonBoolean(fields.Boolean):
+    """JSON's ``true`` or ``false`` and nothing else: marshmallow's own Boolean also reads
+    ``"yes"``, ``"on"``, ``1`` as true, and ``{"all": "yes"}`` would replay every dead letter."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if type(value) is not bool:
+            raise self.make_error("invalid")
+        return value
+
+
 class ReplayRequest(Schema):
     """What to replay, as the admin API and the console's form ask for it."""
 
@@ -30,7 +40,7 @@ class ReplayRequest(Schema):
                       metadata={"description": "<event_id>|<destination>, or an event id for "
                                                "all of its dead letters"})
     destination = destination_name()
-    all = fields.Boolean(validate=validate.Equal(True))
+    all = JsonBoolean(validate=validate.Equal(True))
 
     @validates_schema
     def _one_choice(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -81,19 +91,29 @@ class ReplayTarget:
 def replay_targets(ops: OperatorContext, ids: Iterable[str] = (), destination: str | None = None,
                    everything: bool = False) -> list[ReplayTarget]:
     """What to replay: ``<event_id>|<destination>`` ids (a bare event id means all of that
-    event's dead letters), every dead letter of a destination, or all of them."""
-    if everything or destination:
-        with reading(ops.database) as connection:
+    event's dead letters), every dead letter of a destination, or all of them. Only dead
+    letters that exist: what a confirmation counts is what a replay would queue."""
+    with reading(ops.database) as connection:
+        if everything or destination:
             keys = reader.dead_letter_keys(connection, None if everything else destination)
-        return [ReplayTarget(event_id, name) for event_id, name in keys]
-    found: list[tuple[str, str]] = []
-    for given in ids:
-        if "|" in given:
-            event_id, name = given.rsplit("|", 1)
-            found.append((event_id, name))
-        else:
-            found.extend((given, d["destination"]) for d in dead_letters_of(ops, given))
+            return [ReplayTarget(event_id, name) for event_id, name in keys]
+        found: list[tuple[str, str]] = []
+        for given in dict.fromkeys(ids):
+            if "|" in given:
+                event_id, name = given.rsplit("|", 1)
+                if reader.dead_letter(connection, event_id, name) is not None:
+                    found.append((event_id, name))
+            else:
+                found.extend((given, d["destination"]) for d in reader.dead_letters(
+                    connection, event_id=given, limit=1000))
     return [ReplayTarget(event_id, name) for event_id, name in dict.fromkeys(found)]
+
+
+def has_dead_letters(ops: OperatorContext, destination: str) -> bool:
+    """Whether ``destination`` has a dead letter (a replay may name a destination the relay
+    no longer routes to, for the dead letters it left)."""
+    with reading(ops.database) as connection:
+        return bool(reader.dead_letters(connection, destination, limit=1))
 
 
 def replay_dead_letters(ops: OperatorContext, targets: Iterable[ReplayTarget],
@@ -115,5 +135,6 @@ def replay_dead_letters(ops: OperatorContext, targets: Iterable[ReplayTarget],
     return queued
 
 
-__all__ = ["ReplayRequest", "ReplayTarget", "dead_letter_counts", "dead_letters_of",
-           "dead_letters_page", "list_dead_letters", "replay_dead_letters", "replay_targets"]
+__all__ = ["JsonBoolean", "ReplayRequest", "ReplayTarget", "dead_letter_counts",
+           "dead_letters_of", "dead_letters_page", "has_dead_letters", "list_dead_letters",
+           "replay_dead_letters", "replay_targets"]

@@ -41,10 +41,10 @@ def destination_known(client: redis.Redis, config: RelayConfig, name: str) -> bo
 def destination_health(ops: OperatorContext, names: Iterable[str],
                        types: dict[str, str] | None = None,
                        clock: Callable[[], float] = time.time) -> list[dict[str, Any]]:
-    """State (active / paused / open / half-open), success rate, last error, when and why it
-    was paused (``paused_at``, ``paused_reason``: None unless paused) and the counts of queued
-    (waiting in the lane or in flight), parked (retry delays), retrying and dead deliveries of
-    each destination."""
+    """State (active / paused / open / half-open / slowed), success rate, last error, when and
+    why it was paused (``paused_at``, ``paused_reason``: None unless paused) and the counts of
+    queued (waiting in the lane or in flight), parked (retry delays), retrying and dead
+    deliveries of each destination."""
     names = list(names)
     client = ops.redis
     queued = Lanes(client).lane_depths()

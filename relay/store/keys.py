@@ -32,9 +32,9 @@ The gates (:mod:`relay.delivery.gates`):
 
 ===============================  =================================================  ============
 ``relay:paused``                 hash: destination -> JSON {paused_at, reason}       until resumed
-``relay:circuit:<destination>``  hash: state (closed | open), reopen_at, reason,     kept
-                                 the totals seen at the last probe, the failure-rate
-                                 window's start and totals
+``relay:circuit:<destination>``  hash: state (closed | open | slowed), reopen_at,   kept
+                                 reason, the health totals and the run of failures,
+                                 the totals seen at the last probe, the slowed step
 ``relay:circuit:<dest>:probe``   the half-open probe lease (``SET NX PX``)           the lease
 ``relay:rate:<dest>:<n>``        deliveries in fixed rate-limit window ``n``         two windows
 ===============================  =================================================  ============

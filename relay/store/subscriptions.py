@@ -241,16 +241,28 @@ class SubscriptionStore:
                 ids.update(int(i) for i in self.redis.hvals(key))
         return sorted(f"{NAME_PREFIX}{i}" for i in ids)
 
+    def active_campaigns(self) -> dict[str, str]:
+        """Every active subscription's destination name -> its campaign (``/metrics`` sums
+        them by campaign when there are many)."""
+        prefix = campaign_key("")
+        keys = [key for key in self.redis.scan_iter(match=campaign_key("*"), count=1000)
+                if not key.endswith(b":gone")]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hvals(key)
+        found: dict[str, str] = {}
+        for key, ids in zip(keys, pipe.execute(), strict=True):
+            campaign = key.decode()[len(prefix):]
+            found.update((f"{NAME_PREFIX}{int(i)}", campaign) for i in ids)
+        return found
+
     def active_by_campaign(self) -> dict[str, list[str]]:
-        """campaign -> the destination names (``sub-<id>``) of its active subscriptions: the
-        console's overview sums them up per campaign."""
+        """campaign -> the destination names (``sub-<id>``) of its active subscriptions, in
+        the order they were made: the console's overview sums them up per campaign."""
         found: dict[str, list[str]] = {}
-        prefix = len(campaign_key(""))
-        for key in self.redis.scan_iter(match=campaign_key("*"), count=1000):
-            if not key.endswith(b":gone"):
-                ids = sorted(int(i) for i in self.redis.hvals(key))
-                if ids:
-                    found[key.decode()[prefix:]] = [f"{NAME_PREFIX}{i}" for i in ids]
+        names = self.active_campaigns()
+        for name in sorted(names, key=lambda n: int(n[len(NAME_PREFIX):])):
+            found.setdefault(names[name], []).append(name)
         return found
 
     # -- the worker side (SubscriptionSource) ---------------------------------------------

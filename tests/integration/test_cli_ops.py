@@ -148,3 +148,12 @@ def test_erase_asks_first(world: World) -> None:
     assert world.store.load_event(event_id) is None
 
 
+
+
+def test_a_pause_reason_cannot_drive_the_terminal(world: World) -> None:
+    # Set through the admin API or the console by anyone with a key; printed to an operator.
+    world.relay_cli("pause", "backend", "--reason", "window\x1b]0;pwned\x07\x1b[2J")
+    out = world.relay_cli("status").output
+    assert "\x1b" not in out and "\x07" not in out
+    assert "reason: window\\x1b]0;pwned\\x07\\x1b[2J" in out
+    world.relay_cli("resume", "backend")

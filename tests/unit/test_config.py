@@ -140,6 +140,31 @@ def test_destination_error_names_index_name_and_field(
     assert any(p.startswith(f"{label}{field}") and words in p for p in problems), problems
 
 
+@pytest.mark.parametrize("secret", [
+    "whsec_not base64!",  # the issue's case: it passed check-config, then failed every delivery
+    "whsec_c2lnbmluZw",  # padding missing
+    "whsec_c2lnbmluZw==x",
+    "whsec_c2ln\nbmluZw==",
+    "whsec_",  # no key at all
+])
+def test_a_signing_secret_that_does_not_decode_is_a_config_error(secret: str) -> None:
+    [problem] = problems_of({"destinations": [webhook(signing_secret=secret)]})
+    assert problem.startswith("destinations[0] (backend): signing_secret: ")
+    assert "whsec_" in problem and "base64" in problem or "empty" in problem
+    assert secret == "whsec_" or secret not in problem  # a secret is not printed
+
+
+@pytest.mark.parametrize("secret", [
+    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",  # Standard Webhooks' own test vector
+    "whsec_c2lnbmluZy1zZWNyZXQtdmFsdWU=",
+    "a plain secret, used as it is",
+])
+def test_a_signing_secret_that_decodes_is_taken(secret: str) -> None:
+    [destination] = parse_config({"destinations": [webhook(signing_secret=secret)]},
+                                 {}).destinations
+    assert destination.options["signing_secret"] == secret
+
+
 def test_every_broken_destination_is_reported_at_once() -> None:
     raw = {"destinations": [{"name": "a", "type": "webhook"},
                             webhook(name="b", timeout="x", rate_limit="y")]}

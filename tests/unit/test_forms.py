@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from qs_codec import EncodeOptions, ListFormat
 
 from relay.core import formdata as forms
-from relay.core.errors import ValidationFailed
+from relay.core.errors import BadRequest, ValidationFailed
 from tests.support.helpers import accepted_events, make_app
 from tests.support.samples import SAMPLE_EVENTS, sample
 
@@ -56,9 +56,28 @@ def test_repeated_nested_path_in_list_starts_a_new_element() -> None:
     assert decode_body(forms.encode(payload)) == payload
 
 
-def test_repeated_plain_key_keeps_the_last_value() -> None:
-    assert forms.decode([("email", "a@x.com"), ("email", "b@x.com")]) == {"email": "b@x.com"}
-    assert forms.decode([("c[k]", "1"), ("c[k]", "2")]) == {"c": {"k": "2"}}
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("email", "a@x.com"), ("email", "b@x.com")],  # issue 18: the last one used to win
+        [("__event", "new_signup"), ("__event", "deleted")],
+        [("email", "a@x.com"), ("email", "a@x.com")],  # the same value twice, as JSON's rule
+        [("c[k]", "1"), ("c[k]", "2")],
+        [("t[0]", "x"), ("t[0]", "y")],
+        [("t[0][name]", "a"), ("t[0][name]", "b")],
+        [("a]b", "1"), ("a]b", "2")],  # not bracket notation, kept verbatim: once
+    ],
+)
+def test_a_field_given_twice_is_a_400_like_a_json_duplicate_key(
+        pairs: list[tuple[str, str]]) -> None:
+    with pytest.raises(BadRequest, match="more than once") as caught:
+        forms.decode(pairs)
+    assert caught.value.status_code == 400
+
+
+def test_appending_is_not_giving_a_field_twice() -> None:
+    assert forms.decode([("t[]", "x"), ("t[]", "x")]) == {"t": ["x", "x"]}
+    assert forms.decode([("t[][a]", "1"), ("t[][a]", "1")]) == {"t": [{"a": "1"}, {"a": "1"}]}
 
 
 @pytest.mark.parametrize(
@@ -82,9 +101,12 @@ def test_conflicting_keys_are_a_validation_error(pairs: list[tuple[str, str]]) -
 
 
 def test_too_deep_keys_are_refused() -> None:
+    # A 400, as the JSON nested too deeply is (issue 18: one nesting limit, one answer).
     key = "a" + "[b]" * (forms.MAX_DEPTH + 5)
-    with pytest.raises(ValidationFailed, match="too deeply"):
+    with pytest.raises(BadRequest, match="too deeply"):
         forms.decode([(key, "1")])
+    with pytest.raises(BadRequest, match="too deeply"):
+        forms.decode([("a" + "[b]" * forms.MAX_DEPTH, "1")])
     ok = "a" + "[b]" * (forms.MAX_DEPTH - 1)
     assert forms.decode([(ok, "1")])["a"]["b"]["b"]
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 import logging
 
 import fakeredis
+import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.config.settings import Settings
+from relay.core.errors import ConfigError
 from relay.observability.logs import TextFormatter
-from relay.observability.metrics import Metrics, metrics_for
+from relay.observability.metrics import Grouping, Metrics, metrics_for
 from tests.support.helpers import make_app
 
 
@@ -62,3 +65,23 @@ def test_text_lines_show_the_extras_and_redact_secrets() -> None:
     bare = TextFormatter().format(logging.LogRecord("x", logging.INFO, __file__, 1, "m", (),
                                                     None))
     assert bare.endswith("m event_id=- destination=-")
+
+
+def test_the_subscription_series_bound_is_a_setting() -> None:
+    assert Settings().metrics_subscriptions == 50
+    assert Settings.from_env({"RELAY_METRICS_SUBSCRIPTIONS": "0"}).metrics_subscriptions == 0
+    with pytest.raises(ConfigError, match="RELAY_METRICS_SUBSCRIPTIONS"):
+        Settings.from_env({"RELAY_METRICS_SUBSCRIPTIONS": "-1"})
+
+
+def test_subscriptions_are_grouped_within_the_bound() -> None:
+    campaigns = {f"sub-{n}": str(n % 3) for n in range(6)}
+    alone = Grouping(["crm", "sub-99"], campaigns, ["sub-7"], limit=7)
+    assert alone("sub-1") == "sub-1" and alone("sub-7") == "sub-7"
+    assert alone("crm") == "crm" and alone("sub-99") == "sub-99"  # a YAML name stays its own
+    by_campaign = Grouping(["crm"], campaigns, ["sub-7"], limit=6)
+    assert by_campaign("sub-1") == by_campaign("sub-4") == "subscriptions:campaign-1"
+    assert by_campaign("sub-7") == "subscriptions:other"  # no longer active
+    assert by_campaign("crm") == "crm"
+    together = Grouping(["crm"], campaigns, ["sub-7"], limit=3)
+    assert {together(name) for name in [*campaigns, "sub-7"]} == {"subscriptions:all"}

@@ -11,6 +11,8 @@ from flask import Flask
 from marshmallow import Schema
 
 from relay.api import subscriptions as subs
+from relay.api.auth import KEY_PARAMETER
+from relay.api.openapi import _SERVER_ANSWERS as SERVER_ANSWERS
 from relay.app import create_app
 from relay.config.relay_yaml import parse_config
 from relay.config.settings import Settings
@@ -102,7 +104,9 @@ def test_documented_request_fields_match_the_schemas(
     for media in content.values():
         documented = schema_of(document, media["schema"])
         fields = schema().fields
-        assert set(documented["properties"]) == {f.data_key or n for n, f in fields.items()}
+        # api_key is a credential: documented by the security schemes, not as a field to fill.
+        assert set(documented["properties"]) == {
+            f.data_key or n for n, f in fields.items()} - {KEY_PARAMETER}
         required = {f.data_key or n for n, f in fields.items() if f.required}
         assert set(documented.get("required", [])) == required
 
@@ -166,4 +170,41 @@ def test_every_documented_status_of_the_subscription_api_is_json(
         if not isinstance(operation, dict) or "responses" not in operation:
             continue
         for status, response in operation["responses"].items():
+            if status in SERVER_ANSWERS:  # the HTTP server's own, before the app
+                continue
             assert "application/json" in response["content"], status
+
+
+def test_the_api_key_is_a_credential_not_a_field(document: dict[str, Any]) -> None:
+    """A tool that authenticates as the document says (its security schemes) must not also
+    send generated api_key values, which the relay refuses (every key must be valid)."""
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["apiKeyParameter"] == {**schemes["apiKeyParameter"], "type": "apiKey",
+                                          "in": "query", "name": KEY_PARAMETER}
+    assert schemes["apiKeyBearer"]["scheme"] == "bearer"
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            names = {p["name"] for p in [*item.get("parameters", []),
+                                         *operation.get("parameters", [])]}
+            assert KEY_PARAMETER not in names, (path, method)
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                assert KEY_PARAMETER not in schema_of(document, media["schema"]).get(
+                    "properties", {}), (path, method)
+            if path.startswith(("/v2/", "/api/")) and path != "/api/openapi.json":
+                assert operation["security"] == [{"apiKeyBearer": []},
+                                                 {"apiKeyParameter": []}], (path, method)
+
+
+def test_every_operation_documents_what_the_server_answers_before_the_app(
+    document: dict[str, Any],
+) -> None:
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            assert {"414", "431"} <= set(responses), (path, method)
+            if "requestBody" in operation or operation.get("security"):
+                assert "413" in responses, (path, method)
