@@ -864,13 +864,14 @@ class MailchimpAudience:
       without ``update_existing``; an existing member's status changes only with ``status``;
     - ``POST …/members/{hash}/tags`` (204) and ``DELETE …/members/{hash}`` (archive, 204;
       404 for a member not there);
-    - ``latency`` seconds per request.
+    - ``latency`` seconds per request, and ``member_latency`` more per member of a batch.
     """
 
     def __init__(self, list_id: str = "a1b2c3d4e5", api_key: str | None = None,
                  merge_fields: Mapping[str, str] | None = None, latency: float = 0.0,
-                 connections: int = 10) -> None:
+                 connections: int = 10, member_latency: float = 0.0) -> None:
         self.list_id = list_id
+        self.member_latency = member_latency
         self.api_key = api_key
         self.merge_types = dict(merge_fields if merge_fields is not None else
                                 {"FNAME": "text", "LNAME": "text", "PHONE": "phone"})
@@ -911,8 +912,10 @@ class MailchimpAudience:
             self._open += 1
             self.most_at_once = max(self.most_at_once, self._open)
         try:
-            if self.latency:
-                time.sleep(self.latency)
+            members = (request.body.count(b'"email_address"')
+                       if operation == "postListsId" else 0)
+            if self.latency or self.member_latency:
+                time.sleep(self.latency + self.member_latency * members)
             with self._lock:
                 if list_id != self.list_id:
                     return self._problem(operation, 404, "Resource Not Found",
