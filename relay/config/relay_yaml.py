@@ -120,7 +120,7 @@ class DestinationSchema(Schema):
     events = fields.List(EventName(), load_default=lambda: ["*"], validate=validate.Length(min=1))
     campaigns = fields.List(fields.Raw(), load_default=None, allow_none=True)
     where = fields.Dict(keys=fields.String(), load_default=dict)
-    timeout = Duration(load_default=10.0)
+    timeout = Duration(load_default=None)  # default: the driver's (default_timeout)
     retry = fields.Nested(RetrySchema, load_default=None, allow_none=True)
     rate_limit = fields.String(load_default=None, allow_none=True)
     base_url = fields.Url(load_default=None, allow_none=True, require_tld=False)
@@ -175,8 +175,8 @@ class DestinationSchema(Schema):
                 raise ValidationError(str(exc)) from None
 
     @validates("timeout")
-    def _timeout(self, value: float, **kwargs: Any) -> None:
-        if not 0 < value <= 300:
+    def _timeout(self, value: float | None, **kwargs: Any) -> None:
+        if value is not None and not 0 < value <= 300:
             raise ValidationError("must be between 0 and 5m")
 
 
@@ -246,7 +246,7 @@ def parse_config(raw: Any, environ: Mapping[str, str]) -> RelayConfig:
             label += f" ({item['name']})"
         try:
             item = substitute(item, environ, label)
-            destination, secret_fields, said = _parse_destination(item, label)
+            destination, secret_fields, said = _parse_destination(item, label, warnings)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
@@ -308,7 +308,7 @@ class _Stated:
     defaults: Mapping[str, Any]  # its driver's
 
 
-def _parse_destination(item: Any, label: str
+def _parse_destination(item: Any, label: str, warnings: list[str] | None = None
                        ) -> tuple[Destination, frozenset[str], _Stated]:
     if not isinstance(item, dict):
         raise ConfigError(f"{label}: must be a mapping")
@@ -332,7 +332,7 @@ def _parse_destination(item: Any, label: str
         events=frozenset(common["events"]),
         campaigns=None if campaigns is None else frozenset(str(c) for c in campaigns),
         where=common["where"],
-        timeout=common["timeout"],
+        timeout=common["timeout"] or cls.default_timeout,
         retry=RetryPolicy(tuple(retry["schedule"])) if retry else RetryPolicy(),
         rate_limit=parse_rate_limit(rate_limit) if rate_limit else None,
         base_url=common["base_url"],
@@ -340,6 +340,12 @@ def _parse_destination(item: Any, label: str
         options=options,
         batch=_batch_policy(cls, common["batch"], label),
     )
+    try:  # what the driver says of its keys together with the common ones
+        notes = cls.review(destination)
+    except ValueError as exc:
+        raise ConfigError(label, [f"{label}: {exc}"]) from None
+    if warnings is not None:
+        warnings.extend(f"{label}: {note}" for note in notes)
     return destination, cls.secret_fields, said
 
 

@@ -96,6 +96,10 @@ class Driver:
     default_daily_limit: ClassVar[int | None] = None
     #: The vendor's documented retryable answers beyond the common ones (SPEC §4).
     retryable_answers: ClassVar[RetryableAnswers] = {}
+    #: ``timeout`` unless the YAML says otherwise: how long one send may take, all its
+    #: requests together (a vendor whose bulk calls are slow, or whose jobs are followed to
+    #: their end inside the send, needs more than the common 10 s).
+    default_timeout: ClassVar[float] = 10.0
 
     def __init__(self, destination: Destination, http: HttpClient | None = None) -> None:
         self.destination = destination
@@ -127,6 +131,13 @@ class Driver:
             except Exception as exc:  # noqa: BLE001 - the engine decides about every failure
                 answers.append(exc)
         return answers
+
+    @classmethod
+    def review(cls, destination: Destination) -> list[str]:
+        """What ``relay check-config`` says of a loaded destination beyond its keys (a choice
+        in force that a reader should see). Raises ``ValueError`` for keys that cannot work
+        together (the driver's own keys with the common ones, e.g. its ``events``)."""
+        return []
 
     def close(self) -> None:
         """Release pooled resources (database engines); HTTP pools are process-wide."""

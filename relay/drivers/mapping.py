@@ -7,15 +7,19 @@ Field mappings: YAML maps a destination field to a dotted path in the lead paylo
       kickofflabs_rank: null           # a default turned off (``false`` works too)
 
 :func:`mapping_field` validates that shape and :func:`resolve_mapping` merges it over the
-driver's defaults. :func:`raise_vendor_error` keeps the generic status classification of
-``relay.drivers.http.raise_for_status`` while letting a driver say what went wrong in its vendor's
-words.
+driver's defaults. :func:`lead_kind` says what kind of value a lead path holds (a whole number,
+yes/no, text, an object, a list) when KickoffLabs declares it, so a driver can refuse at
+``check-config`` a mapping its vendor's field could never take, and :func:`as_text` writes a
+value as the string an API that wants strings accepts. :func:`raise_vendor_error` keeps the
+generic status classification of ``relay.drivers.http.raise_for_status`` while letting a driver
+say what went wrong in its vendor's words.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from marshmallow import ValidationError, fields
 
@@ -88,3 +92,54 @@ def raise_vendor_error(
         raise PermanentDeliveryError(message, exc.status_code, gone=exc.gone) from None
     # A 2xx that the vendor still reports as failed (HubSpot's 207 multi-status).
     raise PermanentDeliveryError(message, response.status)
+
+
+# -- what a lead path holds --------------------------------------------------------------------
+
+Kind = Literal["integer", "boolean", "text", "object", "list"]
+
+#: The kinds of the lead fields KickoffLabs declares (``relay/ingress/lead_schema.py`` types
+#: them at the ingress; tests/unit keeps the two in step). A path not here (``custom_fields.x``,
+#: ``utm.utm_source``) may hold anything: its values are converted, or refused, one by one.
+LEAD_KINDS: dict[str, Kind] = {
+    **dict.fromkeys(
+        ("id", "campaign_id", "list_id", "rank", "rank_relative_position", "counter",
+         "lead_count", "contest_score", "contest_score_rank",
+         "contest_score_rank_relative_position", "referrals", "subscription_number",
+         "parent_id", "unverified_leads.direct", "unverified_leads.indirect",
+         "verified_leads.direct", "verified_leads.indirect", "influence.direct",
+         "influence.indirect", "__score_change.points", "__score_change.contest_score",
+         "__tagged.tag_id", "__tagged.points", "__reward_level.reward_level_id",
+         "__reward_level.required_points"), "integer"),
+    **dict.fromkeys(
+        ("enhanced", "anonymous", "verified", "verified_email", "verified_phone_number",
+         "waitlisted", "opted_out", "sms_opted_out", "fraudulent",
+         "__fraudulent.excluded", "__fraudulent.fraudulent", "__reward_level.emailed"),
+        "boolean"),
+    **dict.fromkeys(
+        ("social_id", "email", "phone_number", "first_name", "given_name", "family_name",
+         "display_name", "avatar", "social_url", "when", "redirect_url", "thankyou_url",
+         "status_url", "ip", "referrer", "__tagged.name", "__score_change.message",
+         "__referral.social_id", "__referral.email", "__referral.phone_number",
+         "__reward_level.subject"), "text"),
+    **dict.fromkeys(
+        ("custom_fields", "utm", "unsubscribe_url", "unverified_leads", "verified_leads",
+         "influence", "__referral", "__fraudulent", "__score_change", "__tagged",
+         "__reward_level"), "object"),
+    **dict.fromkeys(("completed_actions", "tags"), "list"),
+}
+
+
+def lead_kind(path: str) -> Kind | None:
+    """The kind of value KickoffLabs declares at ``path``, or None when it does not say."""
+    return LEAD_KINDS.get(path)
+
+
+def as_text(value: Any) -> str:
+    """A value as an API that wants strings takes it: ``true``/``false`` for yes/no, numbers
+    in their decimal form, objects and lists as compact JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
