@@ -215,6 +215,7 @@ class KlaviyoDriver(Driver):
     # second windows: 2 a second is at most 4 in any second and 122 in any minute, for all
     # the requests of a send together (the follow-ups are charged after it).
     default_rate_limit = "2/s"
+    account_fields = ("api_key",)  # destinations with one key share its account's budget
     default_concurrency = 2  # jobs followed at once: their polls stay within the burst
     max_batch = MAX_JOB_PROFILES
     default_batch_max = 500  # a few seconds of a busy campaign; far below 5 MB a job

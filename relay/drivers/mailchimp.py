@@ -292,6 +292,7 @@ class MailchimpDriver(Driver):
     # Mailchimp throttles by connections: 10 simultaneous per user account, across every app
     # using it (its API fundamentals page); 5 leaves room for the account's other apps.
     default_concurrency = 5
+    account_fields = ("api_key",)  # one key, one account: one budget (e.g. a rate_limit)
     max_batch = MAX_MEMBERS
     default_batch_wait = 0.2
     default_timeout = 60.0  # a 500-member call is slow (Mailchimp's own SDK waits 60 s)

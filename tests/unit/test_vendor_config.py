@@ -189,3 +189,17 @@ def test_mailchimp_values_that_cannot_be_converted_exactly_are_refused(kind: str
     converted, why_not = merge_value(kind, value)
     assert converted is None and why_not
     assert merge_value("dropdown", "c", ["a", "b"])[1] == "'c' is not one of a, b"
+
+
+def test_klaviyo_and_mailchimp_destinations_with_one_key_share_its_account() -> None:
+    """The vendor counts an account's requests together: so does the relay (one budget)."""
+    flows, news, other = parse_config({"destinations": [
+        klaviyo(unsubscribe="global"), klaviyo(name="news", unsubscribe="global"),
+        klaviyo(name="other", api_key="pk_other", unsubscribe="global")]}, {}).destinations
+    assert flows.budget_name == news.budget_name != other.budget_name
+    assert "pk_" not in flows.budget_name
+    one, two = parse_config({"destinations": [
+        {"name": "one", "type": "mailchimp", "api_key": "key-us1", "list_id": "a1"},
+        {"name": "two", "type": "mailchimp", "api_key": "key-us1", "list_id": "b2",
+         "rate_limit": "5/s"}]}, {}).destinations
+    assert one.budget_name == two.budget_name and one.rate_limit == two.rate_limit
