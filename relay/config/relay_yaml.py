@@ -21,7 +21,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 from relay.core.durations import parse_duration, parse_rate_limit
 from relay.core.errors import ConfigError
 from relay.core.events import canonical_event_name, is_known
-from relay.core.models import BatchPolicy, Destination, RetryPolicy
+from relay.core.models import ORDERINGS, BatchPolicy, Destination, RetryPolicy
 from relay.core.redaction import redacted
 from relay.drivers import REGISTRY, Driver, driver_class
 
@@ -30,7 +30,7 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 COMMON_KEYS = frozenset(
     {"name", "type", "events", "campaigns", "where", "timeout", "retry", "rate_limit", "base_url",
-     "concurrency", "batch"}
+     "concurrency", "batch", "ordering"}
 )
 #: The longest a lone delivery may wait for company (``batch.wait``): the wait is added to a
 #: claimed delivery's lease, so it stays short.
@@ -113,6 +113,8 @@ class DestinationSchema(Schema):
                                  validate=validate.Range(1, 1000))
     # Deliveries per request to a bulk API (default: the driver's; see _batch_policy).
     batch = fields.Nested(BatchSchema, load_default=None, allow_none=True)
+    # per_lead: each lead's events in the order received, one at a time per lead.
+    ordering = fields.String(load_default="none", validate=validate.OneOf(ORDERINGS))
 
     # A driver's own key, checked here for every driver that signs (the webhook): a secret
     # that cannot be decoded would pass the check and then fail every delivery.
@@ -287,6 +289,7 @@ def _parse_destination(item: Any, label: str) -> tuple[Destination, frozenset[st
         concurrency=common["concurrency"] or cls.default_concurrency,
         options=options,
         batch=_batch_policy(cls, common["batch"], label),
+        ordering=common["ordering"],
     )
     return destination, cls.secret_fields
 
@@ -356,6 +359,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
                 "rate_limit": d.rate_limit
                 and f"{d.rate_limit.count}/{d.rate_limit.per_seconds:g}s",
                 "batch": d.batch and {"max": d.batch.max, "wait": d.batch.wait},
+                "ordering": d.ordering,
                 "base_url": redacted(d.base_url),
                 **options,
             }

@@ -111,6 +111,11 @@ class RateLimit:
     per_seconds: float
 
 
+#: The ``ordering`` of a destination: ``none`` (the default) or ``per_lead``.
+ORDERINGS = ("none", "per_lead")
+PER_LEAD = "per_lead"
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     """``batch: {max: 100, wait: 200ms}``: up to ``max`` deliveries per request to a bulk API;
@@ -140,9 +145,17 @@ class Destination:
     #: Deliveries per request to a bulk API (None: one per request). With a batch,
     #: ``concurrency`` and ``rate_limit`` count requests, not deliveries.
     batch: BatchPolicy | None = None
+    #: ``per_lead``: each lead's events reach the destination in the order they were
+    #: received, one at a time per lead (``none``: no order kept).
+    ordering: str = "none"
 
     def __hash__(self) -> int:  # mappings are not hashable; the name is unique
         return hash(self.name)
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the destination gets each lead's events in the order received."""
+        return self.ordering == PER_LEAD
 
     @property
     def per_request(self) -> int:
