@@ -492,6 +492,9 @@ class _Drain:
         self.buffer_due = 0.0  # (monotonic) when the buffer goes, full or not
         self.held_until: float | None = None
         self.backing_off = False  # held because the destination answered 429
+        #: The last refill took entries from the lane (claimed, or settled without a send:
+        #: waiting behind their lead, done, busy, gone): with nothing in flight, read on.
+        self.took = False
         self.rate = next((g for g in engine.gates if isinstance(g, RateLimitGate)), None)
 
     def _may_read(self, deadline: float, reading: bool) -> bool:
@@ -535,6 +538,8 @@ class _Drain:
                                 or not self._may_read(deadline, reading)):
                 self._let_go()  # its wait is over, or nothing more will come to fill it
             if self.in_flight == 0 and not self.buffer:
+                if self.took and not outcomes and self._may_read(deadline, reading):
+                    continue  # the lane gave entries that needed no send: more may follow
                 break
             remaining = hard_deadline - time.monotonic()
             if remaining <= 0:
@@ -573,6 +578,7 @@ class _Drain:
         to read (or the destination's shared concurrency is used up). A Redis error leaves
         ``outcomes`` unrecorded (the caller records them)."""
         engine, destination, per = self.engine, self.destination, self.per
+        self.took = False
         cap = min(engine.lane_share(destination), self.batch)
         if per == 1:  # a batch's latency says nothing about how many to keep in flight
             cap = min(cap, self._window())
@@ -602,6 +608,8 @@ class _Drain:
             self._unused(counted)
             raise
         engine.count_outcomes(self.lane, outcomes)
+        self.took = bool(taken.claims or taken.done or taken.busy or taken.gone
+                         or taken.waiting)
         if want <= 0:
             self._unused(counted)
             return True
