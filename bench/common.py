@@ -339,12 +339,15 @@ def nginx_binary() -> str | None:
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
 
 
-def start_sink(workdir: Path, delay: float = 0.0,
-               prefer_nginx: bool = True) -> tuple[subprocess.Popen[bytes], int, str]:
+def start_sink(workdir: Path, delay: float = 0.0, prefer_nginx: bool = True,
+               fail: str = "", fail_first: int = 0) -> tuple[subprocess.Popen[bytes], int, str]:
     """A loopback HTTP server answering 200 to every POST: nginx when installed and no delay
-    is asked for (a fast receiver), else the asyncio sink in :mod:`bench.sinks`."""
+    is asked for (a fast receiver), else the asyncio sink in :mod:`bench.sinks` (which answers
+    503 to a body containing ``fail``, and to the first request of one body in
+    ``fail_first``, when given)."""
     port = free_port()
-    binary = nginx_binary() if prefer_nginx and delay == 0 else None
+    binary = (nginx_binary() if prefer_nginx and delay == 0 and not fail and not fail_first
+              else None)
     if binary:
         conf_dir = workdir / f"nginx-{port}"
         conf_dir.mkdir(parents=True, exist_ok=True)
@@ -355,7 +358,9 @@ def start_sink(workdir: Path, delay: float = 0.0,
         what = "nginx (1 worker process)"
     else:
         process = spawn([sys.executable, "-m", "bench.sinks", "--port", str(port),
-                         "--delay", str(delay)], log=workdir / f"sink-{port}.log")
+                         "--delay", str(delay), *(["--fail", fail] if fail else []),
+                         *(["--fail-first", str(fail_first)] if fail_first else [])],
+                        log=workdir / f"sink-{port}.log")
         what = ("Python asyncio sink" + (f", {delay * 1000:g} ms per answer" if delay else "")
                 + ("" if delay or not prefer_nginx else " (nginx not installed)"))
     wait_port(port, process)

@@ -81,7 +81,11 @@ class DestinationHealthSchema(Schema):
     last_error = fields.String(required=True, allow_none=True)
     last_error_at = fields.Float(required=True, allow_none=True)
     last_success_at = fields.Float(required=True, allow_none=True)
-    queued = fields.Integer(required=True)
+    queued = fields.Integer(required=True, metadata={
+        "description": "Deliveries in its lane or in flight, and those waiting behind an "
+                       "earlier event of their lead (ordering: per_lead)."})
+    waiting = fields.Integer(required=True, metadata={
+        "description": "Of those, how many wait behind an earlier event of their lead."})
     parked = fields.Integer(required=True)
     retrying = fields.Integer(required=True)
     dead = fields.Integer(required=True)

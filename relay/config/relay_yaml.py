@@ -25,7 +25,14 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 from relay.core.durations import parse_duration, parse_rate_limit
 from relay.core.errors import ConfigError
 from relay.core.events import canonical_event_name, is_known
-from relay.core.models import BatchPolicy, Budget, Destination, RateLimit, RetryPolicy
+from relay.core.models import (
+    ORDERINGS,
+    BatchPolicy,
+    Budget,
+    Destination,
+    RateLimit,
+    RetryPolicy,
+)
 from relay.core.redaction import redacted
 from relay.drivers import REGISTRY, Driver, driver_class
 
@@ -34,7 +41,7 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 COMMON_KEYS = frozenset(
     {"name", "type", "events", "campaigns", "where", "timeout", "retry", "rate_limit", "base_url",
-     "concurrency", "batch", "account", "daily_limit", "account_timezone"}
+     "concurrency", "batch", "account", "daily_limit", "account_timezone", "ordering"}
 )
 #: A budget's limits: destinations that share the budget and say one of them must say the
 #: same (one that leaves it out takes what the others say, else its driver's default).
@@ -148,6 +155,8 @@ class DestinationSchema(Schema):
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValidationError(f"unknown time zone {value!r} (use an IANA name, e.g. "
                                   "America/New_York, or UTC)") from None
+    # per_lead: each lead's events in the order received, one at a time per lead.
+    ordering = fields.String(load_default="none", validate=validate.OneOf(ORDERINGS))
 
     # A driver's own key, checked here for every driver that signs (the webhook): a secret
     # that cannot be decoded would pass the check and then fail every delivery.
@@ -339,6 +348,7 @@ def _parse_destination(item: Any, label: str, warnings: list[str] | None = None
         concurrency=common["concurrency"] or cls.default_concurrency,
         options=options,
         batch=_batch_policy(cls, common["batch"], label),
+        ordering=common["ordering"],
     )
     try:  # what the driver says of its keys together with the common ones
         notes = cls.review(destination)
@@ -494,6 +504,7 @@ def masked(config: RelayConfig) -> dict[str, Any]:
                 "rate_limit": d.rate_limit and _rate_text(d.rate_limit),
                 "batch": d.batch and {"max": d.batch.max, "wait": d.batch.wait},
                 "budget": d.budget and d.budget.name,
+                "ordering": d.ordering,
                 "base_url": redacted(d.base_url),
                 **options,
             }

@@ -113,6 +113,11 @@ class RateLimit:
     per_seconds: float
 
 
+#: The ``ordering`` of a destination: ``none`` (the default) or ``per_lead``.
+ORDERINGS = ("none", "per_lead")
+PER_LEAD = "per_lead"
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     """``batch: {max: 100, wait: 200ms}``: up to ``max`` deliveries per request to a bulk API;
@@ -176,9 +181,17 @@ class Destination:
     #: The vendor account's budget it shares with other destinations, and its daily cap
     #: (None: its ``rate_limit`` is its own, and no daily cap).
     budget: Budget | None = None
+    #: ``per_lead``: each lead's events reach the destination in the order they were
+    #: received, one at a time per lead (``none``: no order kept).
+    ordering: str = "none"
 
     def __hash__(self) -> int:  # mappings are not hashable; the name is unique
         return hash(self.name)
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the destination gets each lead's events in the order received."""
+        return self.ordering == PER_LEAD
 
     @property
     def per_request(self) -> int:

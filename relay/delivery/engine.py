@@ -45,8 +45,15 @@ from relay.history import reader
 from relay.history.database import reading
 from relay.history.leads import lead_keys
 from relay.observability.metrics import metrics_for
-from relay.store.deliveries import Attempt, Claim, Confirmation, DeliveryStore, parse_event
-from relay.store.keys import INTAKE, NOTHING, lane_key
+from relay.store.deliveries import (
+    MOST_WAITING_PER_LEAD,
+    Attempt,
+    Claim,
+    Confirmation,
+    DeliveryStore,
+    parse_event,
+)
+from relay.store.keys import INTAKE, NOTHING, lane_key, order_lead
 from relay.store.lanes import Admission, IntakeEntry, Lanes
 
 log = logging.getLogger("relay.engine")
@@ -258,8 +265,7 @@ class Engine:
         for _ in range(10):  # a subscription change between routing and admitting: route again
             items = [self._admission(entry, event, event.event_id in known, now)
                      for entry, event in events]
-            outcomes = self.lanes.admit(version_key, self._version, now,
-                                        self.settings.retention, items)
+            outcomes = self._admit_in_turn(version_key, now, items)
             if isinstance(outcomes, list):
                 break
             self._version = outcomes
@@ -280,19 +286,40 @@ class Engine:
             self.metrics.inc("events_duplicate", amount=duplicates)
         self.kick(touched)
 
+    def _admit_in_turn(self, version_key: str, now: float, items: Sequence[Admission]
+                       ) -> list[str] | bytes:
+        """Admit a batch (:meth:`Lanes.admit`); a batch with deliveries to an ordered
+        destination waits while an earlier one is still being admitted elsewhere."""
+        pause = 0.002
+        while True:
+            outcomes = self.lanes.admit(version_key, self._version, now,
+                                        self.settings.retention, items)
+            if outcomes is not None:
+                return outcomes
+            time.sleep(pause)  # bounded: the earlier batch's own wait ends within seconds
+            pause = min(0.05, pause * 2)
+
     def _admission(self, entry: IntakeEntry, event: LeadEvent, known: bool,
                    now: float) -> Admission:
         stored = entry.raw.decode() or json.dumps(event.to_json())
-        lanes = [d.name for d in self.destinations_for(event, self._version)]
+        targets = self.destinations_for(event, self._version)
+        lanes = [d.name for d in targets]
+        leads = lead_keys(event.payload)
+        orders: list[str] = []
+        if leads and any(d.ordered for d in targets):
+            # The lead it is ordered by: its first key (email, social_id, phone, id); an
+            # event that names none is sent unordered.
+            lead = order_lead(*leads[0])
+            orders = [lead if d.ordered else "" for d in targets]
         as_new = {"k": "event", "id": event.event_id, "name": event.name,
                   "source": event.source, "campaign_id": event.campaign_id,
                   "received_at": event.received_at, "admitted_at": now,
-                  "leads": lead_keys(event.payload), "destinations": lanes}
+                  "leads": leads, "destinations": lanes}
         as_duplicate = {"k": "duplicate", "entry": entry.entry_id, "id": event.event_id,
                         "at": now, "received_at": event.received_at}
         return Admission(entry.entry_id, event.event_id,
                          self.source(event.source).dedupe_window, stored, lanes,
-                         json.dumps(as_new), json.dumps(as_duplicate), known)
+                         json.dumps(as_new), json.dumps(as_duplicate), known, orders)
 
     def received_before(self, events: Sequence[LeadEvent], now: float) -> set[str]:
         """The events the database already holds inside their source's dedupe window (one
@@ -465,6 +492,9 @@ class _Drain:
         self.buffer_due = 0.0  # (monotonic) when the buffer goes, full or not
         self.held_until: float | None = None
         self.backing_off = False  # held because the destination answered 429
+        #: The last refill took entries from the lane (claimed, or settled without a send:
+        #: waiting behind their lead, done, busy, gone): with nothing in flight, read on.
+        self.took = False
         self.rate = next((g for g in engine.gates if isinstance(g, RateLimitGate)), None)
 
     def _may_read(self, deadline: float, reading: bool) -> bool:
@@ -508,6 +538,8 @@ class _Drain:
                                 or not self._may_read(deadline, reading)):
                 self._let_go()  # its wait is over, or nothing more will come to fill it
             if self.in_flight == 0 and not self.buffer:
+                if self.took and not outcomes and self._may_read(deadline, reading):
+                    continue  # the lane gave entries that needed no send: more may follow
                 break
             remaining = hard_deadline - time.monotonic()
             if remaining <= 0:
@@ -546,6 +578,7 @@ class _Drain:
         to read (or the destination's shared concurrency is used up). A Redis error leaves
         ``outcomes`` unrecorded (the caller records them)."""
         engine, destination, per = self.engine, self.destination, self.per
+        self.took = False
         cap = min(engine.lane_share(destination), self.batch)
         if per == 1:  # a batch's latency says nothing about how many to keep in flight
             cap = min(cap, self._window())
@@ -575,12 +608,17 @@ class _Drain:
             self._unused(counted)
             raise
         engine.count_outcomes(self.lane, outcomes)
+        self.took = bool(taken.claims or taken.done or taken.busy or taken.gone
+                         or taken.waiting)
         if want <= 0:
             self._unused(counted)
             return True
         self.report.add("already-done", taken.done)
         self.report.add("busy", taken.busy)
         self.report.add("gone", taken.gone)
+        self.report.add("waiting", taken.waiting)
+        if taken.unordered:
+            self._unordered(taken.unordered)
         claims: list[Claim] = []
         buried: list[Confirmation] = []
         max_crashes = engine.settings.max_task_runs
@@ -604,7 +642,14 @@ class _Drain:
         used = sent + bool(self.buffer) - had_buffer  # requests of this refill's grant
         engine.slots.give(slots - used)
         self._unused(counted - used)
-        return bool(taken.claims or taken.done or taken.busy or taken.gone)
+        return bool(taken.claims or taken.done or taken.busy or taken.gone or taken.waiting)
+
+    def _unordered(self, n: int) -> None:
+        """Deliveries sent out of order: their lead had too many waiting (a hot key)."""
+        self.report.add("unordered", n)
+        self.engine.metrics.inc("deliveries_unordered", {"destination": self.lane}, amount=n)
+        log.warning("%d deliveries sent out of order: their lead had %d events waiting "
+                    "already", n, MOST_WAITING_PER_LEAD, extra={"destination": self.lane})
 
     def _dispatch(self, claims: list[Claim]) -> int:
         """Send the buffer and ``claims`` in full requests; what does not fill one is the

@@ -21,9 +21,12 @@ Exposed (all prefixed ``relay_``): ``events_accepted_total``, ``events_rejected_
 ``deliveries_held_total{destination,gate}``, ``attempt_latency_seconds{destination}``
 (histogram), ``queue_depth``, ``scheduled_tasks`` (the retry set), ``dead_letters{destination}``,
 ``circuit_state{destination}`` (0 closed, 1 half-open, 2 open, 3 slowed),
-``destination_paused{destination}``, ``history_backlog`` and ``history_lag_seconds`` (the
-history writer's lag), ``api_subscriptions``, and for each budget with a daily cap (or that
-the vendor said is spent) ``budget_remaining{budget}`` and ``budget_resets_at{budget}``.
+``destination_paused{destination}``, ``lead_waiting{destination}`` (deliveries waiting behind
+an earlier event of their lead, ``ordering: per_lead``), ``deliveries_unordered_total{destination}``
+(sent out of order: their lead had too many waiting), ``history_backlog`` and
+``history_lag_seconds`` (the history writer's lag), ``api_subscriptions``, and for each budget
+with a daily cap (or that the vendor said is spent) ``budget_remaining{budget}`` and
+``budget_resets_at{budget}``.
 
 The page is bounded: every YAML destination has its per-destination series, API subscriptions
 only up to ``RELAY_METRICS_SUBSCRIPTIONS``, beyond which they are summed by campaign
@@ -65,6 +68,7 @@ from relay.store.keys import (
     SCHEDULED,
     circuit_key,
     lane_key,
+    stats_key,
 )
 from relay.store.subscriptions import SubscriptionStore
 
@@ -82,6 +86,8 @@ COUNTERS = {
     "deliveries": ("Delivery attempts by destination and outcome", ("destination", "outcome")),
     "deliveries_held": ("Deliveries parked by a gate (pause, circuit, rate)",
                         ("destination", "gate")),
+    "deliveries_unordered": ("Deliveries of an ordered destination sent out of order: their "
+                             "lead had too many events waiting", ("destination",)),
 }
 HISTOGRAMS = {
     "ingress_latency_seconds": ("Time to accept or refuse one ingress request", (),
@@ -351,15 +357,26 @@ class RedisCollector(Collector):
         pipe = self.redis.pipeline(transaction=False)
         for lane in lanes:
             pipe.xlen(lane_key(lane))
+            pipe.hget(stats_key(lane), "waiting")
+        answers = pipe.execute()
         depths: dict[str, float] = defaultdict(float)
-        for lane, n in zip(lanes, pipe.execute(), strict=True):
+        behind: dict[str, float] = defaultdict(float)
+        for lane, n, waiting in zip(lanes, answers[::2], answers[1::2], strict=True):
             depths[group(lane)] += n
+            behind[group(lane)] += max(0, int(waiting or 0))
         lane_depth = GaugeMetricFamily("relay_lane_depth",
                                        "Deliveries waiting in a destination's lane or in flight",
                                        labels=["destination"])
         for name, n in sorted(depths.items()):
             lane_depth.add_metric([name], n)
         yield lane_depth
+        lead_waiting = GaugeMetricFamily(
+            "relay_lead_waiting", "Deliveries of a destination with ordering: per_lead waiting "
+            "behind an earlier event of their lead", labels=["destination"])
+        for name, n in sorted(behind.items()):
+            if n:
+                lead_waiting.add_metric([name], n)
+        yield lead_waiting
         length, oldest = HistoryOutbox(self.redis).lag()
         yield GaugeMetricFamily("relay_history_backlog",
                                 "History records waiting to be written to the database",

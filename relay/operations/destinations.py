@@ -43,7 +43,8 @@ def destination_health(ops: OperatorContext, names: Iterable[str],
                        clock: Callable[[], float] = time.time) -> list[dict[str, Any]]:
     """State (active / paused / open / half-open / slowed), success rate, last error, when and
     why it was paused (``paused_at``, ``paused_reason``: None unless paused) and the counts of
-    queued (waiting in the lane or in flight), parked (retry delays), retrying and dead
+    queued (waiting in the lane, in flight, or behind an earlier event of their lead: the
+    ``waiting`` of ``ordering: per_lead``), parked (retry delays), retrying and dead
     deliveries of each destination."""
     names = list(names)
     client = ops.redis
@@ -61,6 +62,7 @@ def destination_health(ops: OperatorContext, names: Iterable[str],
     for i, name in enumerate(names):
         stats = {k.decode(): v.decode() for k, v in answers[i].items()}
         delivered, failed = int(stats.get("delivered", 0)), int(stats.get("failed", 0))
+        behind = max(0, int(stats.get("waiting", 0)))
         health.append({
             "name": name,
             "type": (types or {}).get(name),
@@ -74,7 +76,8 @@ def destination_health(ops: OperatorContext, names: Iterable[str],
             "last_error_at": float(stats["last_error_at"]) if "last_error_at" in stats else None,
             "last_success_at": float(stats["last_success_at"])
             if "last_success_at" in stats else None,
-            "queued": queued.get(name, 0),
+            "queued": queued.get(name, 0) + behind,
+            "waiting": behind,
             "parked": waiting[name],
             "retrying": retrying[name],
             "dead": dead[name],

@@ -33,6 +33,7 @@ from relay.store.keys import (
     GROUP,
     HISTORY,
     LANES,
+    ORDER_PREFIX,
     SCHEDULED,
     delivery_key,
     drainers_key,
@@ -42,6 +43,11 @@ from relay.store.keys import (
     stats_key,
 )
 from relay.store.scripts import register
+
+#: How many events of one lead may wait behind its earliest at a destination with
+#: ``ordering: per_lead``; past it (a hot key: a bot, a replay storm) the lead's next events
+#: are sent at once, out of order, and counted (``Taken.unordered``).
+MOST_WAITING_PER_LEAD = 1000
 
 #: The statuses a destination's deliveries are listed by (a skipped one counts as delivered).
 RECENT_STATUSES = ("delivered", "retrying", "dead")
@@ -77,6 +83,11 @@ class Taken:
     done: int = 0  # already delivered or dead: acknowledged
     busy: int = 0  # another drainer holds the lease: parked until it ends
     gone: int = 0  # the event was erased or expired: acknowledged
+    #: waiting behind an earlier event of their lead (``ordering: per_lead``): acknowledged,
+    #: held in the lead's order list until their turn
+    waiting: int = 0
+    #: claimed out of order: their lead had too many waiting (:data:`MOST_WAITING_PER_LEAD`)
+    unordered: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,23 +208,29 @@ class DeliveryStore:
 
     def step(self, lane: str, consumer: str, holder: str, lease: float,
              confirmations: Sequence[Confirmation] = (), want: int = 0, limit: int = 0,
-             reclaim_idle: float = 0.0) -> Taken:
+             reclaim_idle: float = 0.0,
+             most_waiting: int = MOST_WAITING_PER_LEAD) -> Taken:
         """A drainer's round trip: record a batch of the destination's outcomes (each
         delivery state, never downgrading a confirmed delivery; log line, counter,
         per-destination list, retry or dead letter; then acknowledge their lane entries and
         free their slots), then read up to ``want`` of the lane's entries (with
         ``reclaim_idle``, also entries a dead worker left pending that long) and claim each
         delivery for ``lease`` seconds, keeping the destination's in-flight total within
-        ``limit``. One script, one round trip."""
+        ``limit``. One script, one round trip.
+
+        With ``ordering: per_lead`` (entries that name their lead), only the earliest event of
+        each lead not yet final is claimed; a later one waits in its lead's order list, and a
+        final outcome lets the lead's next event into the lane (``lua/step.lua`` has the
+        rules)."""
         now = time.time()
         outcomes = json.dumps([_confirm_args(c) for c in confirmations])
         records = [_history_record(c) for c in confirmations if c.attempt.outcome in _RECORDED]
-        _confirmed, _used, claimed, done, busy, gone = self._step(
+        _confirmed, _used, claimed, done, busy, gone, waiting, unordered = self._step(
             keys=[lane_key(lane), inflight_key(lane), drainers_key(lane), stats_key(lane),
-                  SCHEDULED, HISTORY],
+                  SCHEDULED, HISTORY, LANES],
             args=[GROUP, consumer, holder, lane, now, now + lease, self.retention, want, limit,
                   int(reclaim_idle * 1000), outcomes, json.dumps(records) if records else "",
-                  EVENT_PREFIX, DELIVERY_PREFIX])
+                  EVENT_PREFIX, DELIVERY_PREFIX, ORDER_PREFIX, most_waiting])
         claims = []
         for entry, event_id, attempts, crashes, event, known in claimed:
             entry_id, event_id, known = entry.decode(), event_id.decode(), bool(int(known))
@@ -224,7 +241,7 @@ class DeliveryStore:
             claims.append(Claim(entry_id, parsed or _unread(event_id), int(attempts),
                                 int(crashes), f"{lane}/{entry_id}/{int(attempts)}",
                                 "" if parsed else event_id, known))
-        return Taken(claims, int(done), int(busy), int(gone))
+        return Taken(claims, int(done), int(busy), int(gone), int(waiting), int(unordered))
 
     def take(self, lane: str, consumer: str, holder: str, want: int, limit: int,
              lease: float, reclaim_idle: float = 0.0) -> Taken:
@@ -301,5 +318,5 @@ def _history_record(c: Confirmation) -> dict[str, Any]:
             "crashes": c.extra.get("crashes")}
 
 
-__all__ = ["RECENT_STATUSES", "Attempt", "Claim", "Confirmation", "DeliveryStore",
-           "Outcome", "Taken", "delivery_key", "event_key", "stats_key"]
+__all__ = ["MOST_WAITING_PER_LEAD", "RECENT_STATUSES", "Attempt", "Claim", "Confirmation",
+           "DeliveryStore", "Outcome", "Taken", "delivery_key", "event_key", "stats_key"]

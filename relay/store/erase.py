@@ -9,6 +9,8 @@ What a lead leaves here, and what goes:
   each one's delivery states and dedupe marker;
 - events accepted and not yet admitted (intake entries carrying the lead), and its events'
   deliveries waiting in a lane or parked for a retry;
+- the lead's order lists at destinations with ``ordering: per_lead`` (its events waiting
+  behind its earliest one; the list is named by the digest of the lead's email);
 - the dev inbox's copies.
 
 Everything is found with SCAN / HSCAN / ZSCAN in batches, so Redis is never blocked, and only
@@ -32,14 +34,19 @@ from relay.store.keys import (
     DEV_INBOX,
     EVENT_PREFIX,
     INTAKE,
+    LANES,
     SCHEDULED,
     delivery_key,
     event_key,
     lane_key,
+    order_key,
+    order_lead,
     parked_member,
     seen_key,
+    stats_key,
 )
 from relay.store.lanes import Lanes, intake_events, parked
+from relay.store.scripts import register
 
 BATCH = 500
 
@@ -66,6 +73,7 @@ def erase_lead(client: redis.Redis, email: str, event_ids: Iterable[str] = ()) -
     """Erase the lead from Redis; ``event_ids``: its events the database knows of."""
     target = email.strip().lower()
     report = ErasureReport(target, set(event_ids))
+    _order_lists(client, target, report)  # first: nothing is let into a lane from them after
     _queued_events(client, target, report)
     _stored_events(client, target, report)
     _event_keys(client, report)
@@ -97,6 +105,17 @@ def _event_keys(client: redis.Redis, report: ErasureReport) -> None:
         answers = pipe.execute()
         for i, kind in enumerate(("events", "delivery_states", "dedupe_markers")):
             report.removed[kind] += sum(int(a) for a in answers[i::3])
+
+
+def _order_lists(client: redis.Redis, email: str, report: ErasureReport) -> None:
+    """The lead's events waiting behind its earliest one, at each ordered destination (their
+    lane entries are gone already; the list holds their ids)."""
+    lead = order_lead("email", email)  # the first of its lead keys (an email is normalised)
+    lanes = sorted(m.decode() for m in client.smembers(LANES))
+    if not lanes:
+        return
+    keys = [key for lane in lanes for key in (order_key(lane, lead), stats_key(lane))]
+    report.removed["order_lists"] += int(register(client, "order_drop")(keys=keys))
 
 
 def _queued_events(client: redis.Redis, email: str, report: ErasureReport) -> None:

@@ -8,13 +8,17 @@ The intake, the lanes and the deliveries (:mod:`.lanes`, :mod:`.deliveries`):
 ``relay:intake``               stream: accepted events, field ``e`` = event JSON   until admitted
 ``relay:intake:kick``          an admit task is queued (``SET NX``, short TTL)     seconds
 ``relay:lane:<destination>``   stream: deliveries waiting for the destination,     until confirmed
-                               field ``e`` = event id
+                               field ``e`` = event id (and ``l`` = its lead's
+                               digest, with ``ordering: per_lead``)
 ``relay:lanes``                set: lanes that have had work (the sweep's list)    kept
 ``relay:kick:<destination>``   a drain task is queued for the lane                 seconds
 ``relay:drainers:<dest>``      zset: drainer id -> lease expiry                    lease
 ``relay:inflight:<dest>``      hash: drainer id -> deliveries it has in flight     lease
 ``relay:hold:<destination>``   the lane is held (paused, circuit open, rate)       until due
 ``relay:scheduled``            zset: ``<event id>|<destination>`` -> due time      until due
+``relay:order:<dest>:<lead>``  list: a lead's event ids in the order received, of   until its
+                               a destination with ``ordering: per_lead``; the head  last event
+                               is the one allowed out (``<lead>``: a digest)        is final
 ``relay:seen:<event id>``      dedupe marker: the intake entry received first      10 min, at most
                                (the database holds the long dedupe window)         dedupe_window
 ``relay:event:<id>``           hash: event JSON (payload), admitting entry, time   until written
@@ -22,7 +26,8 @@ The intake, the lanes and the deliveries (:mod:`.lanes`, :mod:`.deliveries`):
 ``relay:delivery:<id>``        hash: destination -> delivery state JSON            until final
                                                                                    and written
 ``relay:stats:<destination>``  hash: delivered / failed / dead, consecutive        kept
-                               failures, last success, last error
+                               failures, last success, last error; ``waiting``:
+                               events behind an earlier one of their lead
 ``relay:history``              stream: history records (field ``r``, JSON) and     until written
                                their version (``v``): the outbox to the database   to the database
 ``relay:history:writer``       the history writer's lease (``SET PX``)              30 s
@@ -89,6 +94,8 @@ the queue list ``relay`` (:mod:`relay.delivery.kicks` pushes task messages onto 
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "relay:"
 GROUP = "relay"
 
@@ -108,6 +115,7 @@ SEEN_PREFIX = PREFIX + "seen:"
 EVENT_PREFIX = PREFIX + "event:"
 DELIVERY_PREFIX = PREFIX + "delivery:"
 STATS_PREFIX = PREFIX + "stats:"
+ORDER_PREFIX = PREFIX + "order:"
 
 
 def lane_key(destination: str) -> str:
@@ -144,6 +152,19 @@ def delivery_key(event_id: str) -> str:
 
 def stats_key(destination: str) -> str:
     return STATS_PREFIX + destination
+
+
+def order_key(destination: str, lead: str) -> str:
+    """The order list of one lead (``lead``: its :func:`order_lead`) at a destination with
+    ``ordering: per_lead``. The scripts build it as ``ORDER_PREFIX .. dest .. ':' .. lead``."""
+    return f"{ORDER_PREFIX}{destination}:{lead}"
+
+
+def order_lead(kind: str, value: str) -> str:
+    """What names a lead in :func:`order_key`: a short SHA-256 of one of its lead keys (kind,
+    normalised value; see :mod:`relay.history.leads`), so that no key name carries an
+    address."""
+    return hashlib.sha256(f"{kind}:{value}".encode()).hexdigest()[:16]
 
 
 def parked_member(event_id: str, destination: str) -> str:

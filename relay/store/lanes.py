@@ -79,6 +79,13 @@ class Admission:
     as_new: str  # its history record (JSON) if it is admitted
     as_duplicate: str  # ... if it is a duplicate
     known: bool = False  # the database has it inside the dedupe window
+    #: Per lane, the lead's digest where the destination keeps each lead's events in order
+    #: (``ordering: per_lead``), else ''; empty: no lane is ordered.
+    orders: Sequence[str] = ()
+
+    @property
+    def ordered(self) -> bool:
+        return any(self.orders)
 
 
 #: How long a queued kick keeps others from queueing another (a lost one is replaced after it).
@@ -148,20 +155,32 @@ class Lanes:
         return [_intake_entry(entry_id, fields) for entry_id, fields in entries]
 
     def admit(self, version_key: str, version: bytes, now: float, retention: float,
-              batch: Sequence[Admission]) -> list[str] | bytes:
+              batch: Sequence[Admission]) -> list[str] | bytes | None:
         """Admit a batch: the outcome of each item (new, duplicate or done), or the
-        subscriptions' current version when ``version`` is stale."""
+        subscriptions' current version when ``version`` is stale. None, with nothing written,
+        when the batch has deliveries to an ordered destination and an earlier intake entry is
+        still being admitted elsewhere: the caller tries again in a moment (so that each lead's
+        events reach the lanes in the order received; the wait ends when the earlier batch is
+        admitted, or after :data:`INTAKE_RECLAIM_IDLE_MS` if its worker died)."""
+        guard = INTAKE_RECLAIM_IDLE_MS if any(item.ordered for item in batch) else 0
+        lowest = min((item.entry_id for item in batch), key=_entry_order, default="0-0")
         args: list[Any] = [GROUP, version, now, int(retention),
-                           SEEN_PREFIX, EVENT_PREFIX, DELIVERY_PREFIX, LANE_PREFIX]
+                           SEEN_PREFIX, EVENT_PREFIX, DELIVERY_PREFIX, LANE_PREFIX,
+                           lowest, guard]
         for item in batch:
+            orders = item.orders or [""] * len(item.lanes)
             args += [item.entry_id, item.event_id, seen_mark_ms(item.dedupe_window),
                      1 if item.known else 0, item.event_json, item.as_new, item.as_duplicate,
-                     len(item.lanes), *item.lanes]
+                     len(item.lanes)]
+            for lane, lead in zip(item.lanes, orders, strict=True):
+                args += [lane, lead]
         for lane in {lane for item in batch for lane in item.lanes}:
             self.ensure_group(lane_key(lane))
         status, value = self._admit(keys=[INTAKE, version_key, LANES, HISTORY], args=args)
         if status == b"stale":
             return bytes(value)
+        if status == b"wait":
+            return None
         return [v.decode() for v in value]
 
     def drop(self, stream: str, entry_ids: Iterable[str]) -> None:
@@ -281,6 +300,12 @@ def intake_events(client: redis.Redis, limit: int = 100_000,
             return
         limit -= len(chunk)
         start = "(" + chunk[-1][0].decode()
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as what it sorts by."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _kick(lane: str) -> str:
