@@ -68,25 +68,35 @@ def check_config(path: str | None) -> None:
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="gunicorn processes [default: cores + 1]")
-@click.option("--threads", default=2, show_default=True, type=int, help="threads per process")
-def web(host: str, port: int, workers: int | None, threads: int) -> None:
-    """Serve the ingress and APIs with gunicorn (gthread workers).
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 1000),
+              help="requests each process runs at once (its green threads in the app; "
+              "connections being read or written hold none)")
+@click.option("--timeout", default=30, show_default=True, type=click.IntRange(1, 3600),
+              help="seconds a request body may take to arrive (then 408); a worker silent "
+              "this long is restarted")
+def web(host: str, port: int, workers: int | None, threads: int, timeout: int) -> None:
+    """Serve the ingress and APIs with gunicorn (gevent workers that read whole requests).
 
-    Defaults measured with ``python -m bench.ingress`` on 2 cores: cores + 1 processes x 2
-    threads beat x 1 and x 4; ``--reuse-port`` gives each process its own listening socket, so
+    A connection is a greenlet: slow or stalled clients (a body trickling in, headers a line a
+    second) wait on their sockets without holding the app, which is called once a request's
+    body is in (relay.cli.web_server). Headers must arrive within the keep-alive time (5 s),
+    a body within --timeout. Defaults measured with ``python -m bench.ingress`` on 2 cores:
+    cores + 1 processes; ``--reuse-port`` gives each process its own listening socket, so
     keep-alive connections spread evenly instead of piling onto one process.
     """
     _single_machine_history()
     workers = workers or (os.cpu_count() or 1) + 1
     args = [
         sys.executable, "-m", "gunicorn", "relay.wsgi:app",
+        "--config", "python:relay.cli.web_server",
         "--bind", f"{host}:{port}",
         "--reuse-port",
-        "--worker-class", "gthread",
+        "--worker-class", "gevent",
         "--workers", str(workers),
         "--threads", str(threads),
+        "--worker-connections", "1000",
         "--keep-alive", "5",
-        "--timeout", "30",
+        "--timeout", str(timeout),
         "--graceful-timeout", "20",
     ]
     if os.environ.get("RELAY_ACCESS_LOG"):
