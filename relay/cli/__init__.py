@@ -2,10 +2,15 @@
 run, so ``relay --help`` and ``relay worker`` (which only execs Celery) stay light, and none of
 them builds the web app: ``relay web`` hands that to gunicorn (:mod:`relay.wsgi`), and the
 operator commands (:mod:`relay.cli.operator`) talk to Redis, even with a broken YAML.
+
+While ``relay dev`` runs, its state folder (``.relay/``) holds ``dev.json``: the Redis (its
+embedded one) and the history it runs on. Every other command run from the same directory
+without ``RELAY_REDIS_URL`` (``RELAY_DATABASE_URL``) uses those (:func:`use_running_dev`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -34,8 +39,46 @@ class _Relay(click.Group):
 
 
 @click.group(cls=_Relay)
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """leadrelay: a queue-backed relay for KickoffLabs lead-event webhooks."""
+    if ctx.invoked_subcommand != "dev":  # dev chooses its own
+        use_running_dev()
+
+
+#: ``relay dev``'s state file, in its --data-dir while it runs.
+DEV_STATE = "dev.json"
+DEV_DATA_DIR = ".relay"
+
+
+def use_running_dev(data_dir: str | os.PathLike[str] = DEV_DATA_DIR) -> dict[str, Any] | None:
+    """Point this process at the Redis and history of the ``relay dev`` running from this
+    directory (its ``dev.json``), where ``RELAY_REDIS_URL`` / ``RELAY_DATABASE_URL`` are not
+    set: what ``relay status`` in a second terminal expects. A file left by a ``relay dev``
+    that is gone (killed) is ignored."""
+    state = read_dev_state(Path(data_dir))
+    if state is None:
+        return None
+    for variable, key in (("RELAY_REDIS_URL", "redis_url"),
+                          ("RELAY_DATABASE_URL", "database_url")):
+        if not os.environ.get(variable) and state.get(key):
+            os.environ[variable] = str(state[key])
+    return state
+
+
+def read_dev_state(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((data_dir / DEV_STATE).read_text())
+        pid = int(state["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # that relay dev is gone
+    except PermissionError:
+        pass  # another user's, alive
+    return state if isinstance(state, dict) else None
 
 
 for _command in operator_commands.commands.values():  # status, events, dlq, pause, resume, erase
@@ -262,12 +305,22 @@ def sample_payload(event: str) -> dict[str, object]:
 @click.option("--concurrency", default=8, show_default=True, type=int)
 @click.option("--flower", is_flag=True, help="also run Flower on port 5555")
 @click.option(
-    "--data-dir", default=".relay", show_default=True,
+    "--data-dir", default=DEV_DATA_DIR, show_default=True,
     help="where the embedded Redis keeps its AOF, and the SQLite history its file"
 )
 def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     """Everything in one process tree: embedded Redis (unless RELAY_REDIS_URL is set), web,
-    worker, and the /dev/inbox destination the example config delivers to."""
+    worker, and the /dev/inbox destination the example config delivers to.
+
+    While it runs, DATA_DIR/dev.json says which Redis and history it uses: relay status,
+    events, dlq ... run from the same directory find them there."""
+    import importlib.util
+
+    if flower and importlib.util.find_spec("flower") is None:
+        # Refused before anything starts: Flower failing at start-up would stop it all.
+        raise click.ClickException(
+            "--flower needs Flower, which is not installed: pip install 'leadrelay[flower]' "
+            "(or run relay dev without --flower)")
     from relay.cli.embedded_redis import EmbeddedRedis
     from relay.cli.processes import ProcessTree
     from relay.config.relay_yaml import load_config
@@ -338,6 +391,9 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     click.echo(f"  console     {base}/console   (sign in with a key of RELAY_API_KEYS)")
     if flower:
         click.echo("  flower      http://127.0.0.1:5555")
+    where = "" if Path(data_dir).resolve() == Path(DEV_DATA_DIR).resolve() else \
+        f" (with RELAY_REDIS_URL={env['RELAY_REDIS_URL']})"
+    click.echo(f"  operators   relay status, relay events show ... from this directory{where}")
     click.echo("\nTry it:")
     click.echo(f"  relay send-sample new_signup --url {base}/hooks/kickofflabs")
     click.echo(
@@ -348,12 +404,23 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     click.echo("Press Ctrl-C to stop.\n")
     # SIGTERM, SIGINT and SIGHUP stop the whole tree (Redis last); dev exits after all of it.
     tree = ProcessTree(children, last=[embedded.process if embedded is not None else None])
-    if tree.wait() == "exited":
-        click.secho("a child process exited; stopping", fg="red", err=True)
-    else:
-        click.echo("\nstopping…")
-    tree.stop()
+    state = Path(data_dir) / DEV_STATE
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"pid": os.getpid(), "redis_url": env["RELAY_REDIS_URL"],
+                                 "database_url": history, "url": base}, indent=2) + "\n")
+    try:
+        why = tree.wait()
+        if why == "exited":
+            click.secho("a child process exited; stopping", fg="red", err=True)
+        else:
+            click.echo("\nstopping…")
+        tree.stop()
+    finally:
+        with contextlib.suppress(OSError):
+            state.unlink()
     click.echo("stopped.")
+    if why == "exited":
+        sys.exit(1)  # it did not run as asked
 
 
 def _dev_redis_port() -> int:
