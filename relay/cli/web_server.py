@@ -25,6 +25,7 @@ after gunicorn forks it, and the app is loaded after that.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 from collections.abc import Callable, Iterable
@@ -43,13 +44,11 @@ class WholeRequests:
     then call ``app`` with at most ``concurrency`` requests inside it at once."""
 
     def __init__(self, app: WSGIApp, *, limit: int, timeout: float, concurrency: int) -> None:
-        from gevent.lock import BoundedSemaphore
-
         self.app = app
         self.limit = limit
         self.timeout = timeout
         self.concurrency = concurrency
-        self.gate = BoundedSemaphore(concurrency)
+        self.gate = FairGate(concurrency)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
@@ -94,6 +93,45 @@ class WholeRequests:
         finally:
             timer.close()
         return io.BytesIO(b"".join(chunks))
+
+
+class FairGate:
+    """At most ``size`` holders at once, served in the order they came.
+
+    gevent's own semaphore lets the greenlet that releases it take it again before a waiter
+    wakes up: a keep-alive connection whose next request is already in would keep its turn
+    while others wait (seconds at the tail under load). Here a release hands the slot to the
+    first waiter directly."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.waiters: collections.deque[Any] = collections.deque()
+
+    def __enter__(self) -> None:
+        if self.free > 0 and not self.waiters:
+            self.free -= 1
+            return
+        from gevent.event import Event
+
+        turn = Event()
+        self.waiters.append(turn)
+        try:
+            turn.wait()
+        except BaseException:
+            if turn.is_set():  # handed the slot as it was cancelled: pass it on
+                self._release()
+            else:
+                self.waiters.remove(turn)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.waiters:
+            self.waiters.popleft().set()  # the slot goes to it, not back to the pool
+        else:
+            self.free += 1
 
 
 class Unreadable:
