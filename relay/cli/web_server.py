@@ -19,22 +19,19 @@ The request line and headers must arrive within ``--keep-alive`` seconds (gevent
 each request under that timeout), or the connection is closed; ``--worker-connections`` (1,000)
 bounds the connections of one process, idle, slow or busy.
 
-Nothing here is imported by the master process but this module itself: gevent patches a worker
-after gunicorn forks it, and the app is loaded after that.
+gunicorn's master imports this module (and the light ``relay.cli`` package) only: gevent
+patches each worker after gunicorn forks it, and the app is loaded after that.
 """
 
 from __future__ import annotations
 
 import collections
 import io
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 #: The read size while buffering a body (a chunked body is read the same way).
 CHUNK = 65536
-
-log = logging.getLogger("relay.web")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -69,7 +66,7 @@ class WholeRequests:
             length = int(environ.get("CONTENT_LENGTH") or -1)
         except ValueError:
             return stream  # the app refuses it (gunicorn does first)
-        if length < 0 and not chunked or length == 0 or length > self.limit:
+        if (length < 0 and not chunked) or length == 0 or length > self.limit:
             return stream  # no body, or one the app refuses with 413 before reading it
         wanted = length if length > 0 else self.limit + 1  # one more: the app sees it is over
         chunks: list[bytes] = []
