@@ -10,6 +10,14 @@ threads unless ``--workers``/``--threads`` say otherwise):
 Each gets a warm-up, a closed-loop saturation run with wrk (its requests per second), and two
 open-loop runs (:mod:`bench.loadgen`) at 50 % and 80 % of the *baseline's* saturation rate, whose
 latencies count from each request's scheduled send time. The body is the ``new_signup`` sample.
+``--compare-worker-class gthread`` runs both again with that gunicorn worker class (the setup
+``relay web`` shipped before its gevent workers), in the same rounds.
+
+Then the slow-client run (``--slow-clients N``, 64 by default; 0 skips it): for each relay
+server, N connections trickle a ``POST /hooks/kickofflabs`` body (``Content-Length: 1000``, ten
+bytes, then a byte a second) and N trickle header lines (one a second), each opened again when
+the server closes it, while wrk posts as in the closed loop: what a handful of slow or stalled
+clients leave of the ingress.
 Before the open-loop runs the generator is checked against a trivial server (nginx, else a
 Python sink) at 1.5 × the highest rate, to show it can offer more than it is asked to.
 Redis is emptied (and its AOF rewritten) between runs. Everything listens on 127.0.0.1 only.
@@ -23,10 +31,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -40,6 +50,7 @@ from bench.common import (
     HOST,
     ROOT,
     CpuWatch,
+    argv_option,
     free_port,
     machine_info,
     ms,
@@ -102,8 +113,10 @@ class ServerResult:
     label: str
     app: str
     path: str
+    server_args: list[str] = field(default_factory=list)  # beyond relay web's command
     closed: list[Closed] = field(default_factory=list)
     open: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slow: dict[str, Any] = field(default_factory=dict)
 
     def median(self, attribute: str) -> float:
         return float(statistics.median(getattr(run, attribute) for run in self.closed))
@@ -150,7 +163,7 @@ class Bench:
         202 check and a warm-up."""
         port = free_port()
         argv = web_argv(server.app, port, self.args.workers, self.args.threads)
-        argv += self.args.server_arg
+        argv += self.args.server_arg + server.server_args
         log = self.workdir / f"{server.app.split(':')[0]}.log"
         process = spawn(argv, self.env, log)
         try:
@@ -212,6 +225,112 @@ class Bench:
                       f"{watch.note()}", flush=True)
 
 
+    def slow_clients(self, server: ServerResult) -> None:
+        """wrk's closed loop while ``--slow-clients`` slow-body and as many slow-header
+        connections are held open."""
+        count = self.args.slow_clients
+        with self.serve(server) as url:
+            reset_redis(self.client)
+            port = int(argv_option(self.server_argv, "--bind").rsplit(":", 1)[1])
+            with SlowClients(port, count) as slow:
+                time.sleep(2.0)  # every slow client connected and past its first bytes
+                held = slow.open_count()
+                run = self.run_wrk(url, self.args.duration)
+                held = min(held, slow.open_count())
+            errors = run["connect"] + run["read"] + run["write"] + run["status"] + run["timeout"]
+            server.slow = {
+                "slow_body": count, "slow_header": count, "held_open": held,
+                "reopened": slow.reopened, "rps": run["requests"] / (run["duration_us"] / 1e6),
+                "requests": run["requests"], "errors": errors, "timeouts": run["timeout"],
+                "p50": run["p50_us"] / 1e6, "p99": run["p99_us"] / 1e6,
+                "max": run["max_us"] / 1e6, "stored": stored(self.client)}
+        result = server.slow
+        print(f"  {server.label} with {count} slow-body + {count} slow-header clients "
+              f"({held} open at the end, {slow.reopened} reopened after the server closed "
+              f"them): {result['rps']:,.0f} rps, p50 {ms(result['p50'])}, p99 "
+              f"{ms(result['p99'])}, max {ms(result['max'])}, {result['errors']} errors "
+              f"({result['timeouts']} timeouts), {result['stored']:,} events in Redis",
+              flush=True)
+
+
+class SlowClients:
+    """``count`` connections that trickle a POST body and ``count`` that trickle header lines,
+    a byte or a line a second from one thread; a connection the server closes (or answers) is
+    opened again, so the server faces the same number throughout. Bounded: they stop when the
+    ``with`` block ends."""
+
+    BODY_HEAD = (b"POST /hooks/kickofflabs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\": \"123")
+    HEADER_HEAD = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+    def __init__(self, port: int, count: int, interval: float = 1.0) -> None:
+        self.port = port
+        self.count = count
+        self.interval = interval
+        self.reopened = 0
+        self._sockets: dict[int, tuple[str, socket.socket | None]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slow-clients", daemon=True)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> SlowClients:
+        for i in range(2 * self.count):
+            self._sockets[i] = ("body" if i < self.count else "header", None)
+            self._open(i)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        with self._lock:
+            for _, sock in self._sockets.values():
+                if sock is not None:
+                    sock.close()
+
+    def open_count(self) -> int:
+        with self._lock:
+            return sum(1 for _, sock in self._sockets.values() if sock is not None)
+
+    def _open(self, i: int) -> None:
+        kind, _ = self._sockets[i]
+        try:
+            sock = socket.create_connection((HOST, self.port), timeout=2)
+            sock.sendall(self.BODY_HEAD if kind == "body" else self.HEADER_HEAD)
+            sock.setblocking(False)
+        except OSError:
+            sock = None
+        with self._lock:
+            self._sockets[i] = (kind, sock)
+
+    def _closed_by_server(self, sock: socket.socket) -> bool:
+        try:
+            sock.recv(65536)  # an answer (408, 400) or the end of the connection
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _run(self) -> None:
+        step = 0
+        while not self._stop.wait(self.interval):
+            step += 1
+            for i, (kind, sock) in list(self._sockets.items()):
+                if self._stop.is_set():
+                    return
+                if sock is not None and not self._closed_by_server(sock):
+                    try:
+                        sock.send(b" " if kind == "body" else f"X-Slow-{step}: a\r\n".encode())
+                        continue
+                    except OSError:
+                        pass
+                if sock is not None:
+                    sock.close()
+                    self.reopened += 1
+                self._open(i)
+
+
 def summarize_open(run: OpenLoopResult) -> dict[str, Any]:
     return {"offered_rps": run.offered_rps, "achieved_rps": run.achieved_rps,
             "p50": run.pct(50), "p99": run.pct(99), "max": run.pct(100), "sent": run.sent,
@@ -238,35 +357,54 @@ def generator_check(workdir: Path, body: bytes, rate: float,
 
 
 def report(servers: list[ServerResult], rates: list[float]) -> dict[str, Any]:
-    base, relay = servers
-    ratios = [r.rps / b.rps for b, r in zip(base.closed, relay.closed, strict=True)]
-    ratio = statistics.median(ratios)
-    rounds = len(base.closed)
+    """The table; ``servers`` are pairs (baseline, relay), one per server setup."""
+    pairs = [(servers[i], servers[i + 1]) for i in range(0, len(servers), 2)]
+    ratios_of = {relay.label: [r.rps / b.rps for b, r in zip(base.closed, relay.closed,
+                                                             strict=True)]
+                 for base, relay in pairs}
+    rounds = len(servers[0].closed)
     rows = []
-    for item in servers:
-        rps = [run.rps for run in item.closed]
-        spread = f" ({min(rps):,.0f}-{max(rps):,.0f})" if rounds > 1 else ""
-        row: list[object] = [item.label, f"{item.median('rps'):,.0f}{spread}",
-                             ms(item.median("p50")), ms(item.median("p99")),
-                             "1.00x" if item is base else f"{ratio:.2f}x",
-                             f"{item.median('cpu_ms_per_request'):.2f}"]
-        for load in LOADS if item.open else ():
-            run = item.open[f"{load:.0%}"]
-            row += [f"{run['achieved_rps']:,.0f}", ms(run["p50"]), ms(run["p99"])]
-        rows.append(row)
+    for base, relay in pairs:
+        for item in (base, relay):
+            rps = [run.rps for run in item.closed]
+            spread = f" ({min(rps):,.0f}-{max(rps):,.0f})" if rounds > 1 else ""
+            ratio = statistics.median(ratios_of[relay.label])
+            row: list[object] = [item.label, f"{item.median('rps'):,.0f}{spread}",
+                                 ms(item.median("p50")), ms(item.median("p99")),
+                                 "1.00x" if item is base else f"{ratio:.2f}x",
+                                 f"{item.median('cpu_ms_per_request'):.2f}"]
+            for load in LOADS if item.open else ():
+                run = item.open[f"{load:.0%}"]
+                row += [f"{run['achieved_rps']:,.0f}", ms(run["p50"]), ms(run["p99"])]
+            rows.append(row)
     headers = ["endpoint", "rps closed" + (f" (median of {rounds})" if rounds > 1 else ""),
                "p50", "p99", "vs bare", "CPU ms/req"]
-    for load, rate in zip(LOADS, rates if relay.open else [], strict=False):
+    for load, rate in zip(LOADS, rates if servers[1].open else [], strict=False):
         headers += [f"rps @{load:.0%} ({rate:,.0f} offered)", "p50", "p99"]
     print("\n" + table(headers, rows))
+    slow = [relay for _, relay in pairs if relay.slow]
+    if slow:
+        print("\n" + table(
+            ["endpoint", "slow clients (body + header)", "rps", "vs without", "p50", "p99",
+             "max", "errors (timeouts)"],
+            [[relay.label, f"{relay.slow['slow_body']} + {relay.slow['slow_header']}",
+              f"{relay.slow['rps']:,.0f}", f"{relay.slow['rps'] / relay.median('rps'):.2f}x",
+              ms(relay.slow["p50"]), ms(relay.slow["p99"]), ms(relay.slow["max"]),
+              f"{relay.slow['errors']} ({relay.slow['timeouts']})"] for relay in slow]))
+    relay = pairs[0][1]
+    ratio = statistics.median(ratios_of[relay.label])
     p99_half = relay.open["50%"]["p99"] if relay.open else float("nan")
     if rounds > 1:
-        print("ratios per round: " + ", ".join(f"{r:.2f}" for r in ratios))
+        for label, ratios in ratios_of.items():
+            print(f"ratios per round, {label}: " + ", ".join(f"{r:.2f}" for r in ratios))
+    for _, other in pairs[1:]:
+        print(f"{relay.label} / {other.label}: "
+              f"{relay.median('rps') / other.median('rps'):.2f}x the requests per second")
     print(f"SPEC targets: ingress >= {TARGET_RATIO} x baseline: {ratio:.2f}x "
           f"{verdict(ratio >= TARGET_RATIO)}; p99 <= {TARGET_P99 * 1000:g} ms at 50% load: "
           f"{ms(p99_half)} {verdict(p99_half <= TARGET_P99)}")
-    return {"ratio": ratio, "ratios": ratios, "rates": rates,
-            "servers": [asdict(item) for item in servers]}
+    return {"ratio": ratio, "ratios": ratios_of[relay.label], "ratios_by_server": ratios_of,
+            "rates": rates, "servers": [asdict(item) for item in servers]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="an extra gunicorn argument for both servers, for tuning "
                         "experiments (e.g. --server-arg=--reuse-port); repeatable")
+    parser.add_argument("--compare-worker-class", default=None, metavar="CLASS",
+                        help="also run both servers with this gunicorn worker class (e.g. "
+                        "gthread, relay web's before it served with gevent), same rounds")
+    parser.add_argument("--slow-clients", type=int, default=64, metavar="N",
+                        help="the slow-client run: N slow-body + N slow-header connections "
+                        "held open during a closed loop against each relay server (0: skip)")
     parser.add_argument("--closed-only", action="store_true",
                         help="skip the open-loop runs (quick A/B comparisons while tuning)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -306,9 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         info = machine_info(client)
         print_machine(info)
         bench = Bench(args, workdir, redis_server.url, client)
-        servers = [ServerResult("bare Flask + LPUSH", "bench.bare_app:app", "/hooks/kickofflabs"),
-                   ServerResult("leadrelay ingress", "relay.wsgi:app",
-                                f"/hooks/kickofflabs?token={TOKEN}")]
+        setups = [("", [])]
+        if args.compare_worker_class:
+            setups.append((f" ({args.compare_worker_class})",
+                           ["--worker-class", args.compare_worker_class]))
+        servers = [server for suffix, extra in setups for server in (
+            ServerResult("bare Flask + LPUSH" + suffix, "bench.bare_app:app",
+                         "/hooks/kickofflabs", extra),
+            ServerResult("leadrelay ingress" + suffix, "relay.wsgi:app",
+                         f"/hooks/kickofflabs?token={TOKEN}", extra))]
         argv = web_argv("relay.wsgi:app", 0, args.workers, args.threads) + args.server_arg
         shown = " ".join(argv[2:3] + argv[4:]).replace(f"{HOST}:0", f"{HOST}:PORT")
         print(f"servers: {shown}\n"
@@ -328,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
             print("open loop (latency from the scheduled send time):", flush=True)
             for server in servers:
                 bench.open_loops(server, rates)
+        if args.slow_clients > 0:
+            print(f"slow clients ({args.slow_clients} slow-body + {args.slow_clients} "
+                  "slow-header connections held open during a closed loop):", flush=True)
+            for server in servers[1::2]:
+                bench.slow_clients(server)
         figures = report(servers, rates)
         print(f"(ran in {time.monotonic() - started:.0f}s)")
         if args.json:

@@ -2,10 +2,15 @@
 run, so ``relay --help`` and ``relay worker`` (which only execs Celery) stay light, and none of
 them builds the web app: ``relay web`` hands that to gunicorn (:mod:`relay.wsgi`), and the
 operator commands (:mod:`relay.cli.operator`) talk to Redis, even with a broken YAML.
+
+While ``relay dev`` runs, its state folder (``.relay/``) holds ``dev.json``: the Redis (its
+embedded one) and the history it runs on. Every other command run from the same directory
+without ``RELAY_REDIS_URL`` (``RELAY_DATABASE_URL``) uses those (:func:`use_running_dev`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -34,8 +39,46 @@ class _Relay(click.Group):
 
 
 @click.group(cls=_Relay)
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """leadrelay: a queue-backed relay for KickoffLabs lead-event webhooks."""
+    if ctx.invoked_subcommand != "dev":  # dev chooses its own
+        use_running_dev()
+
+
+#: ``relay dev``'s state file, in its --data-dir while it runs.
+DEV_STATE = "dev.json"
+DEV_DATA_DIR = ".relay"
+
+
+def use_running_dev(data_dir: str | os.PathLike[str] = DEV_DATA_DIR) -> dict[str, Any] | None:
+    """Point this process at the Redis and history of the ``relay dev`` running from this
+    directory (its ``dev.json``), where ``RELAY_REDIS_URL`` / ``RELAY_DATABASE_URL`` are not
+    set: what ``relay status`` in a second terminal expects. A file left by a ``relay dev``
+    that is gone (killed) is ignored."""
+    state = read_dev_state(Path(data_dir))
+    if state is None:
+        return None
+    for variable, key in (("RELAY_REDIS_URL", "redis_url"),
+                          ("RELAY_DATABASE_URL", "database_url")):
+        if not os.environ.get(variable) and state.get(key):
+            os.environ[variable] = str(state[key])
+    return state
+
+
+def read_dev_state(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((data_dir / DEV_STATE).read_text())
+        pid = int(state["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # that relay dev is gone
+    except PermissionError:
+        pass  # another user's, alive
+    return state if isinstance(state, dict) else None
 
 
 for _command in operator_commands.commands.values():  # status, events, dlq, pause, resume, erase
@@ -70,25 +113,35 @@ def check_config(path: str | None) -> None:
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="gunicorn processes [default: cores + 1]")
-@click.option("--threads", default=2, show_default=True, type=int, help="threads per process")
-def web(host: str, port: int, workers: int | None, threads: int) -> None:
-    """Serve the ingress and APIs with gunicorn (gthread workers).
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 1000),
+              help="requests each process runs at once (its green threads in the app; "
+              "connections being read or written hold none)")
+@click.option("--timeout", default=30, show_default=True, type=click.IntRange(1, 3600),
+              help="seconds a request body may take to arrive (then 408); a worker silent "
+              "this long is restarted")
+def web(host: str, port: int, workers: int | None, threads: int, timeout: int) -> None:
+    """Serve the ingress and APIs with gunicorn (gevent workers that read whole requests).
 
-    Defaults measured with ``python -m bench.ingress`` on 2 cores: cores + 1 processes x 2
-    threads beat x 1 and x 4; ``--reuse-port`` gives each process its own listening socket, so
+    A connection is a greenlet: slow or stalled clients (a body trickling in, headers a line a
+    second) wait on their sockets without holding the app, which is called once a request's
+    body is in (relay.cli.web_server). Headers must arrive within the keep-alive time (5 s),
+    a body within --timeout. Defaults measured with ``python -m bench.ingress`` on 2 cores:
+    cores + 1 processes; ``--reuse-port`` gives each process its own listening socket, so
     keep-alive connections spread evenly instead of piling onto one process.
     """
     _single_machine_history()
     workers = workers or (os.cpu_count() or 1) + 1
     args = [
         sys.executable, "-m", "gunicorn", "relay.wsgi:app",
+        "--config", "python:relay.cli.web_server",
         "--bind", f"{host}:{port}",
         "--reuse-port",
-        "--worker-class", "gthread",
+        "--worker-class", "gevent",
         "--workers", str(workers),
         "--threads", str(threads),
+        "--worker-connections", "1000",
         "--keep-alive", "5",
-        "--timeout", "30",
+        "--timeout", str(timeout),
         "--graceful-timeout", "20",
     ]
     if os.environ.get("RELAY_ACCESS_LOG"):
@@ -254,12 +307,22 @@ def sample_payload(event: str) -> dict[str, object]:
 @click.option("--concurrency", default=8, show_default=True, type=int)
 @click.option("--flower", is_flag=True, help="also run Flower on port 5555")
 @click.option(
-    "--data-dir", default=".relay", show_default=True,
+    "--data-dir", default=DEV_DATA_DIR, show_default=True,
     help="where the embedded Redis keeps its AOF, and the SQLite history its file"
 )
 def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     """Everything in one process tree: embedded Redis (unless RELAY_REDIS_URL is set), web,
-    worker, and the /dev/inbox destination the example config delivers to."""
+    worker, and the /dev/inbox destination the example config delivers to.
+
+    While it runs, DATA_DIR/dev.json says which Redis and history it uses: relay status,
+    events, dlq ... run from the same directory find them there."""
+    import importlib.util
+
+    if flower and importlib.util.find_spec("flower") is None:
+        # Refused before anything starts: Flower failing at start-up would stop it all.
+        raise click.ClickException(
+            "--flower needs Flower, which is not installed: pip install 'leadrelay[flower]' "
+            "(or run relay dev without --flower)")
     from relay.cli.embedded_redis import EmbeddedRedis
     from relay.cli.processes import ProcessTree
     from relay.config.relay_yaml import load_config
@@ -330,6 +393,9 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     click.echo(f"  console     {base}/console   (sign in with a key of RELAY_API_KEYS)")
     if flower:
         click.echo("  flower      http://127.0.0.1:5555")
+    where = "" if Path(data_dir).resolve() == Path(DEV_DATA_DIR).resolve() else \
+        f" (with RELAY_REDIS_URL={env['RELAY_REDIS_URL']})"
+    click.echo(f"  operators   relay status, relay events show ... from this directory{where}")
     click.echo("\nTry it:")
     click.echo(f"  relay send-sample new_signup --url {base}/hooks/kickofflabs")
     click.echo(
@@ -340,12 +406,23 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     click.echo("Press Ctrl-C to stop.\n")
     # SIGTERM, SIGINT and SIGHUP stop the whole tree (Redis last); dev exits after all of it.
     tree = ProcessTree(children, last=[embedded.process if embedded is not None else None])
-    if tree.wait() == "exited":
-        click.secho("a child process exited; stopping", fg="red", err=True)
-    else:
-        click.echo("\nstopping…")
-    tree.stop()
+    state = Path(data_dir) / DEV_STATE
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"pid": os.getpid(), "redis_url": env["RELAY_REDIS_URL"],
+                                 "database_url": history, "url": base}, indent=2) + "\n")
+    try:
+        why = tree.wait()
+        if why == "exited":
+            click.secho("a child process exited; stopping", fg="red", err=True)
+        else:
+            click.echo("\nstopping…")
+        tree.stop()
+    finally:
+        with contextlib.suppress(OSError):
+            state.unlink()
     click.echo("stopped.")
+    if why == "exited":
+        sys.exit(1)  # it did not run as asked
 
 
 def _dev_redis_port() -> int:

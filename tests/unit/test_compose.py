@@ -73,6 +73,30 @@ def test_web_and_worker_commands_exist_in_the_cli(compose: dict[str, Any]) -> No
     assert "8000:8000" in services["web"]["ports"]
 
 
+def test_web_faces_clients_with_the_server_that_reads_whole_requests(
+        compose: dict[str, Any]) -> None:
+    """What the web service's `relay web` execs: gevent workers with relay's whole-request
+    layer (slow clients cost a greenlet, not the ingress), its timeouts, on the exposed port."""
+    from unittest import mock
+
+    import relay.cli
+
+    args = compose["services"]["web"]["command"]
+    with mock.patch.object(relay.cli.os, "execv", side_effect=SystemExit) as execv, \
+            mock.patch.object(relay.cli, "_single_machine_history"), \
+            pytest.raises(SystemExit):
+        relay_cli.main(args=args[1:], prog_name="relay")
+    argv = execv.call_args.args[1]
+    option = {name: value for name, value in zip(argv, argv[1:], strict=False)}
+    assert option["--worker-class"] == "gevent"
+    assert option["--config"] == "python:relay.cli.web_server"
+    assert importlib.import_module("relay.cli.web_server").post_worker_init
+    assert int(option["--keep-alive"]) > 0  # gevent workers read headers within it
+    assert int(option["--timeout"]) > 0
+    assert option["--bind"] == "0.0.0.0:8000"
+    assert "8000:8000" in compose["services"]["web"]["ports"]
+
+
 @pytest.mark.parametrize("service", ["web", "worker", "flower"])
 def test_every_relay_service_uses_the_same_redis_and_config(
     compose: dict[str, Any], service: str
