@@ -390,9 +390,9 @@ _SERVER_ANSWERS = {
 
 def _server_answers(document: dict[str, Any]) -> None:
     """Add to every operation what any request can be answered before its view runs: the HTTP
-    server's 414 and 431, and a 413 (body over RELAY_MAX_BODY_BYTES, in the operation's own
-    error shape) wherever the app reads the body (a request body, or an API key that may come
-    in it)."""
+    server's 414 and 431, and a 413 (body over RELAY_MAX_BODY_BYTES) and a 408 (a body that
+    stalled), in the operation's own error shape, wherever the app reads the body (a request
+    body, or an API key that may come in it)."""
     html = {"text/html": {"schema": {"type": "string"}}}
     for path, item in document["paths"].items():
         error = "Message" if path.startswith("/v2/") else "Error"
@@ -402,11 +402,14 @@ def _server_answers(document: dict[str, Any]) -> None:
             responses = operation["responses"]
             reads_body = "requestBody" in operation or any(
                 "apiKeyParameter" in requirement for requirement in operation.get("security", ()))
+            shape = {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}
             if reads_body and "413" not in responses:
-                responses["413"] = {
-                    "description": "Body over RELAY_MAX_BODY_BYTES",
-                    "content": {"application/json": {
-                        "schema": {"$ref": f"#/components/schemas/{error}"}}}}
+                responses["413"] = {"description": "Body over RELAY_MAX_BODY_BYTES",
+                                    "content": shape}
+            if reads_body and "408" not in responses:
+                responses["408"] = {"description": "The body did not arrive within relay web's "
+                                                   "--timeout (30 s by default)",
+                                    "content": shape}
             for status, description in _SERVER_ANSWERS.items():
                 responses.setdefault(status, {"description": description, "content": html})
 

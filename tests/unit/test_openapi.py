@@ -207,4 +207,5 @@ def test_every_operation_documents_what_the_server_answers_before_the_app(
             responses = operation["responses"]
             assert {"414", "431"} <= set(responses), (path, method)
             if "requestBody" in operation or operation.get("security"):
-                assert "413" in responses, (path, method)
+                # Over RELAY_MAX_BODY_BYTES, and a body that stalled (relay web's --timeout).
+                assert {"413", "408"} <= set(responses), (path, method)
