@@ -86,6 +86,9 @@ MAX_INPUTS = 100
 #: The most requests one batch may take while a whole-batch 400 is split (about two per bad
 #: input in a batch of 100); what is left then is retried on the schedule.
 MAX_SPLIT_REQUESTS = 16
+#: The least time a request of a split is given; with less of the send's timeout left, the
+#: rest of the batch is retried instead.
+MIN_REQUEST_TIME = 1.0
 #: Error categories of a 207's ``errors[]`` worth retrying when their ``status`` is not an
 #: HTTP status (every other category, e.g. VALIDATION_ERROR, is the contact's own problem).
 RETRYABLE_CATEGORIES = frozenset({"RATE_LIMITS", "LOCKED", "INTERNAL_ERROR", "UNKNOWN_ERROR",
@@ -112,7 +115,15 @@ class _Input:
 
 @dataclass
 class _Requests:
+    """The requests of one send: how many were made, and when the send's time is up (its
+    ``timeout`` in all, however many requests a split takes: the delivery's lease is the
+    timeout and a margin, so a send that outlived it would be taken over and sent again)."""
+
+    deadline: float
     made: int = 0
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
 
 
 class HubSpotOptions(Schema):
@@ -179,7 +190,7 @@ class HubSpotDriver(Driver):
             merged.properties["email"] = email
             merged.events.append(index)
             merged.trace = event.event_id  # the newest event's id: unique in the batch
-        requests = _Requests()
+        requests = _Requests(time.monotonic() + self.timeout)
         if inputs:
             outcome = self._upsert(list(inputs.values()), requests)
             for merged in inputs.values():
@@ -208,7 +219,7 @@ class HubSpotDriver(Driver):
                     "Content-Type": "application/json",
                     "Accept": "application/json",
                 },
-                timeout=self.timeout,
+                timeout=max(requests.left(), MIN_REQUEST_TIME),
             )
         except DeliveryError as exc:  # no answer (timeout, connection): the same for all
             return {i.trace: exc for i in inputs}
@@ -265,8 +276,8 @@ class HubSpotDriver(Driver):
         (its ``context``: trace ids or ids; a property HubSpot says does not exist; a value
         its message quotes) get the error and the others are sent again (all of them named:
         nothing is sent again); when it names none, the batch is halved and each half sent
-        again, down to single inputs. At most
-        :data:`MAX_SPLIT_REQUESTS` requests in all: past them, the rest is retried."""
+        again, down to single inputs. At most :data:`MAX_SPLIT_REQUESTS` requests in all, all
+        within the send's ``timeout``: past either, the rest is retried."""
         error = self._error(response, answer)
         by_trace = {i.trace: i for i in inputs}
         by_email = {i.key: i for i in inputs}
@@ -285,7 +296,7 @@ class HubSpotDriver(Driver):
         for group in groups:
             if not group:
                 continue
-            if requests.made >= MAX_SPLIT_REQUESTS:
+            if requests.made >= MAX_SPLIT_REQUESTS or requests.left() < MIN_REQUEST_TIME:
                 out.update({i.trace: RetryableDeliveryError(
                     f"{error.message} (a batch HubSpot refused whole; not split further in "
                     "this attempt)", response.status) for i in group})
