@@ -466,6 +466,10 @@ class Engine:
             self.subscriptions.remove_destination(destination, "the URL answered 410 Gone")
 
 
+#: Gates whose hold means the destination must not be sent to now (not merely "no more now").
+STOPPING_GATES = frozenset({"pause", "circuit"})
+
+
 class _Drain:
     """One drain task's loop over its lane.
 
@@ -491,6 +495,7 @@ class _Drain:
         self.buffer: list[Claim] = []  # claimed, waiting for company: never a full request
         self.buffer_due = 0.0  # (monotonic) when the buffer goes, full or not
         self.held_until: float | None = None
+        self.held_by: str | None = None  # the gate that held the lane
         self.backing_off = False  # held because the destination answered 429
         #: The last refill took entries from the lane (claimed, or settled without a send:
         #: waiting behind their lead, done, busy, gone): with nothing in flight, read on.
@@ -593,6 +598,7 @@ class _Drain:
             if granted < requests:
                 requests = granted
                 self.held_until = until
+                self.held_by = gate.name
         slots = engine.slots.take(requests) if requests > 0 else 0
         want = slots * per + (per - len(self.buffer) if self.buffer else 0)
         if want <= 0 and not outcomes:
@@ -676,13 +682,16 @@ class _Drain:
         future.add_done_callback(self._finished_callback(group))
 
     def _let_go(self) -> None:
-        """Send the buffer as it is, unless the destination asked to be left alone (a 429)
-        or the worker is stopping: then its deliveries wait, without an attempt counted,
-        until the destination's hold ends (or the scheduler's next look)."""
+        """Send the buffer as it is, unless the destination asked to be left alone (a 429),
+        was paused or had its circuit opened while the buffer waited, or the worker is
+        stopping: then its deliveries wait, without an attempt counted, until the hold ends
+        (or the scheduler's next look). A rate limit's hold does not stop it: its request
+        was granted when its first delivery was claimed."""
         group, self.buffer = self.buffer, []
-        if self.backing_off or self.engine.stopping.is_set():
+        stopped = self.held_by in STOPPING_GATES
+        if self.backing_off or stopped or self.engine.stopping.is_set():
             self.engine.slots.give(1)
-            self._defer(group, self.held_until if self.backing_off else None)
+            self._defer(group, self.held_until if self.backing_off or stopped else None)
         else:
             self._submit(group)
 

@@ -28,7 +28,7 @@ from relay.delivery.engine import Engine
 from relay.delivery.gates import PauseGate, RateLimitGate
 from relay.drivers import Driver
 from relay.drivers.base import Answer, Answers
-from relay.store.keys import hold_key, inflight_key, lane_key, rate_key, stats_key
+from relay.store.keys import PAUSED_KEY, hold_key, inflight_key, lane_key, rate_key, stats_key
 from tests.support.helpers import config, make_app, parked_deliveries, wait_for
 from tests.support.samples import sample
 
@@ -376,3 +376,24 @@ def test_a_buffer_waiting_when_a_429_comes_waits_out_the_hold_unsent() -> None:
     assert len(world.driver.calls) == 1
     due = {event_id: at for event_id, _, at in parked_deliveries(world.redis)}
     assert len(due) == 4 and min(due.values()) >= time.time() + 25
+
+
+def test_a_buffer_waiting_when_its_destination_is_paused_is_not_sent() -> None:
+    """Deliveries claimed and waiting for company when an operator pauses the destination
+    (or its circuit opens) wait out the hold unsent, without an attempt counted."""
+    world = World(batch={"max": 100, "wait": "3s"})
+    world.post(1)
+    world.relay.admit()
+    report: dict[str, int] = {}
+    drainer = threading.Thread(target=lambda: report.update(world.relay.drain("crm").as_dict()))
+    drainer.start()
+    wait_for(lambda: any(int(v) for v in world.redis.hvals(inflight_key("crm"))), 10)
+    world.redis.hset(PAUSED_KEY, "crm", '{"reason": "CRM maintenance"}')
+    world.post(1)  # the drainer reads again, and its pause gate holds the lane
+    world.relay.admit()
+    drainer.join(30)
+    assert not drainer.is_alive()
+    assert world.driver.calls == []  # nothing went to the paused destination
+    assert set(report) == {"deferred"}  # the waiting one (and the second, if claimed)
+    assert len(parked_deliveries(world.redis)) == report["deferred"]
+    assert world.stats() == {}
