@@ -32,10 +32,12 @@ def event_record(connection: Connection, event_id: str) -> dict[str, Any] | None
 
 
 # Built once: the drain asks it for every batch of claims whose payload Redis let go.
+# An id the ingress took again after its dedupe window has a row for each time: the newest
+# (ordered last, so it is the one kept) with its own delivery row (joined on received_at).
 _CLAIMED = select(E.c.event_id, E.c.event_json, D.c.status).select_from(
-    E.outerjoin(D, (D.c.event_id == E.c.event_id)
+    E.outerjoin(D, (D.c.event_id == E.c.event_id) & (D.c.received_at == E.c.received_at)
                 & (D.c.destination == bindparam("destination")))).where(
-    E.c.event_id.in_(bindparam("ids", expanding=True)))
+    E.c.event_id.in_(bindparam("ids", expanding=True))).order_by(E.c.received_at)
 
 
 def event_json(connection: Connection, event_ids: Iterable[str]) -> dict[str, str]:

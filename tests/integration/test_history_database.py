@@ -271,3 +271,16 @@ def where(table: str, engine: Engine) -> dict[str, str]:
     with engine.connect() as connection:
         rows = connection.execute(text(f"SELECT event_id, tableoid::regclass::text FROM {table}"))
         return {event_id: partition for event_id, partition in rows}
+
+
+def test_a_claim_reads_the_newest_event_of_an_id_taken_again(history: Engine) -> None:
+    """An id the ingress took again after its dedupe window has two events: a claim of the
+    new one reads the new payload and the new delivery's state, never the old one's."""
+    old = json.dumps({"name": "new_signup", "payload": {"email": "old@example.com"}})
+    new = json.dumps({"name": "new_signup", "payload": {"email": "new@example.com"}})
+    write(history, (1, [event_record("evt_again", received_at=100.0, payload=old),
+                        attempt("evt_again", 1, "delivered", received_at=100.0)]))
+    write(history, (2, [event_record("evt_again", received_at=900_000.0, payload=new)]))
+    with history.connect() as connection:
+        assert reader.claimed_events(connection, ["evt_again"], "crm") == {
+            "evt_again": (new, "pending")}
