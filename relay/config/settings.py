@@ -129,7 +129,7 @@ def _positive(name: str, value: str) -> float:
 
 def _hops(value: str) -> int:
     text = value.strip()
-    if not text.isdigit() or int(text) > 10:
+    if not (text.isascii() and text.isdigit()) or int(text) > 10:
         raise ValueError(f"RELAY_TRUSTED_PROXIES is a number of proxies (0-10), not {value!r}")
     return int(text)
 

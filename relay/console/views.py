@@ -232,7 +232,7 @@ def _destination_order(row: dict[str, Any]) -> tuple[bool, int, str]:
     """The YAML's (and other named) destinations first, then API subscriptions by id."""
     name = str(row["name"])
     number = name[len(NAME_PREFIX):]
-    subscription = name.startswith(NAME_PREFIX) and number.isdigit()
+    subscription = name.startswith(NAME_PREFIX) and number.isascii() and number.isdigit()
     return subscription, int(number) if subscription else 0, name
 
 

@@ -324,7 +324,7 @@ class HubSpotDriver(Driver):
             message += (". Create the contact property in HubSpot, or turn it off with "
                         "`<property>: null` under properties:")
         status = str(error.get("status") or "")
-        if status.isdigit():
+        if status.isascii() and status.isdigit():
             code = int(status)
             retry = (code in RETRYABLE_STATUSES or code >= 500
                      or code in self.retryable_answers)

@@ -42,7 +42,11 @@ def extras(record: logging.LogRecord) -> dict[str, Any]:
              if key not in _STANDARD and not key.startswith("_")}
     for key in ALWAYS:
         found.setdefault(key, None)
-    return {key: "[redacted]" if is_secret_name(key) else value for key, value in found.items()}
+    # Named like a secret: hidden whole; a text (an error, a destination's answer): its
+    # secrets hidden (``?api_key=…``), whichever formatter writes the line.
+    return {key: "[redacted]" if is_secret_name(key)
+            else redact(value) if isinstance(value, str) else value
+            for key, value in found.items()}
 
 
 class PrintableRecord(logging.LogRecord):

@@ -66,7 +66,7 @@ class TooManySubscriptions(Conflict):
 def normalise_campaign(campaign: object) -> str:
     """Campaign ids as the router sees them: ``135544`` and ``"0135544"`` are one campaign."""
     text = str(campaign).strip()
-    return str(int(text)) if text.isdigit() else text
+    return str(int(text)) if text.isascii() and text.isdigit() else text
 
 
 @dataclass(frozen=True)

@@ -721,6 +721,9 @@ def test_subscriptions_of_a_campaign_with_their_state(world: World) -> None:
     assert "state-removed" in html and "410 Gone" in html
     assert "other.example.com" not in html
     assert "has no subscriptions" in client.get("/console/subscriptions?campaign=1").text
+    # Digits that are not 0-9 (str.isdigit says yes, int says no) are a campaign like any.
+    for page in ("/console/subscriptions?campaign=\u00b9", "/console/destinations?campaign=\u2460"):
+        assert client.get(page).status_code == 200, page
 
 
 # -- secrets ------------------------------------------------------------------------------------

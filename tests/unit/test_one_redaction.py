@@ -19,7 +19,7 @@ from relay.core import redaction
 from relay.core.nesting import MAX_DEPTH
 from relay.core.redaction import redact
 from relay.history.schema import attempts, deliveries
-from relay.observability.logs import TextFormatter
+from relay.observability.logs import JsonFormatter, TextFormatter
 from relay.store.keys import stats_key
 from tests.support.operator_world import OperatorWorld
 from tests.support.samples import sample
@@ -172,6 +172,23 @@ def test_log_lines_follow_the_configured_names() -> None:
         log.removeHandler(handler)
     assert "078-05-1120" not in stream.getvalue()
     assert "ssn=[redacted]" in stream.getvalue()
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter, JsonFormatter])
+def test_both_log_formats_hide_the_secrets_in_an_extras_text(formatter: type) -> None:
+    # An attempt's error quotes the destination's answer or URL (compose logs JSON).
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter())
+    log = logging.getLogger("tests.one_redaction.formats")
+    log.addHandler(handler)
+    try:
+        log.warning("attempt failed", extra={
+            "error": "HTTP 401 from https://api.example.com/leads?api_key=sk_live_123&list=7"})
+    finally:
+        log.removeHandler(handler)
+    assert "sk_live_123" not in stream.getvalue()
+    assert "list=7" in stream.getvalue()
 
 
 # -- point 2: a payload deeper than the ingress takes now, already in the history --------------
