@@ -11,12 +11,13 @@ without ``RELAY_REDIS_URL`` (``RELAY_DATABASE_URL``) uses those (:func:`use_runn
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -42,7 +43,9 @@ class _Relay(click.Group):
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """leadrelay: a queue-backed relay for KickoffLabs lead-event webhooks."""
-    if ctx.invoked_subcommand != "dev":  # dev chooses its own
+    # Operator commands beside a running relay dev use its Redis and history; dev chooses
+    # its own, and a web or worker process is never silently joined to a dev's.
+    if ctx.invoked_subcommand not in {"dev", "web", "worker"}:
         use_running_dev()
 
 
@@ -67,18 +70,31 @@ def use_running_dev(data_dir: str | os.PathLike[str] = DEV_DATA_DIR) -> dict[str
 
 
 def read_dev_state(data_dir: Path) -> dict[str, Any] | None:
+    """The running ``relay dev``'s state, or None. A live ``relay dev`` holds a lock on its
+    file (:func:`hold_dev_state`): a file nobody holds was left by one that was killed (a pid
+    would not do: it may be another process's by now)."""
     try:
-        state = json.loads((data_dir / DEV_STATE).read_text())
-        pid = int(state["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        with (data_dir / DEV_STATE).open("rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                state = json.loads(file.read())  # held: its relay dev runs
+            else:
+                return None  # nobody holds it: that relay dev is gone
+    except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None  # that relay dev is gone
-    except PermissionError:
-        pass  # another user's, alive
     return state if isinstance(state, dict) else None
+
+
+def hold_dev_state(path: Path, state: dict[str, Any]) -> IO[bytes]:
+    """Write ``relay dev``'s state file and hold a lock on it for as long as the returned
+    file stays open (the lock goes with the process, however it ends)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("wb")
+    fcntl.flock(file, fcntl.LOCK_EX)
+    file.write((json.dumps(state, indent=2) + "\n").encode())
+    file.flush()
+    return file
 
 
 for _command in operator_commands.commands.values():  # status, events, dlq, pause, resume, erase
@@ -393,8 +409,8 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     click.echo(f"  console     {base}/console   (sign in with a key of RELAY_API_KEYS)")
     if flower:
         click.echo("  flower      http://127.0.0.1:5555")
-    where = "" if Path(data_dir).resolve() == Path(DEV_DATA_DIR).resolve() else \
-        f" (with RELAY_REDIS_URL={env['RELAY_REDIS_URL']})"
+    where = "" if Path(data_dir).resolve() == Path(DEV_DATA_DIR).resolve() else (
+        f" (with RELAY_REDIS_URL={env['RELAY_REDIS_URL']} RELAY_DATABASE_URL={history})")
     click.echo(f"  operators   relay status, relay events show ... from this directory{where}")
     click.echo("\nTry it:")
     click.echo(f"  relay send-sample new_signup --url {base}/hooks/kickofflabs")
@@ -407,9 +423,8 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     # SIGTERM, SIGINT and SIGHUP stop the whole tree (Redis last); dev exits after all of it.
     tree = ProcessTree(children, last=[embedded.process if embedded is not None else None])
     state = Path(data_dir) / DEV_STATE
-    state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"pid": os.getpid(), "redis_url": env["RELAY_REDIS_URL"],
-                                 "database_url": history, "url": base}, indent=2) + "\n")
+    held = hold_dev_state(state, {"pid": os.getpid(), "redis_url": env["RELAY_REDIS_URL"],
+                                  "database_url": history, "url": base})
     try:
         why = tree.wait()
         if why == "exited":
@@ -420,6 +435,7 @@ def dev(port: int, concurrency: int, flower: bool, data_dir: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             state.unlink()
+        held.close()
     click.echo("stopped.")
     if why == "exited":
         sys.exit(1)  # it did not run as asked

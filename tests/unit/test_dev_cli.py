@@ -10,13 +10,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from click.testing import CliRunner
 
 import relay.cli
-from relay.cli import DEV_STATE, main, use_running_dev
+from relay.cli import DEV_STATE, hold_dev_state, main, use_running_dev
 from relay.cli import operator as cli_ops
 from relay.cli.embedded_redis import EmbeddedRedis
 from relay.config.settings import Settings
@@ -51,16 +51,21 @@ def clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def write_state(directory: Path, pid: int) -> None:
+def write_state(directory: Path, pid: int, running: bool = True) -> IO[bytes] | None:
+    """relay dev's state file; ``running``: held as a running relay dev holds it (keep the
+    returned file open), else left as a killed one leaves it."""
+    state = {"pid": pid, "redis_url": "redis://127.0.0.1:45678/0",
+             "database_url": f"sqlite:///{directory}/.relay/history.sqlite3"}
+    if running:
+        return hold_dev_state(directory / ".relay" / DEV_STATE, state)
     (directory / ".relay").mkdir(exist_ok=True)
-    (directory / ".relay" / DEV_STATE).write_text(json.dumps({
-        "pid": pid, "redis_url": "redis://127.0.0.1:45678/0",
-        "database_url": f"sqlite:///{directory}/.relay/history.sqlite3"}))
+    (directory / ".relay" / DEV_STATE).write_text(json.dumps(state))
+    return None
 
 
 def test_a_running_dev_s_redis_and_history_are_used(clean: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    write_state(clean, os.getpid())  # alive: this process stands for relay dev
+    _held = write_state(clean, os.getpid())  # this process stands for a running relay dev
     assert use_running_dev() is not None
     settings = Settings.from_env()
     assert settings.redis_url == "redis://127.0.0.1:45678/0"
@@ -69,7 +74,7 @@ def test_a_running_dev_s_redis_and_history_are_used(clean: Path,
 
 def test_the_environment_wins_over_a_running_dev(clean: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    write_state(clean, os.getpid())
+    _held = write_state(clean, os.getpid())
     monkeypatch.setenv("RELAY_REDIS_URL", "redis://elsewhere:6379/0")
     use_running_dev()
     assert Settings.from_env().redis_url == "redis://elsewhere:6379/0"
@@ -78,14 +83,34 @@ def test_the_environment_wins_over_a_running_dev(clean: Path,
 def test_the_file_of_a_dev_that_is_gone_is_ignored(clean: Path) -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    write_state(clean, int(gone.stdout))
+    write_state(clean, int(gone.stdout), running=False)
     assert use_running_dev() is None
     assert "RELAY_REDIS_URL" not in os.environ
 
 
+def test_the_file_of_a_killed_dev_is_ignored_when_its_pid_is_taken_again(clean: Path) -> None:
+    # kill -9 left the file; its pid now belongs to another process (here: this one).
+    write_state(clean, os.getpid(), running=False)
+    assert use_running_dev() is None
+    assert "RELAY_REDIS_URL" not in os.environ
+
+
+def test_web_and_worker_never_join_a_running_dev(clean: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _held = write_state(clean, os.getpid())
+    joined: list[str] = []
+    monkeypatch.setattr(relay.cli, "use_running_dev", lambda: joined.append("joined"))
+    for command in ("web", "worker"):
+        CliRunner().invoke(relay.cli.main, [command, "--help"])
+    assert joined == []
+    CliRunner().invoke(relay.cli.main, ["status", "--help"])
+    assert joined == ["joined"]
+    assert _held is not None
+
+
 def test_operator_commands_run_beside_relay_dev_use_its_redis(
         clean: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_state(clean, os.getpid())
+    _held = write_state(clean, os.getpid())
     seen: list[str] = []
 
     def client() -> Any:
