@@ -4,8 +4,9 @@ them builds the web app: ``relay web`` hands that to gunicorn (:mod:`relay.wsgi`
 operator commands (:mod:`relay.cli.operator`) talk to Redis, even with a broken YAML.
 
 While ``relay dev`` runs, its state folder (``.relay/``) holds ``dev.json``: the Redis (its
-embedded one) and the history it runs on. Every other command run from the same directory
-without ``RELAY_REDIS_URL`` (``RELAY_DATABASE_URL``) uses those (:func:`use_running_dev`).
+embedded one) and the history it runs on. The operator commands run from the same directory
+without ``RELAY_REDIS_URL`` (``RELAY_DATABASE_URL``) use those (:func:`use_running_dev`);
+``relay web`` and ``relay worker`` never do.
 """
 
 from __future__ import annotations
