@@ -38,7 +38,7 @@ from wtforms import ValidationError
 
 from relay.console import PREFIX
 from relay.core.api_keys import key_matches
-from relay.store.keys import console_session_key, signin_failures_key
+from relay.store.keys import console_session_key, signin_failures_key, signin_turn_key
 
 log = logging.getLogger("relay.console")
 
@@ -213,19 +213,38 @@ def check_csrf() -> str | None:
 
 
 class SignInThrottle:
-    """Counts wrong keys per client address in a fixed window. It never stands between a right
-    key and a session: :meth:`failed` is asked only after the key turned out wrong."""
+    """Counts wrong keys per client address in a fixed window. Past :attr:`limit`, the address
+    gets one key checked per :attr:`turn` seconds (:meth:`wait`), the other tries a 429
+    without a look at the key: guessing from it slows to a try every few seconds, and the
+    person with the right key behind the same address (everyone's, behind a proxy, unless
+    ``RELAY_TRUSTED_PROXIES`` says where the client is) waits seconds, never the window."""
 
     limit = 5
     window = 900  # seconds
+    turn = 3.0  # seconds between key checks of an address past the limit
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
     @staticmethod
-    def _key(client_id: str) -> str:
-        digest = hashlib.sha256(client_id.encode()).hexdigest()[:32]  # no address in Redis
-        return signin_failures_key(digest)
+    def _digest(client_id: str) -> str:
+        return hashlib.sha256(client_id.encode()).hexdigest()[:32]  # no address in Redis
+
+    @classmethod
+    def _key(cls, client_id: str) -> str:
+        return signin_failures_key(cls._digest(client_id))
+
+    def wait(self, client_id: str) -> float:
+        """0 when this client's key may be checked now (under the limit, or its turn);
+        else the seconds until its next turn."""
+        digest = self._digest(client_id)
+        count = self.redis.get(signin_failures_key(digest))
+        if count is None or int(count) < self.limit:
+            return 0.0
+        turn = signin_turn_key(digest)
+        if self.redis.set(turn, 1, px=int(self.turn * 1000), nx=True):
+            return 0.0
+        return max(int(self.redis.pttl(turn)), 1) / 1000
 
     def failed(self, client_id: str) -> int:
         """Count a wrong key; the seconds this client should wait before the next one (0: it

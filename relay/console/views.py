@@ -180,6 +180,13 @@ def login() -> Response:
     # a proxy that is everyone's, unless RELAY_TRUSTED_PROXIES says where the client is).
     throttle = auth.SignInThrottle(_ctx().redis)
     client_id = request.remote_addr or "unknown"
+    turn = throttle.wait(client_id)
+    if turn:  # past the limit, between its turns: the key is not even looked at
+        response = _page("login.html", 429, next=form["next"],
+                         error="Too many wrong keys from this address: one key every "
+                               f"{throttle.turn:g} seconds. Try again in a moment.")
+        response.headers["Retry-After"] = str(math.ceil(turn))
+        return response
     if auth.sign_in(form["api_key"].strip()):
         throttle.succeeded(client_id)
         return redirect(_safe_back(form["next"]))

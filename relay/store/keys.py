@@ -80,6 +80,7 @@ neither a session id a cookie could carry nor a client's address:
 ``relay:console:session:<digest>``       hash: a signed-in session (the HMAC of     its idle
                                          its key, when it began)                    timeout
 ``relay:console:signin-failures:<d>``    wrong keys from one client address         15 min
+``relay:console:signin-turn:<d>``        past the limit: its next key check waits   3 s
 =======================================  ========================================  ============
 
 Every stream has one consumer group, :data:`GROUP`. Entries are acknowledged and deleted in
@@ -239,6 +240,7 @@ def minute_key(minute: int) -> str:
 
 CONSOLE_SESSION_PREFIX = PREFIX + "console:session:"
 SIGNIN_FAILURES_PREFIX = PREFIX + "console:signin-failures:"
+SIGNIN_TURN_PREFIX = PREFIX + "console:signin-turn:"
 
 
 def console_session_key(digest: str) -> str:
@@ -247,3 +249,8 @@ def console_session_key(digest: str) -> str:
 
 def signin_failures_key(digest: str) -> str:
     return SIGNIN_FAILURES_PREFIX + digest
+
+
+def signin_turn_key(digest: str) -> str:
+    """A client past the wrong-key limit gets one key checked per turn (this key's life)."""
+    return SIGNIN_TURN_PREFIX + digest
