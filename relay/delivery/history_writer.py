@@ -68,8 +68,11 @@ class HistoryWriter:
                 self.on_written(len(entries), rows)
         if self.clock() - self._purged_at >= PURGE_EVERY:
             self._purged_at = self.clock()
-            with self.database.begin() as connection:  # PostgreSQL's days ahead
-                partitions.ensure(connection, self.clock())
+            try:  # PostgreSQL's days ahead; a failure here must not skip the retention
+                with self.database.begin() as connection:
+                    partitions.ensure(connection, self.clock())
+            except SQLAlchemyError as exc:
+                log.warning("cannot make the history's day partitions ahead: %s", exc)
             deleted = retention.purge(self.database, self.clock() - self.retention)
             if deleted:
                 log.info("deleted %d history rows older than the retention period", deleted)
