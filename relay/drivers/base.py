@@ -18,8 +18,9 @@ person can act on. It never retries, sleeps, or swallows a failure: the delivery
 Drivers are built once per worker process and destination and must be thread-safe: a
 worker keeps many deliveries in flight at once, up to the destination's ``concurrency``.
 
-A driver for a bulk API sets ``max_batch`` (the most events its vendor takes in one request)
-and overrides ``send_batch``. A destination of it then gets ``batch: {max, wait}`` (default:
+A driver for a bulk API subclasses :class:`BulkDriver` (one event is a batch of one), sets
+``max_batch`` (the most events its vendor takes in one request) and implements
+``send_batch``. A destination of it then gets ``batch: {max, wait}`` (default:
 ``default_batch_max`` or ``max_batch``, and ``default_batch_wait``; ``max`` above
 ``max_batch`` is a config error), and the engine hands the driver up to ``max`` claimed
 deliveries of the destination per call. The driver answers one result or error per event,
@@ -141,3 +142,17 @@ class Driver:
 
     def close(self) -> None:
         """Release pooled resources (database engines); HTTP pools are process-wide."""
+
+
+class BulkDriver(Driver):
+    """A driver whose vendor takes events in bulk: it implements :meth:`send_batch`, and one
+    event is sent as a batch of one."""
+
+    def send(self, event: LeadEvent) -> DeliveryResult:
+        [answer] = self.send_batch([event])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def send_batch(self, events: Sequence[LeadEvent]) -> Sequence[Answer]:
+        raise NotImplementedError

@@ -43,7 +43,7 @@ from relay.core.errors import (
     RetryableDeliveryError,
 )
 from relay.core.models import DeliveryResult, Destination, LeadEvent, account_day
-from relay.drivers.base import Answer, Answers, Driver
+from relay.drivers.base import Answer, Answers, BulkDriver
 from relay.drivers.http import (
     RETRYABLE_STATUSES,
     HttpClient,
@@ -131,7 +131,7 @@ class HubSpotOptions(Schema):
     properties = mapping_field()
 
 
-class HubSpotDriver(Driver):
+class HubSpotDriver(BulkDriver):
     type_name = "hubspot"
     # HubSpot answers 429 past 100 requests per rolling 10 s (private apps, Free and Starter).
     # The relay's windows are fixed and aligned: 9 a second puts at most 99 in any 10 s.
@@ -152,12 +152,6 @@ class HubSpotDriver(Driver):
         super().__init__(destination, http)
         self.properties = resolve_mapping(DEFAULT_PROPERTIES, self.options.get("properties"))
         self.properties.pop("email", None)  # the email is the upsert key, always sent as is
-
-    def send(self, event: LeadEvent) -> DeliveryResult:
-        [answer] = self.send_batch([event])
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
     def send_batch(self, events: Sequence[LeadEvent]) -> Answers:
         answers: list[Answer | None] = [None] * len(events)

@@ -66,7 +66,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from relay.core.durations import parse_duration
 from relay.core.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from relay.core.models import DeliveryResult, Destination, LeadEvent
-from relay.drivers.base import Answer, Answers, Driver
+from relay.drivers.base import Answer, Answers, BulkDriver
 from relay.drivers.http import HttpClient, HttpResponse, parse_retry_after
 from relay.drivers.mapping import (
     apply_mapping,
@@ -205,7 +205,7 @@ class _Calls:
     made: int = 0
 
 
-class KlaviyoDriver(Driver):
+class KlaviyoDriver(BulkDriver):
     type_name = "klaviyo"
     options_schema = KlaviyoOptions
     secret_fields = frozenset({"api_key"})
@@ -288,12 +288,6 @@ class KlaviyoDriver(Driver):
                 "(unsubscribe: none)"]
 
     # -- a batch ---------------------------------------------------------------------------
-
-    def send(self, event: LeadEvent) -> DeliveryResult:
-        [answer] = self.send_batch([event])
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
     def send_batch(self, events: Sequence[LeadEvent]) -> Answers:
         calls = _Calls(self._clock() + self.timeout)

@@ -57,7 +57,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates
 from relay.core.dotted import dotted_get
 from relay.core.errors import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from relay.core.models import DeliveryResult, Destination, LeadEvent
-from relay.drivers.base import Answer, Answers, Driver
+from relay.drivers.base import Answer, Answers, BulkDriver
 from relay.drivers.http import HttpClient, HttpResponse
 from relay.drivers.mapping import as_text, lead_email, lead_kind, raise_vendor_error
 
@@ -287,7 +287,7 @@ class _Requests:
     made: int = 0
 
 
-class MailchimpDriver(Driver):
+class MailchimpDriver(BulkDriver):
     type_name = "mailchimp"
     # Mailchimp throttles by connections: 10 simultaneous per user account, across every app
     # using it (its API fundamentals page); 5 leaves room for the account's other apps.
@@ -321,12 +321,6 @@ class MailchimpDriver(Driver):
         if self.destination.base_url:
             return self.destination.base_url.rstrip("/")
         return f"https://{self._data_centre}.api.mailchimp.com"
-
-    def send(self, event: LeadEvent) -> DeliveryResult:
-        [answer] = self.send_batch([event])
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
     def send_batch(self, events: Sequence[LeadEvent]) -> Answers:
         answers: list[Answer | None] = [None] * len(events)
