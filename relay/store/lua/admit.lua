@@ -21,7 +21,9 @@ local now, retention = ARGV[3], ARGV[4]
 local seen_prefix, event_prefix, delivery_prefix, lane_prefix = ARGV[5], ARGV[6], ARGV[7],
                                                                  ARGV[8]
 if tonumber(ARGV[10]) > 0 then
-  local earlier = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '(' .. ARGV[9], 10)
+  -- Past a dead worker's whole batch of stale entries (200, the engine's ADMIT_BATCH): they
+  -- do not hide a live admission behind them.
+  local earlier = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '(' .. ARGV[9], 201)
   for _, item in ipairs(earlier) do
     if tonumber(item[3]) < tonumber(ARGV[10]) then return {'wait', ''} end
   end
