@@ -1,8 +1,9 @@
 """Ingress throughput and latency against a bare Flask + LPUSH endpoint (SPEC §6).
 
 ``python -m bench.ingress`` starts the embedded Redis (AOF everysec), then serves, one after the
-other and with the identical gunicorn command of ``relay web`` (gthread, cores + 1 workers × 2
-threads unless ``--workers``/``--threads`` say otherwise):
+other and with the identical gunicorn command of ``relay web`` (gevent workers that read whole
+requests, cores + 1 processes × 2 requests in the app unless ``--workers``/``--threads`` say
+otherwise):
 
 1. the baseline, :mod:`bench.bare_app` (reads the body, one ``LPUSH``, 202);
 2. the relay, ``relay.wsgi:app``, on ``POST /hooks/kickofflabs?token=…``.
